@@ -1,0 +1,212 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The kernel APIs that the Linux 6.12 Rust bindings lack: the misc device,
+ * anonymous-inode descriptors, per-CPU calls, page allocation, the RAM map,
+ * module parameters and a kthread. Each is a thin pass-through; every
+ * decision is taken on the Rust side (`shim.rs` wraps these once).
+ */
+#include <linux/anon_inodes.h>
+#include <linux/cpu.h>
+#include <linux/cpumask.h>
+#include <linux/delay.h>
+#include <linux/fs.h>
+#include <linux/gfp.h>
+#include <linux/io.h>
+#include <linux/ioport.h>
+#include <linux/kthread.h>
+#include <linux/miscdevice.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/moduleparam.h>
+#include <linux/sched/signal.h>
+#include <linux/smp.h>
+#include <linux/slab.h>
+#include <linux/wait.h>
+
+#include "shim.h"
+
+static int fail_cpu = -1;
+module_param(fail_cpu, int, 0444);
+MODULE_PARM_DESC(fail_cpu, "fault injection: the CPU index whose entry fails (-1: none)");
+
+static bool require_iommu;
+module_param(require_iommu, bool, 0444);
+MODULE_PARM_DESC(require_iommu, "refuse to load without DMA protection (VT-d)");
+
+static bool debug;
+module_param(debug, bool, 0444);
+MODULE_PARM_DESC(debug, "enable the debug ioctls the tests use");
+
+static bool iommu_only;
+module_param(iommu_only, bool, 0444);
+MODULE_PARM_DESC(iommu_only, "start only DMA protection, without VMX (testing on machines without VT-x)");
+
+static unsigned long rsdp;
+module_param(rsdp, ulong, 0444);
+MODULE_PARM_DESC(rsdp, "physical address of the ACPI RSDP (0: search the BIOS areas)");
+
+int uxen_param_fail_cpu(void) { return fail_cpu; }
+bool uxen_param_require_iommu(void) { return require_iommu; }
+bool uxen_param_debug(void) { return debug; }
+bool uxen_param_iommu_only(void) { return iommu_only; }
+unsigned long uxen_param_rsdp(void) { return rsdp; }
+
+#ifdef CONFIG_INTEL_IOMMU
+extern int intel_iommu_enabled;
+bool uxen_host_iommu_enabled(void) { return intel_iommu_enabled != 0; }
+#else
+bool uxen_host_iommu_enabled(void) { return false; }
+#endif
+
+static int dev_open(struct inode *inode, struct file *file)
+{
+	void *priv = NULL;
+	long ret = uxen_dev_open(&priv);
+
+	if (ret)
+		return ret;
+	file->private_data = priv;
+	return 0;
+}
+
+static int dev_release(struct inode *inode, struct file *file)
+{
+	uxen_dev_release(file->private_data);
+	return 0;
+}
+
+static long dev_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	return uxen_dev_ioctl(file->private_data, cmd, arg);
+}
+
+static const struct file_operations dev_fops = {
+	.owner = THIS_MODULE,
+	.open = dev_open,
+	.release = dev_release,
+	.unlocked_ioctl = dev_ioctl,
+	.compat_ioctl = dev_ioctl,
+	.llseek = noop_llseek,
+};
+
+static struct miscdevice uxen_misc = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "uxen",
+	.fops = &dev_fops,
+	.mode = 0600,
+};
+
+int uxen_shim_misc_register(void) { return misc_register(&uxen_misc); }
+void uxen_shim_misc_deregister(void) { misc_deregister(&uxen_misc); }
+
+static int vm_release(struct inode *inode, struct file *file)
+{
+	uxen_vm_release(file->private_data);
+	return 0;
+}
+
+static long vm_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	return uxen_vm_ioctl(file->private_data, cmd, arg);
+}
+
+static const struct file_operations vm_fops = {
+	.owner = THIS_MODULE,
+	.release = vm_release,
+	.unlocked_ioctl = vm_ioctl,
+	.compat_ioctl = vm_ioctl,
+	.llseek = noop_llseek,
+};
+
+/* A new descriptor for a VM; its release calls uxen_vm_release(priv). */
+int uxen_shim_vm_fd(void *priv)
+{
+	return anon_inode_getfd("uxen-vm", &vm_fops, priv, O_RDWR | O_CLOEXEC);
+}
+
+void uxen_shim_on_each_cpu(void (*fn)(void *), void *info) { on_each_cpu(fn, info, 1); }
+int uxen_shim_smp_call_single(int cpu, void (*fn)(void *), void *info)
+{
+	return smp_call_function_single(cpu, fn, info, 1);
+}
+unsigned int uxen_shim_num_online_cpus(void) { return num_online_cpus(); }
+unsigned int uxen_shim_num_present_cpus(void) { return num_present_cpus(); }
+int uxen_shim_cpu_online(int cpu) { return cpu_online(cpu); }
+int uxen_shim_nr_cpu_ids(void) { return nr_cpu_ids; }
+int uxen_shim_this_cpu(void) { return raw_smp_processor_id(); }
+void uxen_shim_cpus_read_lock(void) { cpus_read_lock(); }
+void uxen_shim_cpus_read_unlock(void) { cpus_read_unlock(); }
+
+/* Physically contiguous, zeroed pages from the direct map, or NULL. */
+void *uxen_shim_alloc_pages(unsigned int order)
+{
+	struct page *page = alloc_pages(GFP_KERNEL | __GFP_ZERO | __GFP_NOWARN, order);
+
+	return page ? page_address(page) : NULL;
+}
+void uxen_shim_free_pages(void *addr, unsigned int order) { free_pages((unsigned long)addr, order); }
+u64 uxen_shim_virt_to_phys(const void *addr) { return virt_to_phys((void *)addr); }
+void *uxen_shim_phys_to_virt(u64 phys) { return phys_to_virt(phys); }
+unsigned long uxen_shim_page_offset(void) { return PAGE_OFFSET; }
+
+struct ram_walk {
+	u64 *out;
+	int max;
+	int n;
+};
+
+static int ram_walk_one(struct resource *res, void *arg)
+{
+	struct ram_walk *w = arg;
+
+	if (w->n < w->max) {
+		w->out[2 * w->n] = res->start;
+		w->out[2 * w->n + 1] = resource_size(res);
+	}
+	w->n++;
+	return 0;
+}
+
+/* System RAM as (base, size) pairs; returns how many ranges exist. */
+int uxen_shim_ram_ranges(u64 *out, int max)
+{
+	struct ram_walk w = { .out = out, .max = max, .n = 0 };
+
+	walk_iomem_res_desc(IORES_DESC_NONE, IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY, 0, -1, &w,
+			    ram_walk_one);
+	return w.n;
+}
+
+void *uxen_shim_kthread_run(int (*fn)(void *), void *data, const char *name)
+{
+	struct task_struct *t = kthread_run(fn, data, "%s", name);
+
+	return IS_ERR(t) ? NULL : t;
+}
+int uxen_shim_kthread_stop(void *task) { return kthread_stop(task); }
+bool uxen_shim_kthread_should_stop(void) { return kthread_should_stop(); }
+void uxen_shim_msleep_interruptible(unsigned int ms) { msleep_interruptible(ms); }
+bool uxen_shim_signal_pending(void) { return signal_pending(current); }
+void uxen_shim_cond_resched(void) { cond_resched(); }
+void uxen_shim_schedule_timeout_interruptible(long jiffies) { schedule_timeout_interruptible(jiffies); }
+unsigned long uxen_shim_usecs_to_jiffies(unsigned int us) { return usecs_to_jiffies(us); }
+
+/* Wait queues for idle vCPUs (HLT) and for kicks. */
+void *uxen_shim_waitq_new(void)
+{
+	wait_queue_head_t *wq = kmalloc(sizeof(*wq), GFP_KERNEL);
+
+	if (wq)
+		init_waitqueue_head(wq);
+	return wq;
+}
+void uxen_shim_waitq_free(void *wq) { kfree(wq); }
+void uxen_shim_waitq_wake(void *wq) { wake_up_interruptible_all((wait_queue_head_t *)wq); }
+/* Sleeps until *flag != 0, a signal, or the timeout (jiffies; <0: none). */
+long uxen_shim_waitq_wait(void *wq, const int *flag, long timeout)
+{
+	if (timeout < 0)
+		return wait_event_interruptible(*(wait_queue_head_t *)wq, READ_ONCE(*flag) != 0);
+	return wait_event_interruptible_timeout(*(wait_queue_head_t *)wq, READ_ONCE(*flag) != 0,
+						timeout);
+}

@@ -1,0 +1,11 @@
+//! The uxen-rs hypervisor.
+//!
+//! Everything here except `arch` is portable: it holds no assembly and
+//! touches physical memory only through [`mem::PhysMem`], so `cargo test`
+//! runs it on the host against mock memory. `arch::x86` holds VMX, the VMCS,
+//! the EPT and VT-d formats and the privileged instruction wrappers.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod layout;

@@ -1,0 +1,77 @@
+# Helpers for the in-guest suites. Each check prints one marker line:
+#   UXEN-TEST: PASS <name>
+#   UXEN-TEST: FAIL <name>: <why>
+# and the suite's exit status is the number of failed checks.
+
+FAILED=0
+PASSED=0
+
+pass() {
+    echo "UXEN-TEST: PASS $1"
+    PASSED=$((PASSED + 1))
+}
+
+fail() {
+    echo "UXEN-TEST: FAIL $1: $2"
+    FAILED=$((FAILED + 1))
+}
+
+# check NAME CMD...: passes when CMD exits 0.
+check() {
+    _name=$1
+    shift
+    if "$@" >/tmp/check.out 2>&1; then
+        pass "$_name"
+    else
+        fail "$_name" "exit $? from '$*': $(tail -c 400 /tmp/check.out | tr '\n' ' ')"
+    fi
+}
+
+# check_fails NAME CMD...: passes when CMD exits non-zero.
+check_fails() {
+    _name=$1
+    shift
+    if "$@" >/tmp/check.out 2>&1; then
+        fail "$_name" "'$*' succeeded but must fail: $(tail -c 300 /tmp/check.out | tr '\n' ' ')"
+    else
+        pass "$_name"
+    fi
+}
+
+# expect_eq NAME GOT WANT
+expect_eq() {
+    if [ "$2" = "$3" ]; then
+        pass "$1"
+    else
+        fail "$1" "got '$2', want '$3'"
+    fi
+}
+
+# expect_match NAME TEXT REGEX (grep -E)
+expect_match() {
+    if printf '%s\n' "$2" | grep -qE "$3"; then
+        pass "$1"
+    else
+        fail "$1" "'$(printf '%s' "$2" | tr '\n' ' ' | tail -c 300)' does not match /$3/"
+    fi
+}
+
+info() {
+    echo "UXEN-INFO: $*"
+}
+
+# No oops, BUG or warning in the kernel log.
+check_kernel_clean() {
+    if dmesg | grep -E 'Oops|BUG:|WARNING:|general protection|Call Trace|Kernel panic' >/tmp/oops.out; then
+        fail "${1:-kernel-log-clean}" "$(head -c 600 /tmp/oops.out | tr '\n' ' ')"
+    else
+        pass "${1:-kernel-log-clean}"
+    fi
+}
+
+# Ends the suite: exit status is the number of failures.
+finish() {
+    check_kernel_clean
+    info "$PASSED passed, $FAILED failed"
+    exit "$FAILED"
+}

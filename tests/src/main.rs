@@ -1,0 +1,36 @@
+//! `uxtest`: the in-guest test tool. The suites in `tests/scripts/` call it
+//! for what a shell cannot do: CPUID on a pinned CPU, physical memory and
+//! MSR probes, privileged instructions, workloads and ioctl fuzzing.
+
+use std::process::ExitCode;
+
+mod probes;
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: uxtest <command>\n\
+         \x20 drain                       wait until the console has sent everything\n\
+         \x20 cpuid LEAF [SUBLEAF]        print eax ebx ecx edx and the vendor text of ebx,ecx,edx\n\
+         \x20 modload PATH [PARAMS]       load a module; print the errno on failure (exit 1)"
+    );
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else { return usage() };
+    let rest = &args[1..];
+    let r = match cmd.as_str() {
+        "drain" => probes::drain(),
+        "cpuid" => probes::cpuid(rest),
+        "modload" => probes::modload(rest),
+        _ => return usage(),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("uxtest {cmd}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

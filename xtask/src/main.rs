@@ -1,0 +1,279 @@
+//! Build and run orchestration for uxen-rs.
+//!
+//! `cargo xtask demo` boots the real stack in Bochs and shows it working;
+//! `cargo xtask test` runs every test. Both install what they need first.
+
+mod artifacts;
+mod image;
+mod kernel;
+mod runner;
+mod setup;
+mod suites;
+mod util;
+
+use anyhow::{bail, Result};
+use runner::{Backend, Outcome, RunSpec};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  demo                      set up, build, and boot the demo in Bochs
+  test [--no-unit] [--only SUITE]
+                            set up, build, run the unit tests and every system test
+  setup                     install the toolchain and the emulators
+  build                     build every artifact into target/uxen/
+  run BACKEND SUITE [--timeout S] [--live] [--no-build]
+                            boot one suite (BACKEND: bochs, qemu, kvm)
+  unit                      run the host unit tests
+  kernel-key                print the kernel build's cache key
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match dispatch(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(args: &[String]) -> Result<ExitCode> {
+    let cmd = args.first().map(String::as_str).unwrap_or("");
+    let rest = &args[args.len().min(1)..];
+    match cmd {
+        "setup" => setup::setup().map(|_| ExitCode::SUCCESS),
+        "build" => {
+            setup::setup()?;
+            artifacts::build_all()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "kernel-key" => {
+            println!("{}", kernel::key()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        "unit" => {
+            let u = unit_tests()?;
+            println!("{} passed, {} failed", u.0, u.1);
+            Ok(if u.1 == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        "run" => run_one(rest),
+        "test" => test(rest),
+        "demo" => demo(),
+        "" | "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => bail!("unknown command `{other}`\n{USAGE}"),
+    }
+}
+
+fn flag_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+}
+
+fn spec_for(s: &suites::Suite, live: bool) -> RunSpec {
+    RunSpec {
+        suite: s.name.to_string(),
+        timeout: Duration::from_secs(s.timeout_s),
+        cmdline: s.cmdline.to_string(),
+        cpus: s.cpus,
+        mem_mib: s.mem_mib,
+        live,
+    }
+}
+
+/// `run BACKEND SUITE`: exits non-zero unless the run passed.
+fn run_one(args: &[String]) -> Result<ExitCode> {
+    let (Some(b), Some(name)) = (args.first(), args.get(1)) else {
+        bail!("run needs a backend and a suite\n{USAGE}");
+    };
+    let backend = Backend::parse(b).ok_or_else(|| anyhow::anyhow!("unknown backend `{b}`"))?;
+    let suite = suites::find(name, backend);
+    let mut spec = spec_for(&suite, args.iter().any(|a| a == "--live"));
+    if let Some(t) = flag_value(args, "--timeout") {
+        spec.timeout = Duration::from_secs(t.parse()?);
+    }
+    let a = if args.iter().any(|a| a == "--no-build") { artifacts::existing()? } else { artifacts::build_all()? };
+    let o = runner::run(backend.machine().as_ref(), &spec, &a)?;
+    report(&[o.clone()]);
+    Ok(if o.passed() && o.skipped.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Runs `cargo test` on the workspace; returns (passed, failed).
+fn unit_tests() -> Result<(u64, u64)> {
+    util::step("unit tests: cargo test --workspace");
+    let out = Command::new("cargo")
+        .current_dir(util::root())
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("{text}");
+    let (mut passed, mut failed) = (0, 0);
+    for l in text.lines() {
+        if let Some(r) = l.strip_prefix("test result: ") {
+            for part in r.split(';') {
+                let part = part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ");
+                if let Some(n) = part.strip_suffix(" passed") {
+                    passed += n.trim().parse::<u64>().unwrap_or(0);
+                } else if let Some(n) = part.strip_suffix(" failed") {
+                    failed += n.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    if !out.status.success() && failed == 0 {
+        failed = 1;
+        eprintln!("cargo test failed to build or run");
+    }
+    Ok((passed, failed))
+}
+
+fn test(args: &[String]) -> Result<ExitCode> {
+    let t0 = Instant::now();
+    setup::setup()?;
+    let only = flag_value(args, "--only");
+    let (mut upass, mut ufail) = (0, 0);
+    if !args.iter().any(|a| a == "--no-unit") && only.is_none() {
+        (upass, ufail) = unit_tests()?;
+    }
+    let a = artifacts::build_all()?;
+    let mut outcomes: Vec<(suites::Suite, Outcome)> = Vec::new();
+    for s in suites::all() {
+        if only.map(|o| o != s.name).unwrap_or(false) {
+            continue;
+        }
+        util::step(&format!("system test: {} on {} ({})", s.name, s.backend.name(), s.about));
+        let o = if s.expect == suites::Expect::Fail {
+            harness_selftest(&s)?
+        } else {
+            runner::run(s.backend.machine().as_ref(), &spec_for(&s, false), &a)?
+        };
+        eprintln!("    {}", one_line(&o, s.expect));
+        outcomes.push((s, o));
+    }
+    report(&outcomes.iter().map(|(_, o)| o.clone()).collect::<Vec<_>>());
+
+    // Every in-guest check counts as a test; a suite that must fail counts as
+    // one test that passes when the harness judged it failed.
+    let (mut spass, mut sfail, mut skipped) = (0u64, 0u64, 0u64);
+    for (s, o) in &outcomes {
+        if let Some(why) = &o.skipped {
+            skipped += 1;
+            eprintln!("skipped {} on {}: {why}", s.name, s.backend.name());
+            continue;
+        }
+        match s.expect {
+            suites::Expect::Fail => {
+                // The command must exit non-zero, for the reason the suite
+                // was built to produce.
+                let reason_seen = o.checks.iter().any(|c| !c.passed) || o.timed_out;
+                if o.command_failed == Some(true) && reason_seen {
+                    spass += 1;
+                } else {
+                    sfail += 1;
+                    eprintln!("harness self-test {} did not make the command fail", s.name);
+                }
+            }
+            suites::Expect::Pass => {
+                spass += o.checks.iter().filter(|c| c.passed).count() as u64;
+                sfail += o.checks.iter().filter(|c| !c.passed).count() as u64;
+                if !o.passed() && o.checks.iter().all(|c| c.passed) {
+                    sfail += 1;
+                }
+            }
+        }
+    }
+    println!();
+    println!("unit tests:   {upass} passed, {ufail} failed");
+    println!("system tests: {spass} passed, {sfail} failed, {skipped} suites skipped");
+    println!("total time:   {:.0}s", t0.elapsed().as_secs_f64());
+    println!("{} passed, {} failed", upass + spass, ufail + sfail);
+    Ok(if ufail + sfail == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Runs a suite that must fail through `xtask run` in a child process, so
+/// that what is checked is the exit status of the command itself. The
+/// returned outcome is the child's verdict, read back from its serial log.
+fn harness_selftest(s: &suites::Suite) -> Result<Outcome> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args(["run", s.backend.name(), s.name, "--no-build", "--timeout", &s.timeout_s.to_string()])
+        .output()?;
+    let serial = util::out().join(format!("runs/{}-{}/serial.log", s.backend.name(), s.name));
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    let (checks, rc, problems) = runner::parse_serial(&text);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("    `xtask run {} {}` exited with {}", s.backend.name(), s.name, out.status);
+    Ok(Outcome {
+        suite: s.name.to_string(),
+        backend: s.backend,
+        checks,
+        rc,
+        timed_out: stdout.contains("timed out"),
+        problems,
+        wall: Duration::ZERO,
+        serial,
+        skipped: None,
+        command_failed: Some(!out.status.success()),
+    })
+}
+
+fn one_line(o: &Outcome, expect: suites::Expect) -> String {
+    if let Some(why) = &o.skipped {
+        return format!("SKIPPED: {why}");
+    }
+    let ok = o.passed() == (expect == suites::Expect::Pass);
+    let ok = match o.command_failed {
+        Some(failed) => failed,
+        None => ok,
+    };
+    format!(
+        "{} in {:.0}s: {} checks passed, {} failed, rc={}{}",
+        if ok { "ok" } else { "FAILED" },
+        o.wall.as_secs_f64(),
+        o.checks.iter().filter(|c| c.passed).count(),
+        o.checks.iter().filter(|c| !c.passed).count(),
+        o.rc.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
+        if o.problems.is_empty() { String::new() } else { format!("; {}", o.problems.join("; ")) }
+    )
+}
+
+/// Prints the table of runs and their failures.
+fn report(outcomes: &[Outcome]) {
+    println!();
+    println!("{:<16} {:<8} {:>6} {:>6} {:>7} {:>5}  serial log", "suite", "machine", "pass", "fail", "wall", "rc");
+    for o in outcomes {
+        let rc = o.rc.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<16} {:<8} {:>6} {:>6} {:>6.0}s {:>5}  {}",
+            o.suite,
+            o.backend.name(),
+            o.checks.iter().filter(|c| c.passed).count(),
+            o.checks.iter().filter(|c| !c.passed).count(),
+            o.wall.as_secs_f64(),
+            if o.skipped.is_some() { "skip".into() } else { rc },
+            o.serial.strip_prefix(util::root()).unwrap_or(&o.serial).display()
+        );
+        for c in o.checks.iter().filter(|c| !c.passed) {
+            println!("    FAIL {}: {}", c.name, c.detail);
+        }
+        for p in &o.problems {
+            println!("    problem: {p}");
+        }
+    }
+}
+
+fn demo() -> Result<ExitCode> {
+    setup::setup()?;
+    let a = artifacts::build_all()?;
+    let s = suites::demo();
+    util::step("demo: booting Linux in Bochs (VMX, 2 CPUs); the serial console follows");
+    let o = runner::run(&runner::Bochs, &spec_for(&s, true), &a)?;
+    report(&[o.clone()]);
+    Ok(if o.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,389 @@
+//! Emulator runners behind one interface.
+//!
+//! A run boots the test kernel and initramfs with `uxen.suite=NAME`; `/init`
+//! runs `tests/scripts/NAME.sh`, whose checks print markers on the serial
+//! port. The run's verdict comes from those markers, the script's exit status
+//! and a hard timeout, never from the emulator's own exit code.
+
+use crate::artifacts::{self, Artifacts};
+use crate::util;
+use anyhow::{Context, Result};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Serial markers written by `tests/scripts/lib.sh`.
+pub const PASS: &str = "UXEN-TEST: PASS ";
+pub const FAIL: &str = "UXEN-TEST: FAIL ";
+pub const END: &str = "UXEN-SUITE-END: ";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Bochs 2.7: VMX with EPT, 2 CPUs.
+    Bochs,
+    /// QEMU TCG, q35 with an Intel IOMMU and the edu DMA device; no VMX.
+    QemuTcg,
+    /// QEMU/KVM with nested VT-x, where the host has it.
+    QemuKvm,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Bochs => "bochs",
+            Backend::QemuTcg => "qemu",
+            Backend::QemuKvm => "kvm",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Backend> {
+        match s {
+            "bochs" => Some(Backend::Bochs),
+            "qemu" | "tcg" => Some(Backend::QemuTcg),
+            "kvm" => Some(Backend::QemuKvm),
+            _ => None,
+        }
+    }
+
+    pub fn machine(self) -> Box<dyn Machine> {
+        match self {
+            Backend::Bochs => Box::new(Bochs),
+            Backend::QemuTcg => Box::new(Qemu { kvm: false }),
+            Backend::QemuKvm => Box::new(Qemu { kvm: true }),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    pub suite: String,
+    pub timeout: Duration,
+    /// Extra kernel command line.
+    pub cmdline: String,
+    pub cpus: u32,
+    pub mem_mib: u32,
+    /// Echo the serial console while running (the demo).
+    pub live: bool,
+}
+
+/// One emulated machine kind.
+pub trait Machine {
+    fn backend(&self) -> Backend;
+    /// `Err(why)` when this host cannot run it.
+    fn available(&self) -> std::result::Result<(), String>;
+    /// Starts the machine; its serial console goes to `serial`.
+    fn start(&self, spec: &RunSpec, a: &Artifacts, dir: &Path, serial: &Path) -> Result<Child>;
+}
+
+/// One in-guest check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// The verdict of a run.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub suite: String,
+    pub backend: Backend,
+    pub checks: Vec<Check>,
+    /// The script's exit status, if the end marker was seen.
+    pub rc: Option<i32>,
+    pub timed_out: bool,
+    /// Problems outside the checks: kernel panic, missing end marker, ...
+    pub problems: Vec<String>,
+    pub wall: Duration,
+    pub serial: PathBuf,
+    pub skipped: Option<String>,
+    /// For harness self-tests: whether `xtask run` exited non-zero.
+    pub command_failed: Option<bool>,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.skipped.is_some()
+            || (!self.timed_out
+                && self.rc == Some(0)
+                && self.problems.is_empty()
+                && !self.checks.is_empty()
+                && self.checks.iter().all(|c| c.passed))
+    }
+}
+
+/// Reads the markers out of a serial log.
+pub fn parse_serial(text: &str) -> (Vec<Check>, Option<i32>, Vec<String>) {
+    let mut checks = Vec::new();
+    let mut rc = None;
+    let mut problems = Vec::new();
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(i) = line.find(PASS) {
+            let rest = &line[i + PASS.len()..];
+            checks.push(Check { name: rest.trim().to_string(), passed: true, detail: String::new() });
+        } else if let Some(i) = line.find(FAIL) {
+            let rest = &line[i + FAIL.len()..];
+            let (name, detail) = rest.split_once(": ").unwrap_or((rest, ""));
+            checks.push(Check { name: name.trim().to_string(), passed: false, detail: detail.to_string() });
+        } else if let Some(i) = line.find(END) {
+            let rest = &line[i + END.len()..];
+            rc = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("rc="))
+                .and_then(|v| v.parse().ok());
+        }
+        for bad in ["Kernel panic", "general protection fault", "BUG: unable to handle", "Oops:"] {
+            if line.contains(bad) {
+                problems.push(format!("console: {}", line.trim()));
+            }
+        }
+    }
+    if rc.is_none() {
+        problems.push("the suite never reached its end marker".to_string());
+    }
+    (checks, rc, problems)
+}
+
+/// Boots `spec` on `machine` and judges it.
+pub fn run(machine: &dyn Machine, spec: &RunSpec, a: &Artifacts) -> Result<Outcome> {
+    let backend = machine.backend();
+    let dir = util::out().join(format!("runs/{}-{}", backend.name(), spec.suite));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let serial = dir.join("serial.log");
+    if let Err(why) = machine.available() {
+        return Ok(Outcome {
+            suite: spec.suite.clone(),
+            backend,
+            checks: Vec::new(),
+            rc: None,
+            timed_out: false,
+            problems: Vec::new(),
+            wall: Duration::ZERO,
+            serial,
+            skipped: Some(why),
+            command_failed: None,
+        });
+    }
+    std::fs::write(&serial, b"")?;
+    let t0 = Instant::now();
+    let mut child = machine.start(spec, a, &dir, &serial)?;
+    let mut echoed = 0usize;
+    let mut ended_at: Option<Instant> = None;
+    let mut timed_out = false;
+    loop {
+        let text = read_lossy(&serial);
+        if spec.live && text.len() > echoed {
+            eprint!("{}", &text[echoed..]);
+            echoed = text.len();
+        }
+        if ended_at.is_none() && text.contains(END) {
+            ended_at = Some(Instant::now());
+        }
+        if let Some(status) = child.try_wait()? {
+            let _ = status;
+            break;
+        }
+        // The script powers the machine off after its end marker; give it a
+        // moment, then stop the emulator ourselves.
+        if ended_at.map(|t| t.elapsed() > Duration::from_secs(10)).unwrap_or(false) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        if t0.elapsed() > spec.timeout {
+            timed_out = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let wall = t0.elapsed();
+    let text = read_lossy(&serial);
+    if spec.live && text.len() > echoed {
+        eprint!("{}", &text[echoed..]);
+    }
+    let (checks, rc, mut problems) = parse_serial(&text);
+    if timed_out {
+        problems.push(format!("timed out after {}s", spec.timeout.as_secs()));
+    }
+    Ok(Outcome {
+        suite: spec.suite.clone(),
+        backend,
+        checks,
+        rc,
+        timed_out,
+        problems,
+        wall,
+        serial,
+        skipped: None,
+        command_failed: None,
+    })
+}
+
+fn read_lossy(p: &Path) -> String {
+    let mut buf = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(p) {
+        let _ = f.read_to_end(&mut buf);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Bochs with VMX (`corei7_skylake_x`), `clock: sync=none`.
+pub struct Bochs;
+
+/// Instructions per emulated second; lower is faster here, and with
+/// `sync=none` the emulated TSC advances with emulated instructions.
+pub const BOCHS_IPS: u64 = 50_000_000;
+
+impl Machine for Bochs {
+    fn backend(&self) -> Backend {
+        Backend::Bochs
+    }
+
+    fn available(&self) -> std::result::Result<(), String> {
+        which("bochs").map_err(|_| "bochs is not installed (run `cargo xtask setup`)".to_string())
+    }
+
+    fn start(&self, spec: &RunSpec, a: &Artifacts, dir: &Path, serial: &Path) -> Result<Child> {
+        let iso = artifacts::iso(a, &spec.suite, &spec.cmdline)?;
+        let rc = format!(
+            "plugin_ctrl: unmapped=1, biosdev=1, speaker=0, extfpuirq=1, parallel=0, serial=1, gameport=0, \
+             e1000=0, ne2k=0, sb16=0, es1370=0, usb_uhci=0, usb_ohci=0, usb_ehci=0, usb_xhci=0\n\
+             config_interface: textconfig\n\
+             display_library: term\n\
+             megs: {mem}\n\
+             cpu: model=corei7_skylake_x, count={cpus}, ips={ips}, reset_on_triple_fault=0\n\
+             clock: sync=none, time0=local\n\
+             romimage: file=/usr/share/bochs/BIOS-bochs-latest, options=fastboot\n\
+             vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest\n\
+             pci: enabled=1, chipset=i440fx\n\
+             ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14\n\
+             ata0-master: type=cdrom, path={iso}, status=inserted\n\
+             boot: cdrom\n\
+             com1: enabled=1, mode=file, dev={serial}\n\
+             log: {log}\n\
+             panic: action=fatal\n\
+             error: action=report\n\
+             info: action=report\n\
+             debug: action=ignore\n",
+            mem = spec.mem_mib,
+            cpus = spec.cpus,
+            ips = BOCHS_IPS,
+            iso = iso.display(),
+            serial = serial.display(),
+            log = dir.join("bochs.log").display(),
+        );
+        std::fs::write(dir.join("bochsrc.txt"), rc)?;
+        // The Debian build has the internal debugger: feed it "continue".
+        std::fs::write(dir.join("dbg.rc"), "c\nquit\n")?;
+        let out = std::fs::File::create(dir.join("bochs.stdout"))?;
+        Command::new("bochs")
+            .current_dir(dir)
+            .env("TERM", "dumb")
+            .args(["-q", "-f", "bochsrc.txt", "-rc", "dbg.rc"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("cannot start bochs")
+    }
+}
+
+/// QEMU: TCG (q35 + intel-iommu + edu), or KVM with nested VT-x.
+pub struct Qemu {
+    pub kvm: bool,
+}
+
+impl Machine for Qemu {
+    fn backend(&self) -> Backend {
+        if self.kvm {
+            Backend::QemuKvm
+        } else {
+            Backend::QemuTcg
+        }
+    }
+
+    fn available(&self) -> std::result::Result<(), String> {
+        which("qemu-system-x86_64").map_err(|_| "qemu-system-x86_64 is not installed".to_string())?;
+        if self.kvm {
+            if !Path::new("/dev/kvm").exists() {
+                return Err("no /dev/kvm on this host: nested VT-x runs are skipped".into());
+            }
+            let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            if !cpuinfo.split_whitespace().any(|w| w == "vmx") {
+                return Err("the host CPU has no VT-x: nested VT-x runs are skipped".into());
+            }
+            let nested = std::fs::read_to_string("/sys/module/kvm_intel/parameters/nested").unwrap_or_default();
+            if !matches!(nested.trim(), "Y" | "1") {
+                return Err("kvm_intel has nested=0: nested VT-x runs are skipped".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&self, spec: &RunSpec, a: &Artifacts, dir: &Path, serial: &Path) -> Result<Child> {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.current_dir(dir);
+        if self.kvm {
+            c.args(["-enable-kvm", "-M", "q35", "-cpu", "host,+vmx"]);
+        } else {
+            c.args(["-M", "q35", "-cpu", "max", "-device", "intel-iommu", "-device", "edu"]);
+        }
+        c.args(["-smp", &spec.cpus.to_string(), "-m", &spec.mem_mib.to_string()])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-kernel")
+            .arg(&a.bzimage)
+            .arg("-initrd")
+            .arg(&a.initramfs)
+            .arg("-append")
+            .arg(artifacts::kernel_cmdline(&spec.suite, &spec.cmdline));
+        let out = std::fs::File::create(dir.join("qemu.stdout"))?;
+        c.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn().context("cannot start qemu")
+    }
+}
+
+fn which(prog: &str) -> std::result::Result<(), ()> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|d| d.join(prog).exists()) {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_decide() {
+        let log = "boot\nUXEN-TEST: PASS a\nUXEN-TEST: FAIL b: wrong value\nUXEN-SUITE-END: x rc=1 uptime=3.2\n";
+        let (checks, rc, problems) = parse_serial(log);
+        assert_eq!(checks.len(), 2);
+        assert!(checks[0].passed);
+        assert!(!checks[1].passed);
+        assert_eq!(checks[1].detail, "wrong value");
+        assert_eq!(rc, Some(1));
+        assert!(problems.is_empty());
+    }
+
+    #[test]
+    fn missing_end_is_a_problem() {
+        let (_, rc, problems) = parse_serial("UXEN-TEST: PASS a\n");
+        assert_eq!(rc, None);
+        assert_eq!(problems.len(), 1);
+    }
+
+    #[test]
+    fn panic_is_a_problem() {
+        let (_, _, problems) = parse_serial("UXEN-TEST: PASS a\nKernel panic - not syncing: x\nUXEN-SUITE-END: s rc=0\n");
+        assert_eq!(problems.len(), 1);
+    }
+}

@@ -1,0 +1,52 @@
+//! The system test suites: which in-guest script runs on which machine.
+
+use crate::runner::Backend;
+
+/// What a suite must end with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    Pass,
+    /// Harness self-tests: the run must be judged failed.
+    Fail,
+}
+
+#[derive(Clone, Debug)]
+pub struct Suite {
+    /// `tests/scripts/<name>.sh`.
+    pub name: &'static str,
+    pub backend: Backend,
+    pub timeout_s: u64,
+    pub cmdline: &'static str,
+    pub cpus: u32,
+    pub mem_mib: u32,
+    pub expect: Expect,
+    /// What it shows, for the report.
+    pub about: &'static str,
+}
+
+const fn suite(name: &'static str, backend: Backend, timeout_s: u64, about: &'static str) -> Suite {
+    Suite { name, backend, timeout_s, cmdline: "", cpus: 2, mem_mib: 512, expect: Expect::Pass, about }
+}
+
+/// Every suite `xtask test` runs, in order.
+pub fn all() -> Vec<Suite> {
+    vec![
+        Suite { expect: Expect::Fail, ..suite("selftest-fail", Backend::QemuTcg, 120, "harness: a FAIL marker fails the run") },
+        Suite { expect: Expect::Fail, ..suite("selftest-hang", Backend::QemuTcg, 25, "harness: a hung guest times out and fails") },
+        suite("foundation", Backend::Bochs, 600, "module load, /dev/uxen, version ioctl, refusal of a corrupt image"),
+        suite("foundation", Backend::QemuKvm, 300, "the same on nested VT-x"),
+    ]
+}
+
+/// The demo's suite.
+pub fn demo() -> Suite {
+    suite("demo", Backend::Bochs, 900, "the demo")
+}
+
+pub fn find(name: &str, backend: Backend) -> Suite {
+    all()
+        .into_iter()
+        .chain(std::iter::once(demo()))
+        .find(|s| s.name == name && s.backend == backend)
+        .unwrap_or_else(|| suite(Box::leak(name.to_string().into_boxed_str()), backend, 600, "ad hoc"))
+}

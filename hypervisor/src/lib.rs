@@ -9,3 +9,10 @@
 extern crate alloc;
 
 pub mod layout;
+pub mod addr;
+pub mod arch;
+pub mod emulate;
+pub mod ept;
+pub mod mem;
+pub mod paging;
+pub mod policy;

@@ -1,0 +1,249 @@
+//! Basic VM-exit reasons. See: SDM Vol. 3D, Appendix C.
+
+/// A basic exit reason (bits 15:0 of the exit-reason field).
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    ExceptionOrNmi = 0,
+    ExternalInterrupt = 1,
+    TripleFault = 2,
+    Init = 3,
+    Sipi = 4,
+    IoSmi = 5,
+    OtherSmi = 6,
+    InterruptWindow = 7,
+    NmiWindow = 8,
+    TaskSwitch = 9,
+    Cpuid = 10,
+    Getsec = 11,
+    Hlt = 12,
+    Invd = 13,
+    Invlpg = 14,
+    Rdpmc = 15,
+    Rdtsc = 16,
+    Rsm = 17,
+    Vmcall = 18,
+    Vmclear = 19,
+    Vmlaunch = 20,
+    Vmptrld = 21,
+    Vmptrst = 22,
+    Vmread = 23,
+    Vmresume = 24,
+    Vmwrite = 25,
+    Vmxoff = 26,
+    Vmxon = 27,
+    CrAccess = 28,
+    DrAccess = 29,
+    IoInstruction = 30,
+    Rdmsr = 31,
+    Wrmsr = 32,
+    EntryFailGuestState = 33,
+    EntryFailMsrLoad = 34,
+    Mwait = 36,
+    MonitorTrapFlag = 37,
+    Monitor = 39,
+    Pause = 40,
+    EntryFailMachineCheck = 41,
+    TprBelowThreshold = 43,
+    ApicAccess = 44,
+    VirtualizedEoi = 45,
+    GdtrIdtrAccess = 46,
+    LdtrTrAccess = 47,
+    EptViolation = 48,
+    EptMisconfig = 49,
+    Invept = 50,
+    Rdtscp = 51,
+    PreemptionTimer = 52,
+    Invvpid = 53,
+    Wbinvd = 54,
+    Xsetbv = 55,
+    ApicWrite = 56,
+    Rdrand = 57,
+    Invpcid = 58,
+    Vmfunc = 59,
+    Encls = 60,
+    Rdseed = 61,
+    PmlFull = 62,
+    Xsaves = 63,
+    Xrstors = 64,
+    Pconfig = 65,
+    SppEvent = 66,
+    Umwait = 67,
+    Tpause = 68,
+    Loadiwkey = 69,
+    Enclv = 70,
+    EnqcmdPasid = 72,
+    EnqcmdsPasid = 73,
+    BusLock = 74,
+    InstructionTimeout = 75,
+    Seamcall = 76,
+    Tdcall = 77,
+}
+
+impl TryFrom<u16> for ExitReason {
+    type Error = u16;
+
+    fn try_from(v: u16) -> Result<Self, u16> {
+        use ExitReason::*;
+        Ok(match v {
+            0 => ExceptionOrNmi,
+            1 => ExternalInterrupt,
+            2 => TripleFault,
+            3 => Init,
+            4 => Sipi,
+            5 => IoSmi,
+            6 => OtherSmi,
+            7 => InterruptWindow,
+            8 => NmiWindow,
+            9 => TaskSwitch,
+            10 => Cpuid,
+            11 => Getsec,
+            12 => Hlt,
+            13 => Invd,
+            14 => Invlpg,
+            15 => Rdpmc,
+            16 => Rdtsc,
+            17 => Rsm,
+            18 => Vmcall,
+            19 => Vmclear,
+            20 => Vmlaunch,
+            21 => Vmptrld,
+            22 => Vmptrst,
+            23 => Vmread,
+            24 => Vmresume,
+            25 => Vmwrite,
+            26 => Vmxoff,
+            27 => Vmxon,
+            28 => CrAccess,
+            29 => DrAccess,
+            30 => IoInstruction,
+            31 => Rdmsr,
+            32 => Wrmsr,
+            33 => EntryFailGuestState,
+            34 => EntryFailMsrLoad,
+            36 => Mwait,
+            37 => MonitorTrapFlag,
+            39 => Monitor,
+            40 => Pause,
+            41 => EntryFailMachineCheck,
+            43 => TprBelowThreshold,
+            44 => ApicAccess,
+            45 => VirtualizedEoi,
+            46 => GdtrIdtrAccess,
+            47 => LdtrTrAccess,
+            48 => EptViolation,
+            49 => EptMisconfig,
+            50 => Invept,
+            51 => Rdtscp,
+            52 => PreemptionTimer,
+            53 => Invvpid,
+            54 => Wbinvd,
+            55 => Xsetbv,
+            56 => ApicWrite,
+            57 => Rdrand,
+            58 => Invpcid,
+            59 => Vmfunc,
+            60 => Encls,
+            61 => Rdseed,
+            62 => PmlFull,
+            63 => Xsaves,
+            64 => Xrstors,
+            65 => Pconfig,
+            66 => SppEvent,
+            67 => Umwait,
+            68 => Tpause,
+            69 => Loadiwkey,
+            70 => Enclv,
+            72 => EnqcmdPasid,
+            73 => EnqcmdsPasid,
+            74 => BusLock,
+            75 => InstructionTimeout,
+            76 => Seamcall,
+            77 => Tdcall,
+            _ => return Err(v),
+        })
+    }
+}
+
+impl ExitReason {
+    /// Decodes the exit-reason field: bit 31 means the VM entry failed.
+    pub fn decode(field: u32) -> (Result<ExitReason, u16>, bool) {
+        (ExitReason::try_from((field & 0xffff) as u16), field & (1 << 31) != 0)
+    }
+
+    /// VMX instructions that a guest without VMX must see raise #UD.
+    pub fn is_vmx_instruction(self) -> bool {
+        use ExitReason::*;
+        matches!(
+            self,
+            Vmclear | Vmlaunch | Vmptrld | Vmptrst | Vmread | Vmresume | Vmwrite | Vmxoff | Vmxon | Invept | Invvpid | Vmfunc
+        )
+    }
+
+    /// A short name for statistics.
+    pub fn name(self) -> &'static str {
+        reason_name(self as u16)
+    }
+}
+
+/// Name of a basic exit reason number, also for unknown numbers.
+pub fn reason_name(n: u16) -> &'static str {
+    const NAMES: [&str; 78] = [
+        "EXCEPTION_NMI", "EXTERNAL_INTERRUPT", "TRIPLE_FAULT", "INIT", "SIPI", "IO_SMI", "OTHER_SMI",
+        "INTERRUPT_WINDOW", "NMI_WINDOW", "TASK_SWITCH", "CPUID", "GETSEC", "HLT", "INVD", "INVLPG",
+        "RDPMC", "RDTSC", "RSM", "VMCALL", "VMCLEAR", "VMLAUNCH", "VMPTRLD", "VMPTRST", "VMREAD",
+        "VMRESUME", "VMWRITE", "VMXOFF", "VMXON", "CR_ACCESS", "DR_ACCESS", "IO_INSTRUCTION", "RDMSR",
+        "WRMSR", "ENTRY_FAIL_GUEST_STATE", "ENTRY_FAIL_MSR_LOAD", "REASON_35", "MWAIT", "MONITOR_TRAP_FLAG",
+        "REASON_38", "MONITOR", "PAUSE", "ENTRY_FAIL_MCE", "REASON_42", "TPR_BELOW_THRESHOLD",
+        "APIC_ACCESS", "VIRTUALIZED_EOI", "GDTR_IDTR", "LDTR_TR", "EPT_VIOLATION", "EPT_MISCONFIG",
+        "INVEPT", "RDTSCP", "PREEMPTION_TIMER", "INVVPID", "WBINVD", "XSETBV", "APIC_WRITE", "RDRAND",
+        "INVPCID", "VMFUNC", "ENCLS", "RDSEED", "PML_FULL", "XSAVES", "XRSTORS", "PCONFIG", "SPP",
+        "UMWAIT", "TPAUSE", "LOADIWKEY", "ENCLV", "REASON_71", "ENQCMD_PASID", "ENQCMDS_PASID",
+        "BUS_LOCK", "INSTRUCTION_TIMEOUT", "SEAMCALL", "TDCALL",
+    ];
+    NAMES.get(n as usize).copied().unwrap_or("UNKNOWN")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_roundtrip() {
+        for n in 0u16..80 {
+            if let Ok(r) = ExitReason::try_from(n) {
+                assert_eq!(r as u16, n);
+                assert_eq!(reason_name(n), r.name());
+            }
+        }
+        assert_eq!(ExitReason::try_from(10), Ok(ExitReason::Cpuid));
+        assert_eq!(ExitReason::try_from(35), Err(35));
+        assert_eq!(ExitReason::try_from(999), Err(999));
+    }
+
+    #[test]
+    fn entry_failure_bit() {
+        let (r, failed) = ExitReason::decode(0x8000_0021);
+        assert_eq!(r, Ok(ExitReason::EntryFailGuestState));
+        assert!(failed);
+        let (r, failed) = ExitReason::decode(48);
+        assert_eq!(r, Ok(ExitReason::EptViolation));
+        assert!(!failed);
+    }
+
+    #[test]
+    fn vmx_instructions() {
+        assert!(ExitReason::Vmxon.is_vmx_instruction());
+        assert!(ExitReason::Invept.is_vmx_instruction());
+        assert!(!ExitReason::Vmcall.is_vmx_instruction());
+        assert!(!ExitReason::Cpuid.is_vmx_instruction());
+    }
+
+    #[test]
+    fn names_are_aligned() {
+        assert_eq!(reason_name(48), "EPT_VIOLATION");
+        assert_eq!(reason_name(55), "XSETBV");
+        assert_eq!(reason_name(77), "TDCALL");
+        assert_eq!(reason_name(200), "UNKNOWN");
+    }
+}

@@ -1,0 +1,6 @@
+//! Intel VT-x: entry formats, VMCS fields and exit reasons (portable data),
+//! and, in the image only, the privileged instructions and VMX operation.
+pub mod ept_entry;
+pub mod exit_reason;
+pub mod msr;
+pub mod vmcs_fields;

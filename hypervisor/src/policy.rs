@@ -1,0 +1,203 @@
+//! What the host VM sees of the CPU: CPUID and MSR policy.
+//!
+//! The host must see a CPU without VMX: CPUID hides the VMX feature bit,
+//! `IA32_FEATURE_CONTROL` reads as locked with VMX disabled, the VMX
+//! capability MSRs raise #GP, and writes to any of them are refused the way a
+//! CPU refuses writes to a locked or read-only MSR.
+
+use crate::arch::x86::msr::*;
+use shared_abi::{ABI_REVISION, CPUID_LEAF_HV, CPUID_SIGNATURE};
+
+/// CPUID output registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cpuid {
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// CPUID.1:ECX.VMX.
+pub const CPUID_1_ECX_VMX: u32 = 1 << 5;
+/// CPUID.1:ECX "hypervisor present".
+pub const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Highest hypervisor leaf.
+pub const CPUID_LEAF_HV_MAX: u32 = CPUID_LEAF_HV + 1;
+
+fn signature_word(i: usize) -> u32 {
+    let s = &CPUID_SIGNATURE;
+    u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]])
+}
+
+/// The host VM's view of CPUID `leaf`/`sub`, given the real CPU's answer.
+pub fn host_cpuid(leaf: u32, sub: u32, native: impl Fn(u32, u32) -> Cpuid) -> Cpuid {
+    match leaf {
+        1 => {
+            let mut r = native(1, sub);
+            r.ecx &= !CPUID_1_ECX_VMX;
+            r.ecx |= CPUID_1_ECX_HYPERVISOR;
+            r
+        }
+        CPUID_LEAF_HV => Cpuid { eax: CPUID_LEAF_HV_MAX, ebx: signature_word(0), ecx: signature_word(1), edx: signature_word(2) },
+        // Leaf 0x40000001: the ABI revision in EAX.
+        l if l == CPUID_LEAF_HV + 1 => Cpuid { eax: ABI_REVISION, ..Cpuid::default() },
+        l if (CPUID_LEAF_HV..CPUID_LEAF_HV + 0x100).contains(&l) => Cpuid::default(),
+        _ => native(leaf, sub),
+    }
+}
+
+/// The result of a guarded RDMSR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MsrRead {
+    Value(u64),
+    /// Raise #GP(0) in the guest.
+    Gp,
+}
+
+/// The result of a guarded WRMSR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MsrWrite {
+    /// Perform the write on the real MSR.
+    Allow,
+    /// Raise #GP(0) in the guest.
+    Gp,
+}
+
+/// MSRs the host VM's MSR bitmap intercepts (reads and writes).
+pub fn host_guarded_msrs() -> impl Iterator<Item = u32> {
+    core::iter::once(IA32_FEATURE_CONTROL).chain(IA32_VMX_BASIC..=IA32_VMX_EXIT_CTLS2)
+}
+
+/// The host VM's RDMSR of a guarded MSR. `native` is the real value, or
+/// `None` if the real RDMSR faulted.
+pub fn host_rdmsr(msr: u32, native: Option<u64>) -> MsrRead {
+    match msr {
+        IA32_FEATURE_CONTROL => match native {
+            // Locked, with VMX and SENTER disabled: what a CPU without VMX shows.
+            Some(v) => MsrRead::Value((v | FC_LOCK) & !(FC_VMX_IN_SMX | FC_VMX_OUTSIDE_SMX | FC_SENTER_MASK)),
+            None => MsrRead::Value(FC_LOCK),
+        },
+        m if is_vmx_capability(m) => MsrRead::Gp,
+        _ => native.map(MsrRead::Value).unwrap_or(MsrRead::Gp),
+    }
+}
+
+/// The host VM's WRMSR of `msr`.
+pub fn host_wrmsr(msr: u32, _value: u64) -> MsrWrite {
+    match msr {
+        // It reads as locked, and a locked IA32_FEATURE_CONTROL refuses writes.
+        IA32_FEATURE_CONTROL => MsrWrite::Gp,
+        // Read-only capability MSRs (and absent without VMX).
+        m if is_vmx_capability(m) => MsrWrite::Gp,
+        _ => MsrWrite::Allow,
+    }
+}
+
+/// Byte offsets in the 4 KiB MSR bitmap. See: SDM Vol. 3C, 25.6.9.
+pub fn msr_bitmap_bit(msr: u32, write: bool) -> Option<(usize, u8)> {
+    let (base, idx) = match msr {
+        0..=0x1fff => (0usize, msr),
+        0xc000_0000..=0xc000_1fff => (1024usize, msr - 0xc000_0000),
+        _ => return None,
+    };
+    let base = base + if write { 2048 } else { 0 };
+    Some((base + (idx / 8) as usize, 1u8 << (idx % 8)))
+}
+
+/// Fills an MSR bitmap that intercepts reads and writes of `msrs`.
+pub fn build_msr_bitmap(bitmap: &mut [u8; 4096], msrs: impl Iterator<Item = u32>) {
+    bitmap.fill(0);
+    for m in msrs {
+        for w in [false, true] {
+            if let Some((byte, bit)) = msr_bitmap_bit(m, w) {
+                bitmap[byte] |= bit;
+            }
+        }
+    }
+}
+
+/// CR4 as the guest may set it: `value` validated against what the real CPU
+/// allows (`fixed1` = IA32_VMX_CR4_FIXED1), with VMXE refused because the
+/// guest sees no VMX. Returns `None` for a write that must raise #GP.
+pub fn guest_cr4_write(value: u64, fixed1: u64) -> Option<u64> {
+    const VMXE: u64 = 1 << 13;
+    if value & VMXE != 0 || value & !fixed1 != 0 {
+        return None;
+    }
+    Some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn native(leaf: u32, _sub: u32) -> Cpuid {
+        match leaf {
+            1 => Cpuid { eax: 0x50654, ebx: 0x0100_0800, ecx: 0x7ffa_fbff, edx: 0xbfeb_fbff },
+            0x4000_0000 => Cpuid { eax: 0xd, ebx: 1, ecx: 2, edx: 3 },
+            _ => Cpuid { eax: leaf, ebx: 0, ecx: 0, edx: 0 },
+        }
+    }
+
+    #[test]
+    fn cpuid_hides_vmx_and_signs() {
+        let r = host_cpuid(1, 0, native);
+        assert_eq!(r.ecx & CPUID_1_ECX_VMX, 0);
+        assert_ne!(r.ecx & CPUID_1_ECX_HYPERVISOR, 0);
+        assert_eq!(r.edx, 0xbfeb_fbff);
+        let s = host_cpuid(CPUID_LEAF_HV, 0, native);
+        let mut text = [0u8; 12];
+        text[..4].copy_from_slice(&s.ebx.to_le_bytes());
+        text[4..8].copy_from_slice(&s.ecx.to_le_bytes());
+        text[8..].copy_from_slice(&s.edx.to_le_bytes());
+        assert_eq!(&text, &CPUID_SIGNATURE);
+        assert_eq!(s.eax, CPUID_LEAF_HV_MAX);
+        assert_eq!(host_cpuid(CPUID_LEAF_HV + 1, 0, native).eax, ABI_REVISION);
+        assert_eq!(host_cpuid(CPUID_LEAF_HV + 5, 0, native), Cpuid::default());
+        assert_eq!(host_cpuid(7, 0, native).eax, 7);
+    }
+
+    #[test]
+    fn feature_control_reads_locked_without_vmx() {
+        assert_eq!(host_rdmsr(IA32_FEATURE_CONTROL, Some(0x5)), MsrRead::Value(FC_LOCK));
+        assert_eq!(host_rdmsr(IA32_FEATURE_CONTROL, Some(0xff07)), MsrRead::Value(FC_LOCK));
+        assert_eq!(host_rdmsr(IA32_FEATURE_CONTROL, Some(0x0)), MsrRead::Value(FC_LOCK));
+        assert_eq!(host_wrmsr(IA32_FEATURE_CONTROL, 5), MsrWrite::Gp);
+        assert_eq!(host_wrmsr(IA32_FEATURE_CONTROL, 0), MsrWrite::Gp);
+    }
+
+    #[test]
+    fn vmx_msrs_fault() {
+        for m in IA32_VMX_BASIC..=IA32_VMX_EXIT_CTLS2 {
+            assert_eq!(host_rdmsr(m, Some(1)), MsrRead::Gp);
+            assert_eq!(host_wrmsr(m, 1), MsrWrite::Gp);
+        }
+        assert_eq!(host_wrmsr(IA32_EFER, 0xd01), MsrWrite::Allow);
+        assert_eq!(host_rdmsr(0x10, Some(42)), MsrRead::Value(42));
+        assert_eq!(host_rdmsr(0x12345678, None), MsrRead::Gp);
+    }
+
+    #[test]
+    fn bitmap_layout() {
+        let mut bm = [0u8; 4096];
+        build_msr_bitmap(&mut bm, host_guarded_msrs());
+        // IA32_FEATURE_CONTROL = 0x3a: read-low byte 7 bit 2, write-low at 2048.
+        assert_eq!(bm[7], 1 << 2);
+        assert_eq!(bm[2048 + 7], 1 << 2);
+        // 0x480..=0x493 set, 0x494 not.
+        assert_ne!(bm[0x480 / 8] & 1, 0);
+        assert_eq!(bm[0x494 / 8] & (1 << (0x494 % 8)), 0);
+        assert_eq!(bm.iter().map(|b| b.count_ones()).sum::<u32>(), 2 * (1 + 20));
+        assert_eq!(msr_bitmap_bit(0xc000_0080, false), Some((1024 + 16, 1)));
+        assert_eq!(msr_bitmap_bit(0xc000_0080, true), Some((3072 + 16, 1)));
+        assert_eq!(msr_bitmap_bit(0x4000_0000, true), None);
+    }
+
+    #[test]
+    fn cr4_vmxe_refused() {
+        let fixed1 = 0x3727ff;
+        assert_eq!(guest_cr4_write(0x6f0, fixed1), Some(0x6f0));
+        assert_eq!(guest_cr4_write(0x6f0 | (1 << 13), fixed1), None);
+        assert_eq!(guest_cr4_write(1 << 30, fixed1), None);
+    }
+}

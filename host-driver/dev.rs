@@ -62,12 +62,32 @@ extern "C" fn uxen_dev_ioctl(_private: *mut c_void, cmd: u32, arg: usize) -> cor
     };
     to_ret(match cmd {
         ioctl::VERSION => version(drv, arg),
+        ioctl::STATS => stats(drv, arg),
         _ => Err(ENOTTY),
     })
 }
 
+/// A kernel buffer for a hypercall argument block: physically contiguous
+/// host memory that the hypervisor reads or writes.
+struct HcBuf<T: Copy + Default> {
+    value: KBox<T>,
+}
+
+impl<T: Copy + Default> HcBuf<T> {
+    fn new(value: T) -> Result<Self> {
+        Ok(HcBuf { value: KBox::new(value, GFP_KERNEL)? })
+    }
+
+    /// Issues hypercall `nr` on this block.
+    fn call(&mut self, drv: &crate::Driver, nr: u64) -> Result<i64> {
+        let pa = crate::shim::virt_to_phys((&mut *self.value as *mut T).cast());
+        let (s, _) = drv.hv.call(nr, pa, core::mem::size_of::<T>() as u64);
+        crate::hv::status(s)
+    }
+}
+
 fn version(drv: &crate::Driver, arg: usize) -> Result<i64> {
-    let v = abi::IocVersion {
+    let mut v = abi::IocVersion {
         driver_version: abi::VERSION,
         driver_abi: abi::ABI_REVISION,
         image_abi: drv.header.abi_revision,
@@ -76,8 +96,31 @@ fn version(drv: &crate::Driver, arg: usize) -> Result<i64> {
         num_cpus: 0,
         hv_features: 0,
     };
+    if drv.hv.active() {
+        let mut b = HcBuf::new(abi::HvVersion::default())?;
+        b.call(drv, abi::hc::VERSION)?;
+        v.num_cpus = b.value.num_cpus;
+        v.hv_features = b.value.features;
+    }
     write_user(arg, &v)?;
     Ok(0)
+}
+
+fn stats(drv: &crate::Driver, arg: usize) -> Result<i64> {
+    let req: abi::IocBuf = read_user(arg)?;
+    let size = core::mem::size_of::<abi::HvStats>();
+    if (req.len as usize) < size {
+        return Err(EINVAL);
+    }
+    if !drv.hv.active() {
+        return Err(ENODEV);
+    }
+    let mut buf = KVec::<u8>::from_elem(0, size, GFP_KERNEL)?;
+    let pa = crate::shim::virt_to_phys(buf.as_mut_ptr());
+    let (s, _) = drv.hv.call(abi::hc::STATS, pa, size as u64);
+    crate::hv::status(s)?;
+    UserSlice::new(req.ptr as usize, size).writer().write_slice(&buf)?;
+    Ok(size as i64)
 }
 
 #[no_mangle]

@@ -21,6 +21,7 @@
 #include <linux/sched/signal.h>
 #include <linux/smp.h>
 #include <linux/slab.h>
+#include <linux/vmalloc.h>
 #include <linux/wait.h>
 
 #include "shim.h"
@@ -41,6 +42,10 @@ static bool iommu_only;
 module_param(iommu_only, bool, 0444);
 MODULE_PARM_DESC(iommu_only, "start only DMA protection, without VMX (testing on machines without VT-x)");
 
+static bool log_e9;
+module_param(log_e9, bool, 0444);
+MODULE_PARM_DESC(log_e9, "also write the hypervisor's log to I/O port 0xe9 (emulators' debug console)");
+
 static unsigned long rsdp;
 module_param(rsdp, ulong, 0444);
 MODULE_PARM_DESC(rsdp, "physical address of the ACPI RSDP (0: search the BIOS areas)");
@@ -49,6 +54,7 @@ int uxen_param_fail_cpu(void) { return fail_cpu; }
 bool uxen_param_require_iommu(void) { return require_iommu; }
 bool uxen_param_debug(void) { return debug; }
 bool uxen_param_iommu_only(void) { return iommu_only; }
+bool uxen_param_log_e9(void) { return log_e9; }
 unsigned long uxen_param_rsdp(void) { return rsdp; }
 
 #ifdef CONFIG_INTEL_IOMMU
@@ -210,3 +216,10 @@ long uxen_shim_waitq_wait(void *wq, const int *flag, long timeout)
 	return wait_event_interruptible_timeout(*(wait_queue_head_t *)wq, READ_ONCE(*flag) != 0,
 						timeout);
 }
+
+/* Physical address of a page of module memory (the trampoline page). */
+u64 uxen_shim_vmalloc_to_phys(const void *addr)
+{
+	return page_to_phys(vmalloc_to_page(addr)) + offset_in_page(addr);
+}
+int uxen_shim_add_cpu(int cpu) { return add_cpu(cpu); }

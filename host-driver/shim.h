@@ -9,6 +9,7 @@ int uxen_param_fail_cpu(void);
 bool uxen_param_require_iommu(void);
 bool uxen_param_debug(void);
 bool uxen_param_iommu_only(void);
+bool uxen_param_log_e9(void);
 unsigned long uxen_param_rsdp(void);
 bool uxen_host_iommu_enabled(void);
 int uxen_shim_misc_register(void);
@@ -41,6 +42,8 @@ void *uxen_shim_waitq_new(void);
 void uxen_shim_waitq_free(void *wq);
 void uxen_shim_waitq_wake(void *wq);
 long uxen_shim_waitq_wait(void *wq, const int *flag, long timeout);
+u64 uxen_shim_vmalloc_to_phys(const void *addr);
+int uxen_shim_add_cpu(int cpu);
 
 /* Implemented in Rust (dev.rs). */
 long uxen_dev_open(void **priv);

@@ -9,6 +9,7 @@ extern "C" {
     fn uxen_param_require_iommu() -> bool;
     fn uxen_param_debug() -> bool;
     fn uxen_param_iommu_only() -> bool;
+    fn uxen_param_log_e9() -> bool;
     fn uxen_param_rsdp() -> core::ffi::c_ulong;
     fn uxen_host_iommu_enabled() -> bool;
     fn uxen_shim_misc_register() -> i32;
@@ -42,6 +43,8 @@ extern "C" {
     fn uxen_shim_waitq_wake(wq: *mut c_void);
     fn uxen_shim_waitq_wait(wq: *mut c_void, flag: *const i32, timeout: i64) -> i64;
     fn uxen_shim_usecs_to_jiffies(us: u32) -> core::ffi::c_ulong;
+    fn uxen_shim_vmalloc_to_phys(addr: *const c_void) -> u64;
+    fn uxen_shim_add_cpu(cpu: i32) -> i32;
 }
 
 /// Module parameters.
@@ -50,6 +53,7 @@ pub(crate) struct Params {
     pub(crate) require_iommu: bool,
     pub(crate) debug: bool,
     pub(crate) iommu_only: bool,
+    pub(crate) log_e9: bool,
     pub(crate) rsdp: u64,
 }
 
@@ -62,6 +66,7 @@ pub(crate) fn params() -> Params {
             require_iommu: uxen_param_require_iommu(),
             debug: uxen_param_debug(),
             iommu_only: uxen_param_iommu_only(),
+            log_e9: uxen_param_log_e9(),
             rsdp: uxen_param_rsdp() as u64,
         }
     }
@@ -328,4 +333,16 @@ impl Drop for WaitQueue {
         // SAFETY: allocated by `new`, nobody waits on it any more.
         unsafe { uxen_shim_waitq_free(self.0) }
     }
+}
+
+/// Physical address of module memory (code or data of this module).
+pub(crate) fn module_addr_to_phys(p: *const u8) -> u64 {
+    // SAFETY: `p` points into this module's own mapping.
+    unsafe { uxen_shim_vmalloc_to_phys(p.cast()) }
+}
+
+/// Brings an offline CPU online.
+pub(crate) fn add_cpu(cpu: i32) -> Result {
+    // SAFETY: process context, no locks held.
+    to_result(unsafe { uxen_shim_add_cpu(cpu) }).map(|_| ())
 }

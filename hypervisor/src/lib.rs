@@ -12,7 +12,11 @@ pub mod layout;
 pub mod addr;
 pub mod arch;
 pub mod emulate;
+pub mod logring;
 pub mod ept;
 pub mod mem;
 pub mod paging;
 pub mod policy;
+
+#[cfg(target_os = "none")]
+pub mod hv;

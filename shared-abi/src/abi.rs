@@ -7,7 +7,7 @@
 //!
 //! This file is also compiled as a plain module inside the kernel module, so
 //! it holds no crate-level attributes and no dependencies.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 /// Bumped on every change to anything in this file.
 pub const ABI_REVISION: u32 = 1;
@@ -222,6 +222,8 @@ pub const BOOT_FLAG_DEBUG: u64 = 1 << 1;
 /// Start only the VT-d part, without VMX (`iommu_only=1`; for testing DMA
 /// protection on machines without VT-x). The host is not demoted.
 pub const BOOT_FLAG_IOMMU_ONLY: u64 = 1 << 2;
+/// Also write the log to I/O port 0xe9 (the emulators' debug console).
+pub const BOOT_FLAG_LOG_E9: u64 = 1 << 3;
 
 /// One CPU as the driver sees it.
 #[repr(C)]
@@ -253,6 +255,13 @@ pub struct BootInfo {
     pub direct_map_base: u64,
     /// ACPI RSDP, or 0 to let the hypervisor search the BIOS areas.
     pub rsdp_phys: u64,
+    /// The driver's trampoline page: its virtual address (mapped at the same
+    /// address in the host's and the hypervisor's page tables), its physical
+    /// address, and the address of its return routine (see
+    /// [`ReturnState`]).
+    pub tramp_virt: u64,
+    pub tramp_phys: u64,
+    pub tramp_return: u64,
     /// The log ring ([`LogRing`]), in host memory.
     pub log_phys: u64,
     pub log_size: u64,
@@ -264,11 +273,107 @@ pub struct BootInfo {
     /// Entering CPUs, indexed by the `cpu_index` given to the entry.
     pub cpus: [BootCpu; MAX_CPUS],
 }
-const _: () = assert_size(core::mem::size_of::<BootInfo>(), 80 + 16 * MAX_RAM_RANGES + 8 * MAX_CPUS);
+const _: () = assert_size(core::mem::size_of::<BootInfo>(), 104 + 16 * MAX_RAM_RANGES + 8 * MAX_CPUS);
+const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
 
-/// The image entry, called on every CPU at once with interrupts off.
-/// Returns 0 once this CPU runs as the host VM, or `-errno`.
-pub type EntryFn = unsafe extern "sysv64" fn(cpu_index: u32, info: *const BootInfo) -> i64;
+/// The image entry, called by the driver's trampoline on every CPU at once,
+/// with interrupts off, on the hypervisor's boot page tables and on this
+/// CPU's hypervisor stack.
+///
+/// On success it does not return: the CPU continues as the host VM at
+/// `resume_rip` with `resume_rsp` and CR3 `linux_cr3`, every other register
+/// unspecified (the trampoline restores what it saved). On failure it returns
+/// `-errno` normally and the trampoline switches back to `linux_cr3`.
+pub type EntryFn = unsafe extern "sysv64" fn(
+    cpu_index: u32,
+    info: *const BootInfo,
+    resume_rip: u64,
+    resume_rsp: u64,
+    linux_cr3: u64,
+) -> i64;
+
+/// Where the parts of the hypervisor region lie, as offsets from its start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionLayout {
+    /// The [`BootInfo`] page.
+    pub boot_info: u64,
+    pub heap_start: u64,
+    pub heap_end: u64,
+    pub percpu_start: u64,
+    pub size: u64,
+}
+
+impl ImageHeader {
+    /// The smallest region for `ncpus` CPUs.
+    pub const fn region_min(&self, ncpus: u64) -> u64 {
+        self.mem_size + 4096 + self.heap_size + self.percpu_size * ncpus
+    }
+
+    /// The layout of a region of `size` bytes for `ncpus` CPUs: the image,
+    /// the boot-info page, the heap (all that is left), then the per-CPU
+    /// areas.
+    pub const fn layout(&self, size: u64, ncpus: u64) -> Option<RegionLayout> {
+        if size < self.region_min(ncpus) || size % 4096 != 0 {
+            return None;
+        }
+        let percpu_start = size - self.percpu_size * ncpus;
+        Some(RegionLayout {
+            boot_info: self.mem_size,
+            heap_start: self.mem_size + 4096,
+            heap_end: percpu_start,
+            percpu_start,
+            size,
+        })
+    }
+
+    /// Offset of CPU `index`'s per-CPU area.
+    pub const fn percpu_offset(&self, layout: &RegionLayout, index: u64) -> u64 {
+        layout.percpu_start + index * self.percpu_size
+    }
+
+    /// Offset of the top of CPU `index`'s hypervisor stack: the end of its
+    /// per-CPU area.
+    pub const fn stack_top(&self, layout: &RegionLayout, index: u64) -> u64 {
+        self.percpu_offset(layout, index) + self.percpu_size
+    }
+}
+
+/// What the driver's trampoline return routine (`BootInfo::tramp_return`,
+/// called with RDI pointing here, on the hypervisor's page tables, after
+/// VMXOFF) loads to resume the host natively: CR3 first, then the descriptor
+/// tables, TR, the data segments, FS/GS bases, CR0/CR4, the GPRs, RFLAGS,
+/// and finally a jump to `rip` on `rsp`. It must be readable through the
+/// host's direct map.
+///
+/// `ltr` writes the busy bit into the TSS descriptor, and the host's GDT may
+/// be mapped read-only (Linux's fixmap GDT): TR is loaded with `gdtr_rw`, a
+/// writable alias of the same GDT, before `gdtr` is loaded for good.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReturnState {
+    /// GDTR and IDTR images: limit in the first 2 bytes, base in the next 8.
+    pub gdtr: [u8; 16],
+    pub gdtr_rw: [u8; 16],
+    pub idtr: [u8; 16],
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub tr: u16,
+    pub ds: u16,
+    pub es: u16,
+    pub ss: u16,
+    pub fs: u16,
+    pub gs: u16,
+    pub reserved0: u32,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub rsp: u64,
+    pub rip: u64,
+    pub rflags: u64,
+    /// RAX..R15 in encoding order (the RSP slot is ignored).
+    pub gpr: [u64; 16],
+}
+const _: () = assert_size(core::mem::size_of::<ReturnState>(), 128 + 128);
 
 // ---------------------------------------------------------------------------
 // Log ring: written by the hypervisor, drained into dmesg by the driver.

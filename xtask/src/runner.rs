@@ -265,6 +265,7 @@ impl Machine for Bochs {
              ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14\n\
              ata0-master: type=cdrom, path={iso}, status=inserted\n\
              boot: cdrom\n\
+             port_e9_hack: enabled=1\n\
              com1: enabled=1, mode=file, dev={serial}\n\
              log: {log}\n\
              panic: action=fatal\n\

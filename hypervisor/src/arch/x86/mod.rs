@@ -4,3 +4,12 @@ pub mod ept_entry;
 pub mod exit_reason;
 pub mod msr;
 pub mod vmcs_fields;
+
+#[cfg(target_os = "none")]
+pub mod asm;
+#[cfg(target_os = "none")]
+pub mod cpu;
+#[cfg(target_os = "none")]
+pub mod instr;
+#[cfg(target_os = "none")]
+pub mod vmx;

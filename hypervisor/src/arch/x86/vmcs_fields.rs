@@ -28,6 +28,7 @@ pub const VM_EXIT_MSR_LOAD_ADDR: u32 = 0x2008;
 pub const VM_ENTRY_MSR_LOAD_ADDR: u32 = 0x200a;
 pub const TSC_OFFSET: u32 = 0x2010;
 pub const EPT_POINTER: u32 = 0x201a;
+pub const XSS_EXIT_BITMAP: u32 = 0x202c;
 pub const GUEST_PHYSICAL_ADDRESS: u32 = 0x2400;
 
 // 64-bit guest-state fields.

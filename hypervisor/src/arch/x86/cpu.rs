@@ -1,0 +1,252 @@
+//! Per-CPU state, and the hypervisor's own GDT, TSS and IDT.
+
+use super::instr::{self, DescriptorTablePointer, FAULT_VECTOR_OFFSET, FIXUP_OFFSET};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use shared_abi::EXIT_REASON_SLOTS;
+
+/// The Linux state of a CPU when it entered, restored on roll-back and
+/// unload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SavedState {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub gdtr: DescriptorTablePointer,
+    pub idtr: DescriptorTablePointer,
+    pub cs: u16,
+    pub ss: u16,
+    pub ds: u16,
+    pub es: u16,
+    pub fs: u16,
+    pub gs: u16,
+    pub tr: u16,
+    pub ldtr: u16,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub efer: u64,
+    pub pat: u64,
+    pub debugctl: u64,
+    pub sysenter_cs: u64,
+    pub sysenter_esp: u64,
+    pub sysenter_eip: u64,
+    pub dr7: u64,
+    pub rflags: u64,
+}
+
+/// Per-CPU area, at the start of the CPU's slice of the hypervisor region.
+/// `gs:0` points here in VMX root operation.
+#[repr(C, align(4096))]
+pub struct PerCpu {
+    /// This structure's own address (`gs:0`).
+    pub self_ptr: u64,
+    /// Where a fault in a `*_safe` instruction resumes (`gs:8`), or 0.
+    pub fixup_rip: u64,
+    /// Vector of the last fault taken through `fixup_rip` (`gs:16`).
+    pub fault_vector: u64,
+    /// Non-zero when the next VM entry must be VMLAUNCH (`gs:24`).
+    pub launch_next: u64,
+    pub index: u32,
+    pub linux_id: u32,
+    pub apic_id: u32,
+    pub virtualized: AtomicU32,
+    pub stack_top: u64,
+    pub vmxon_pa: u64,
+    pub vmcs_pa: u64,
+    pub linux: SavedState,
+    pub exits: AtomicU64,
+    pub host_exits: AtomicU64,
+    pub exit_tsc: AtomicU64,
+    pub exits_by_reason: [AtomicU64; EXIT_REASON_SLOTS],
+    pub gdt: [u64; 16],
+    pub tss: Tss,
+}
+
+pub const LAUNCH_NEXT_OFFSET: usize = 24;
+const _: () = assert!(core::mem::offset_of!(PerCpu, fixup_rip) == FIXUP_OFFSET);
+const _: () = assert!(core::mem::offset_of!(PerCpu, fault_vector) == FAULT_VECTOR_OFFSET);
+const _: () = assert!(core::mem::offset_of!(PerCpu, launch_next) == LAUNCH_NEXT_OFFSET);
+
+/// Layout of the 64 KiB per-CPU area.
+pub mod area {
+    pub const PERCPU: u64 = 0x0000;
+    pub const IDT: u64 = 0x2000;
+    pub const VMXON: u64 = 0x3000;
+    pub const VMCS: u64 = 0x4000;
+    pub const STACK_TOP: u64 = 0x10000;
+}
+const _: () = assert!(core::mem::size_of::<PerCpu>() as u64 <= area::IDT);
+const _: () = assert!(area::STACK_TOP == crate::layout::PERCPU_SIZE);
+
+/// The 64-bit TSS. See: SDM Vol. 3A, 8.7.
+#[repr(C, packed(4))]
+#[derive(Clone, Copy, Default)]
+pub struct Tss {
+    reserved0: u32,
+    pub rsp: [u64; 3],
+    reserved1: u64,
+    pub ist: [u64; 7],
+    reserved2: u64,
+    reserved3: u16,
+    pub iomap_base: u16,
+}
+const _: () = assert!(core::mem::size_of::<Tss>() == 104);
+
+/// GDT selectors, matching Linux's so that an IRET with Linux's selectors
+/// works on either GDT.
+pub const SEL_CODE: u16 = 0x10;
+pub const SEL_DATA: u16 = 0x18;
+pub const SEL_TSS: u16 = 0x40;
+
+static PERCPU_BASE: AtomicU64 = AtomicU64::new(0);
+static PERCPU_STRIDE: AtomicU64 = AtomicU64::new(0);
+
+/// Records where the per-CPU areas are.
+pub fn set_percpu_base(base: u64, stride: u64) {
+    PERCPU_BASE.store(base, Ordering::Relaxed);
+    PERCPU_STRIDE.store(stride, Ordering::Relaxed);
+}
+
+/// Address of CPU `index`'s per-CPU area.
+pub fn percpu_area(index: usize) -> u64 {
+    PERCPU_BASE.load(Ordering::Relaxed) + index as u64 * PERCPU_STRIDE.load(Ordering::Relaxed)
+}
+
+pub fn percpu_of(index: usize) -> &'static PerCpu {
+    // SAFETY: the area was initialised by `PerCpu::init` before any reader.
+    unsafe { &*(percpu_area(index) as *const PerCpu) }
+}
+
+/// This CPU's per-CPU area (through GS).
+pub fn this_cpu() -> &'static mut PerCpu {
+    let p: u64;
+    // SAFETY: in root operation GS base points at this CPU's `PerCpu`.
+    unsafe { core::arch::asm!("mov {}, gs:[0]", out(reg) p, options(nostack, readonly, preserves_flags)) };
+    // SAFETY: each CPU only mutates its own area.
+    unsafe { &mut *(p as *mut PerCpu) }
+}
+
+impl PerCpu {
+    /// Prepares CPU `index`'s area: zeroed state, GDT, TSS and IDT.
+    ///
+    /// # Safety
+    /// Called once per CPU, by that CPU, before it uses the area.
+    pub unsafe fn init(index: usize, linux_id: u32) -> &'static mut PerCpu {
+        let base = percpu_area(index);
+        // SAFETY: the area is this CPU's, zeroed by the driver.
+        let pc = unsafe { &mut *(base as *mut PerCpu) };
+        pc.self_ptr = base;
+        pc.index = index as u32;
+        pc.linux_id = linux_id;
+        pc.apic_id = instr::cpuid(1, 0)[1] >> 24;
+        pc.stack_top = base + area::STACK_TOP;
+        pc.vmxon_pa = crate::hv::memory::region_pa((base + area::VMXON) as *const u8);
+        pc.vmcs_pa = crate::hv::memory::region_pa((base + area::VMCS) as *const u8);
+        pc.tss = Tss::default();
+        pc.tss.iomap_base = core::mem::size_of::<Tss>() as u16;
+        let tss_addr = &pc.tss as *const Tss as u64;
+        pc.gdt = [0; 16];
+        pc.gdt[2] = 0x00af_9b00_0000_ffff; // 64-bit code, DPL 0
+        pc.gdt[3] = 0x00cf_9300_0000_ffff; // data, DPL 0
+        let limit = core::mem::size_of::<Tss>() as u64 - 1;
+        pc.gdt[8] = (limit & 0xffff)
+            | ((tss_addr & 0xff_ffff) << 16)
+            | (0x89u64 << 40)
+            | (((limit >> 16) & 0xf) << 48)
+            | (((tss_addr >> 24) & 0xff) << 56);
+        pc.gdt[9] = tss_addr >> 32;
+        init_idt(base + area::IDT);
+        pc
+    }
+
+    pub fn gdtr(&self) -> DescriptorTablePointer {
+        DescriptorTablePointer { limit: (10 * 8 - 1) as u16, base: self.gdt.as_ptr() as u64 }
+    }
+
+    pub fn idtr(&self) -> DescriptorTablePointer {
+        DescriptorTablePointer { limit: 256 * 16 - 1, base: self.self_ptr + area::IDT }
+    }
+
+    pub fn tss_base(&self) -> u64 {
+        &self.tss as *const Tss as u64
+    }
+
+    /// Counts an exit.
+    pub fn count_exit(&self, reason: u16, host: bool) {
+        self.exits.fetch_add(1, Ordering::Relaxed);
+        if host {
+            self.host_exits.fetch_add(1, Ordering::Relaxed);
+        }
+        let slot = (reason as usize).min(EXIT_REASON_SLOTS - 1);
+        self.exits_by_reason[slot].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+extern "C" {
+    /// 256 exception stubs, 16 bytes apart (`asm.rs`).
+    static uxen_exception_stubs: u8;
+}
+
+fn init_idt(idt: u64) {
+    // SAFETY: taking the address of an assembler symbol.
+    let stubs = unsafe { &uxen_exception_stubs as *const u8 as u64 };
+    for v in 0..256u64 {
+        let handler = stubs + v * 16;
+        // No IST: during set-up the task register is still Linux's, whose
+        // IST stacks the hypervisor's page tables do not map.
+        let ist = 0u64;
+        let lo = (handler & 0xffff)
+            | ((SEL_CODE as u64) << 16)
+            | (ist << 32)
+            | (0x8eu64 << 40)
+            | (((handler >> 16) & 0xffff) << 48);
+        let hi = handler >> 32;
+        // SAFETY: the IDT page belongs to this CPU's area.
+        unsafe {
+            ((idt + v * 16) as *mut u64).write(lo);
+            ((idt + v * 16 + 8) as *mut u64).write(hi);
+        }
+    }
+}
+
+/// What the exception stubs push.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ExceptionFrame {
+    /// RAX..R15 in encoding order (RSP slot unused).
+    pub gpr: [u64; 16],
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+/// Called by the exception stubs in root operation.
+#[no_mangle]
+extern "sysv64" fn uxen_exception(f: &mut ExceptionFrame) {
+    let pc = this_cpu();
+    if f.vector == 2 {
+        crate::hv::exits::nmi_in_root();
+        return;
+    }
+    if pc.fixup_rip != 0 && matches!(f.vector, 6 | 13 | 14 | 17) {
+        f.rip = pc.fixup_rip;
+        pc.fault_vector = f.vector;
+        pc.fixup_rip = 0;
+        return;
+    }
+    panic!(
+        "exception {} error {:#x} at rip {:#x} rsp {:#x} cr2 {:#x} rax {:#x} rcx {:#x} rdx {:#x}",
+        f.vector,
+        f.error_code,
+        f.rip,
+        f.rsp,
+        instr::read_cr2(),
+        f.gpr[0],
+        f.gpr[1],
+        f.gpr[2]
+    );
+}

@@ -1,0 +1,346 @@
+//! Privileged instruction wrappers: the only place they appear.
+//!
+//! Every function here is `unsafe`: each can reconfigure the CPU, and the
+//! VMX ones are valid only in VMX operation.
+
+use core::arch::asm;
+
+/// Offset in the per-CPU area (GS) of the fault fix-up address; see
+/// `cpu::PerCpu::fixup_rip`.
+pub const FIXUP_OFFSET: usize = 8;
+/// Offset in the per-CPU area of the vector of the last fixed-up fault.
+pub const FAULT_VECTOR_OFFSET: usize = 16;
+
+/// Reads an MSR.
+///
+/// # Safety
+/// `msr` must exist; otherwise the CPU raises #GP.
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    (hi as u64) << 32 | lo as u64
+}
+
+/// Writes an MSR.
+///
+/// # Safety
+/// The write must be valid and must not break the hypervisor.
+pub unsafe fn wrmsr(msr: u32, v: u64) {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nostack, preserves_flags)) };
+}
+
+/// RDMSR that returns `None` instead of faulting.
+///
+/// # Safety
+/// Needs the hypervisor's IDT and per-CPU GS base (fault fix-up).
+pub unsafe fn rdmsr_safe(msr: u32) -> Option<u64> {
+    let (lo, hi): (u32, u32);
+    let failed: u64;
+    // SAFETY: a #GP lands in the exception handler, which resumes at label 2
+    // because the fix-up address is set; nothing else is touched.
+    unsafe {
+        asm!(
+            "lea {t}, [rip + 2f]",
+            "mov gs:[{fix}], {t}",
+            "rdmsr",
+            "xor {t:e}, {t:e}",
+            "jmp 3f",
+            "2:",
+            "mov {t:e}, 1",
+            "3:",
+            "mov qword ptr gs:[{fix}], 0",
+            t = out(reg) failed,
+            fix = const FIXUP_OFFSET,
+            in("ecx") msr,
+            out("eax") lo,
+            out("edx") hi,
+            options(nostack),
+        )
+    };
+    if failed != 0 {
+        None
+    } else {
+        Some((hi as u64) << 32 | lo as u64)
+    }
+}
+
+/// WRMSR that returns `false` instead of faulting.
+///
+/// # Safety
+/// As [`wrmsr`], except that a faulting write is harmless.
+pub unsafe fn wrmsr_safe(msr: u32, v: u64) -> bool {
+    let failed: u64;
+    // SAFETY: as in `rdmsr_safe`.
+    unsafe {
+        asm!(
+            "lea {t}, [rip + 2f]",
+            "mov gs:[{fix}], {t}",
+            "wrmsr",
+            "xor {t:e}, {t:e}",
+            "jmp 3f",
+            "2:",
+            "mov {t:e}, 1",
+            "3:",
+            "mov qword ptr gs:[{fix}], 0",
+            t = out(reg) failed,
+            fix = const FIXUP_OFFSET,
+            in("ecx") msr,
+            in("eax") v as u32,
+            in("edx") (v >> 32) as u32,
+            options(nostack),
+        )
+    };
+    failed == 0
+}
+
+/// XSETBV that returns `false` instead of faulting.
+///
+/// # Safety
+/// Changes XCR0 of this CPU.
+pub unsafe fn xsetbv_safe(index: u32, v: u64) -> bool {
+    let failed: u64;
+    // SAFETY: as in `rdmsr_safe`.
+    unsafe {
+        asm!(
+            "lea {t}, [rip + 2f]",
+            "mov gs:[{fix}], {t}",
+            "xsetbv",
+            "xor {t:e}, {t:e}",
+            "jmp 3f",
+            "2:",
+            "mov {t:e}, 1",
+            "3:",
+            "mov qword ptr gs:[{fix}], 0",
+            t = out(reg) failed,
+            fix = const FIXUP_OFFSET,
+            in("ecx") index,
+            in("eax") v as u32,
+            in("edx") (v >> 32) as u32,
+            options(nostack),
+        )
+    };
+    failed == 0
+}
+
+/// CPUID.
+pub fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+macro_rules! cr {
+    ($read:ident, $write:ident, $reg:literal) => {
+        pub fn $read() -> u64 {
+            let v: u64;
+            // SAFETY: reading a control register has no side effects.
+            unsafe { asm!(concat!("mov {}, ", $reg), out(reg) v, options(nomem, nostack, preserves_flags)) };
+            v
+        }
+
+        /// # Safety
+        /// The new value must keep the CPU in a state the hypervisor can run in.
+        pub unsafe fn $write(v: u64) {
+            // SAFETY: per the caller's contract.
+            unsafe { asm!(concat!("mov ", $reg, ", {}"), in(reg) v, options(nostack, preserves_flags)) };
+        }
+    };
+}
+
+cr!(read_cr0, write_cr0, "cr0");
+cr!(read_cr2, write_cr2, "cr2");
+cr!(read_cr3, write_cr3, "cr3");
+cr!(read_cr4, write_cr4, "cr4");
+
+pub fn read_dr7() -> u64 {
+    let v: u64;
+    // SAFETY: reading DR7 has no side effects.
+    unsafe { asm!("mov {}, dr7", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+pub fn read_rflags() -> u64 {
+    let v: u64;
+    // SAFETY: pushfq/pop only touch the stack.
+    unsafe { asm!("pushfq", "pop {}", out(reg) v, options(preserves_flags)) };
+    v
+}
+
+/// A descriptor-table register image (`sgdt`/`sidt` layout).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct DescriptorTablePointer {
+    pub limit: u16,
+    pub base: u64,
+}
+
+pub fn sgdt() -> DescriptorTablePointer {
+    let mut p = DescriptorTablePointer::default();
+    // SAFETY: stores 10 bytes into `p`.
+    unsafe { asm!("sgdt [{}]", in(reg) &mut p, options(nostack, preserves_flags)) };
+    p
+}
+
+pub fn sidt() -> DescriptorTablePointer {
+    let mut p = DescriptorTablePointer::default();
+    // SAFETY: stores 10 bytes into `p`.
+    unsafe { asm!("sidt [{}]", in(reg) &mut p, options(nostack, preserves_flags)) };
+    p
+}
+
+/// # Safety
+/// `p` must describe a valid GDT for the running code.
+pub unsafe fn lgdt(p: &DescriptorTablePointer) {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("lgdt [{}]", in(reg) p, options(nostack, preserves_flags)) };
+}
+
+/// # Safety
+/// `p` must describe a valid IDT.
+pub unsafe fn lidt(p: &DescriptorTablePointer) {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("lidt [{}]", in(reg) p, options(nostack, preserves_flags)) };
+}
+
+macro_rules! read_seg {
+    ($name:ident, $reg:literal) => {
+        pub fn $name() -> u16 {
+            let v: u16;
+            // SAFETY: reading a segment selector has no side effects.
+            unsafe { asm!(concat!("mov {:x}, ", $reg), out(reg) v, options(nomem, nostack, preserves_flags)) };
+            v
+        }
+    };
+}
+
+read_seg!(read_cs, "cs");
+read_seg!(read_ss, "ss");
+read_seg!(read_ds, "ds");
+read_seg!(read_es, "es");
+read_seg!(read_fs, "fs");
+read_seg!(read_gs, "gs");
+
+pub fn read_tr() -> u16 {
+    let v: u16;
+    // SAFETY: `str` has no side effects.
+    unsafe { asm!("str {:x}", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+pub fn read_ldtr() -> u16 {
+    let v: u16;
+    // SAFETY: `sldt` has no side effects.
+    unsafe { asm!("sldt {:x}", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// # Safety
+/// Halts the CPU until the next interrupt.
+pub unsafe fn hlt() {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("hlt", options(nomem, nostack)) };
+}
+
+/// # Safety
+/// Disables maskable interrupts.
+pub unsafe fn cli() {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("cli", options(nomem, nostack)) };
+}
+
+/// # Safety
+/// Writes back and invalidates the caches.
+pub unsafe fn wbinvd() {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("wbinvd", options(nostack)) };
+}
+
+/// # Safety
+/// Port output has device side effects.
+pub unsafe fn outb(port: u16, v: u8) {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) };
+}
+
+// ---------------------------------------------------------------------------
+// VMX. Each returns `Err(())` on VMfailInvalid/VMfailValid (CF or ZF set).
+// ---------------------------------------------------------------------------
+
+macro_rules! vmx_status {
+    ($asm:literal, $($args:tt)*) => {{
+        let fail: u8;
+        // SAFETY: per the enclosing function's contract.
+        unsafe { asm!($asm, "setna {fail_flag}", fail_flag = out(reg_byte) fail, $($args)*) };
+        if fail != 0 { Err(()) } else { Ok(()) }
+    }};
+}
+
+/// # Safety
+/// CR4.VMXE must be set and `pa` must be a valid VMXON region.
+pub unsafe fn vmxon(pa: u64) -> Result<(), ()> {
+    vmx_status!("vmxon [{p}]", p = in(reg) &pa, options(nostack))
+}
+
+/// # Safety
+/// Leaves VMX operation.
+pub unsafe fn vmxoff() -> Result<(), ()> {
+    vmx_status!("vmxoff", options(nostack))
+}
+
+/// # Safety
+/// `pa` must be a VMCS region.
+pub unsafe fn vmclear(pa: u64) -> Result<(), ()> {
+    vmx_status!("vmclear [{p}]", p = in(reg) &pa, options(nostack))
+}
+
+/// # Safety
+/// `pa` must be a VMCS region with the right revision.
+pub unsafe fn vmptrld(pa: u64) -> Result<(), ()> {
+    vmx_status!("vmptrld [{p}]", p = in(reg) &pa, options(nostack))
+}
+
+/// # Safety
+/// A VMCS must be current.
+pub unsafe fn vmwrite(field: u32, v: u64) -> Result<(), ()> {
+    vmx_status!("vmwrite {f}, {v}", f = in(reg) field as u64, v = in(reg) v, options(nostack))
+}
+
+/// # Safety
+/// A VMCS must be current.
+pub unsafe fn vmread(field: u32) -> Result<u64, ()> {
+    let v: u64;
+    let fail: u8;
+    // SAFETY: per the caller's contract.
+    unsafe {
+        asm!("vmread {v}, {f}", "setna {x}", f = in(reg) field as u64, v = out(reg) v, x = out(reg_byte) fail, options(nostack))
+    };
+    if fail != 0 {
+        Err(())
+    } else {
+        Ok(v)
+    }
+}
+
+/// INVEPT. `kind` 1 = single context (`eptp`), 2 = all contexts.
+///
+/// # Safety
+/// VMX operation.
+pub unsafe fn invept(kind: u64, eptp: u64) -> Result<(), ()> {
+    let desc: [u64; 2] = [eptp, 0];
+    vmx_status!("invept {k}, [{d}]", k = in(reg) kind, d = in(reg) &desc, options(nostack))
+}
+
+/// INVVPID. `kind` 1 = single context (`vpid`), 2 = all contexts.
+///
+/// # Safety
+/// VMX operation.
+pub unsafe fn invvpid(kind: u64, vpid: u16) -> Result<(), ()> {
+    let desc: [u64; 2] = [vpid as u64, 0];
+    vmx_status!("invvpid {k}, [{d}]", k = in(reg) kind, d = in(reg) &desc, options(nostack))
+}

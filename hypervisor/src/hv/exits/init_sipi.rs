@@ -1,0 +1,72 @@
+//! INIT and SIPI: CPU offline/online in the host keeps working. INIT puts
+//! the virtual CPU into wait-for-SIPI with the architectural reset state;
+//! SIPI starts it in real mode at the vector (unrestricted guest runs it).
+//! See: SDM Vol. 3A, 10.1.1 and Vol. 3C, 26.7 (INIT/SIPI in VMX).
+
+use crate::arch::x86::instr;
+use crate::arch::x86::vmcs_fields::*;
+use crate::arch::x86::vmx;
+
+pub fn init() {
+    let caps = &crate::hv::hv().caps;
+    let cr0 = 0x6000_0010u64;
+    vmx::set(CR0_READ_SHADOW, cr0);
+    vmx::set(GUEST_CR0, (cr0 | (caps.cr0_fixed0 & !(1 | (1 << 31)))) & caps.cr0_fixed1);
+    vmx::set(CR4_READ_SHADOW, 0);
+    vmx::set(GUEST_CR4, caps.cr4_fixed0 | (1 << 13));
+    vmx::set(GUEST_CR3, 0);
+    vmx::set(GUEST_DR7, 0x400);
+    vmx::set(GUEST_RFLAGS, 2);
+    vmx::set(GUEST_RIP, 0xfff0);
+    vmx::set(GUEST_RSP, 0);
+    vmx::set(GUEST_CS_SELECTOR, 0xf000);
+    vmx::set(GUEST_CS_BASE, 0xffff_0000);
+    vmx::set(GUEST_CS_LIMIT, 0xffff);
+    vmx::set(GUEST_CS_AR, 0x9b);
+    for (sel, base, limit, ar) in [
+        (GUEST_DS_SELECTOR, GUEST_DS_BASE, GUEST_DS_LIMIT, GUEST_DS_AR),
+        (GUEST_ES_SELECTOR, GUEST_ES_BASE, GUEST_ES_LIMIT, GUEST_ES_AR),
+        (GUEST_FS_SELECTOR, GUEST_FS_BASE, GUEST_FS_LIMIT, GUEST_FS_AR),
+        (GUEST_GS_SELECTOR, GUEST_GS_BASE, GUEST_GS_LIMIT, GUEST_GS_AR),
+        (GUEST_SS_SELECTOR, GUEST_SS_BASE, GUEST_SS_LIMIT, GUEST_SS_AR),
+    ] {
+        vmx::set(sel, 0);
+        vmx::set(base, 0);
+        vmx::set(limit, 0xffff);
+        vmx::set(ar, 0x93);
+    }
+    vmx::set(GUEST_LDTR_SELECTOR, 0);
+    vmx::set(GUEST_LDTR_BASE, 0);
+    vmx::set(GUEST_LDTR_LIMIT, 0xffff);
+    vmx::set(GUEST_LDTR_AR, 0x82);
+    vmx::set(GUEST_TR_SELECTOR, 0);
+    vmx::set(GUEST_TR_BASE, 0);
+    vmx::set(GUEST_TR_LIMIT, 0xffff);
+    vmx::set(GUEST_TR_AR, 0x8b);
+    vmx::set(GUEST_GDTR_BASE, 0);
+    vmx::set(GUEST_GDTR_LIMIT, 0xffff);
+    vmx::set(GUEST_IDTR_BASE, 0);
+    vmx::set(GUEST_IDTR_LIMIT, 0xffff);
+    vmx::set(GUEST_IA32_EFER, 0);
+    vmx::set(GUEST_IA32_DEBUGCTL, 0);
+    let entry = vmx::read(ENTRY_CONTROLS) & !(entry_ctl::IA32E_MODE_GUEST as u64);
+    vmx::set(ENTRY_CONTROLS, entry);
+    vmx::set(GUEST_INTERRUPTIBILITY, 0);
+    vmx::set(GUEST_PENDING_DBG_EXCEPTIONS, 0);
+    vmx::set(ENTRY_INTERRUPTION_INFO, 0);
+    vmx::set(GUEST_ACTIVITY_STATE, activity::WAIT_FOR_SIPI);
+    // SAFETY: the reset CPU starts with empty TLBs.
+    unsafe {
+        let _ = instr::invvpid(1, vmx::read(VPID) as u16);
+    }
+    log::info!("cpu{}: INIT: waiting for SIPI", crate::arch::x86::cpu::this_cpu().index);
+}
+
+pub fn sipi() {
+    let vector = vmx::read(EXIT_QUALIFICATION) & 0xff;
+    vmx::set(GUEST_CS_SELECTOR, vector << 8);
+    vmx::set(GUEST_CS_BASE, vector << 12);
+    vmx::set(GUEST_RIP, 0);
+    vmx::set(GUEST_ACTIVITY_STATE, activity::ACTIVE);
+    log::info!("cpu{}: SIPI: starting at {:#x}", crate::arch::x86::cpu::this_cpu().index, vector << 12);
+}

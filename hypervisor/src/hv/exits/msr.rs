@@ -1,0 +1,40 @@
+//! RDMSR/WRMSR of the MSRs the bitmap guards, and of MSRs outside the
+//! bitmap's ranges (which always exit).
+
+use super::{inject_gp, skip_instruction, GuestRegs, RAX, RCX, RDX};
+use crate::arch::x86::instr;
+use crate::policy::{host_rdmsr, host_wrmsr, MsrRead, MsrWrite};
+
+pub fn rdmsr(regs: &mut GuestRegs) {
+    let msr = regs[RCX] as u32;
+    // SAFETY: a faulting read is caught and reported as `None`.
+    let native = unsafe { instr::rdmsr_safe(msr) };
+    match host_rdmsr(msr, native) {
+        MsrRead::Value(v) => {
+            regs[RAX] = v & 0xffff_ffff;
+            regs[RDX] = v >> 32;
+            skip_instruction();
+        }
+        MsrRead::Gp => inject_gp(),
+    }
+}
+
+pub fn wrmsr(regs: &mut GuestRegs) {
+    let msr = regs[RCX] as u32;
+    let v = (regs[RDX] << 32) | (regs[RAX] & 0xffff_ffff);
+    match host_wrmsr(msr, v) {
+        MsrWrite::Allow => {
+            // SAFETY: only MSRs outside the guarded set get here; a faulting
+            // write is caught and becomes the host's #GP.
+            if unsafe { instr::wrmsr_safe(msr, v) } {
+                skip_instruction();
+            } else {
+                inject_gp();
+            }
+        }
+        MsrWrite::Gp => {
+            log::info!("refused host WRMSR {msr:#x} <- {v:#x}");
+            inject_gp();
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Physical memory in the image: the direct map, heap frames, and the
+//! hypervisor's own page tables.
+
+use crate::addr::Hpa;
+use crate::mem::{FrameAlloc, PhysMem};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// Virtual address of physical 0 (set once during set-up).
+static DM_BASE: AtomicU64 = AtomicU64::new(0);
+/// Region virtual and physical base, for heap address translation.
+static REGION_VIRT: AtomicU64 = AtomicU64::new(0);
+static REGION_PHYS: AtomicU64 = AtomicU64::new(0);
+static REGION_SIZE: AtomicU64 = AtomicU64::new(0);
+
+pub fn init(dm_base: u64, region_virt: u64, region_phys: u64, region_size: u64) {
+    DM_BASE.store(dm_base, Ordering::Relaxed);
+    REGION_VIRT.store(region_virt, Ordering::Relaxed);
+    REGION_PHYS.store(region_phys, Ordering::Relaxed);
+    REGION_SIZE.store(region_size, Ordering::Relaxed);
+}
+
+/// A pointer to physical memory through the direct map.
+pub fn phys_ptr(pa: u64) -> *mut u8 {
+    (DM_BASE.load(Ordering::Relaxed) + pa) as *mut u8
+}
+
+/// Physical address of a hypervisor-region pointer.
+pub fn region_pa(p: *const u8) -> u64 {
+    let v = p as u64;
+    let base = REGION_VIRT.load(Ordering::Relaxed);
+    debug_assert!(v >= base && v < base + REGION_SIZE.load(Ordering::Relaxed));
+    REGION_PHYS.load(Ordering::Relaxed) + (v - base)
+}
+
+/// All physical memory, through the direct map.
+#[derive(Clone, Copy, Default)]
+pub struct DirectMap;
+
+impl PhysMem for DirectMap {
+    fn read(&self, pa: Hpa, buf: &mut [u8]) {
+        // SAFETY: the direct map covers every physical address the callers
+        // pass (RAM and the host EPT's range); the copy is volatile-free but
+        // byte-exact, and the source is not aliased by a Rust reference.
+        unsafe { core::ptr::copy_nonoverlapping(phys_ptr(pa.0), buf.as_mut_ptr(), buf.len()) }
+    }
+    fn write(&self, pa: Hpa, buf: &[u8]) {
+        // SAFETY: as in `read`; callers only write memory they own.
+        unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), phys_ptr(pa.0), buf.len()) }
+    }
+    fn read_u64(&self, pa: Hpa) -> u64 {
+        // SAFETY: aligned 8-byte read through the direct map.
+        unsafe { (phys_ptr(pa.0) as *const u64).read_volatile() }
+    }
+    fn write_u64(&self, pa: Hpa, v: u64) {
+        // SAFETY: aligned 8-byte write through the direct map; page-table
+        // entries are written in one store.
+        unsafe { (phys_ptr(pa.0) as *mut u64).write_volatile(v) }
+    }
+}
+
+/// Page-table frames from the hypervisor heap.
+pub struct HeapFrames;
+
+impl FrameAlloc for HeapFrames {
+    fn alloc_frame(&mut self) -> Option<Hpa> {
+        let layout = core::alloc::Layout::from_size_align(4096, 4096).ok()?;
+        // SAFETY: a valid, non-zero-size layout.
+        let p = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        if p.is_null() {
+            return None;
+        }
+        Some(Hpa(region_pa(p)))
+    }
+    fn free_frame(&mut self, pa: Hpa) {
+        let layout = core::alloc::Layout::from_size_align(4096, 4096).unwrap();
+        let v = REGION_VIRT.load(Ordering::Relaxed) + (pa.0 - REGION_PHYS.load(Ordering::Relaxed));
+        // SAFETY: `pa` came from `alloc_frame`, with the same layout.
+        unsafe { alloc::alloc::dealloc(v as *mut u8, layout) }
+    }
+}
+
+/// Allocates one zeroed, page-aligned heap page and returns its physical
+/// address and pointer.
+pub fn alloc_page() -> Option<(u64, *mut u8)> {
+    let pa = HeapFrames.alloc_frame()?;
+    let v = REGION_VIRT.load(Ordering::Relaxed) + (pa.0 - REGION_PHYS.load(Ordering::Relaxed));
+    Some((pa.0, v as *mut u8))
+}
+
+const PT_P: u64 = 1;
+const PT_RW: u64 = 2;
+const PT_PS: u64 = 1 << 7;
+
+/// Builds the hypervisor's page tables: all physical memory below `top` at
+/// `dm_base` (1 GiB or 2 MiB pages; the region itself is in there, at the
+/// address the image was relocated for), and the driver's trampoline page at
+/// `tramp_virt`. Returns the PML4's physical address.
+pub fn build_page_tables(dm_base: u64, top: u64, tramp_virt: u64, tramp_phys: u64, huge: bool) -> Option<u64> {
+    let mem = RegionMem;
+    let mut frames = HeapFrames;
+    let pml4 = frames.alloc_frame()?;
+    let entry = |mem: &RegionMem, frames: &mut HeapFrames, table: u64, idx: u64| -> Option<u64> {
+        let at = Hpa(table + idx * 8);
+        let e = mem.read_u64(at);
+        if e & PT_P != 0 {
+            return Some(e & 0x000f_ffff_ffff_f000);
+        }
+        let t = frames.alloc_frame()?;
+        mem.write_u64(at, t.0 | PT_P | PT_RW);
+        Some(t.0)
+    };
+    let step = if huge { 1u64 << 30 } else { 2 << 20 };
+    let mut pa = 0;
+    while pa < top {
+        let va = dm_base + pa;
+        let pdpt = entry(&mem, &mut frames, pml4.0, (va >> 39) & 511)?;
+        if huge {
+            mem.write_u64(Hpa(pdpt + ((va >> 30) & 511) * 8), pa | PT_P | PT_RW | PT_PS);
+        } else {
+            let pd = entry(&mem, &mut frames, pdpt, (va >> 30) & 511)?;
+            mem.write_u64(Hpa(pd + ((va >> 21) & 511) * 8), pa | PT_P | PT_RW | PT_PS);
+        }
+        pa += step;
+    }
+    let va = tramp_virt;
+    let pdpt = entry(&mem, &mut frames, pml4.0, (va >> 39) & 511)?;
+    let pd = entry(&mem, &mut frames, pdpt, (va >> 30) & 511)?;
+    let pt = entry(&mem, &mut frames, pd, (va >> 21) & 511)?;
+    mem.write_u64(Hpa(pt + ((va >> 12) & 511) * 8), tramp_phys | PT_P);
+    Some(pml4.0)
+}
+
+/// Heap frames through the region's own mapping, which the boot page
+/// tables already have (before the hypervisor's direct map exists).
+#[derive(Clone, Copy, Default)]
+pub struct RegionMem;
+
+impl RegionMem {
+    fn ptr(pa: Hpa) -> *mut u8 {
+        let base = REGION_PHYS.load(Ordering::Relaxed);
+        debug_assert!(pa.0 >= base && pa.0 < base + REGION_SIZE.load(Ordering::Relaxed));
+        (REGION_VIRT.load(Ordering::Relaxed) + (pa.0 - base)) as *mut u8
+    }
+}
+
+impl PhysMem for RegionMem {
+    fn read(&self, pa: Hpa, buf: &mut [u8]) {
+        // SAFETY: callers pass heap frames, which lie in the mapped region.
+        unsafe { core::ptr::copy_nonoverlapping(Self::ptr(pa), buf.as_mut_ptr(), buf.len()) }
+    }
+    fn write(&self, pa: Hpa, buf: &[u8]) {
+        // SAFETY: as in `read`.
+        unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), Self::ptr(pa), buf.len()) }
+    }
+    fn read_u64(&self, pa: Hpa) -> u64 {
+        // SAFETY: as in `read`; aligned.
+        unsafe { (Self::ptr(pa) as *const u64).read_volatile() }
+    }
+    fn write_u64(&self, pa: Hpa, v: u64) {
+        // SAFETY: as in `read`; aligned, one store per entry.
+        unsafe { (Self::ptr(pa) as *mut u64).write_volatile(v) }
+    }
+}

@@ -515,7 +515,11 @@ pub struct HvStats {
     pub host_ept_1g: u64,
     pub host_ept_2m: u64,
     pub host_ept_4k: u64,
-    pub reserved: [u64; 4],
+    /// 1 while the hypervisor's code and read-only data still hash to what
+    /// they did at start-up.
+    pub image_intact: u32,
+    pub reserved0b: u32,
+    pub reserved: [u64; 3],
     pub cpus: [CpuStats; MAX_CPUS],
 }
 const _: () = assert_size(

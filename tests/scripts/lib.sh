@@ -75,3 +75,18 @@ finish() {
     info "$PASSED passed, $FAILED failed"
     exit "$FAILED"
 }
+
+# jnum JSON KEY: the first number after "KEY": in JSON text.
+jnum() {
+    printf '%s' "$1" | sed -n "s/.*\"$2\":\([0-9-]*\).*/\1/p" | head -n1
+}
+
+# signature CPU: the CPUID 0x40000000 vendor text seen on CPU.
+signature() {
+    taskset -c "$1" uxtest cpuid 0x40000000 | awk '{print $5}'
+}
+
+# The hypervisor's counters as one JSON line.
+stats_json() {
+    uxenctl stats --json
+}

@@ -11,7 +11,13 @@ fn usage() -> ExitCode {
         "usage: uxtest <command>\n\
          \x20 drain                       wait until the console has sent everything\n\
          \x20 cpuid LEAF [SUBLEAF]        print eax ebx ecx edx and the vendor text of ebx,ecx,edx\n\
-         \x20 modload PATH [PARAMS]       load a module; print the errno on failure (exit 1)"
+         \x20 modload PATH [PARAMS]       load a module; print the errno on failure (exit 1)\n\
+         \x20 msr read|write CPU MSR [V]  access an MSR through /dev/cpu/N/msr\n\
+         \x20 devmem read|mmap|write PHYS LEN [BYTE]   access physical memory through /dev/mem\n\
+         \x20 ring3 INSN                  run a VMX instruction in user mode; print the signal\n\
+         \x20 checksum MIB                hash generated data\n\
+         \x20 forkstorm N                 fork/exec /bin/true N times\n\
+         \x20 cpuid-cost N                TSC per CPUID of the hypervisor leaf"
     );
     ExitCode::from(2)
 }
@@ -24,6 +30,12 @@ fn main() -> ExitCode {
         "drain" => probes::drain(),
         "cpuid" => probes::cpuid(rest),
         "modload" => probes::modload(rest),
+        "msr" => probes::msr(rest),
+        "devmem" => probes::devmem(rest),
+        "ring3" => probes::ring3(rest),
+        "checksum" => probes::checksum(rest),
+        "forkstorm" => probes::forkstorm(rest),
+        "cpuid-cost" => probes::cpuid_cost(rest),
         _ => return usage(),
     };
     match r {

@@ -47,3 +47,192 @@ pub fn modload(args: &[String]) -> Result {
     println!("loaded");
     Ok(())
 }
+
+fn open_rw(path: &str) -> std::result::Result<std::fs::File, String> {
+    std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| format!("{path}: {e}"))
+}
+
+/// `msr read CPU MSR` / `msr write CPU MSR VALUE` through /dev/cpu/N/msr.
+/// Prints the value, or `errno=N` and fails.
+pub fn msr(args: &[String]) -> Result {
+    use std::os::unix::fs::FileExt;
+    let op = args.first().ok_or("msr read|write CPU MSR [VALUE]")?;
+    let cpu = parse_u64(args.get(1).ok_or("missing CPU")?)?;
+    let msr = parse_u64(args.get(2).ok_or("missing MSR")?)?;
+    let f = open_rw(&format!("/dev/cpu/{cpu}/msr"))?;
+    match op.as_str() {
+        "read" => {
+            let mut b = [0u8; 8];
+            match f.read_at(&mut b, msr) {
+                Ok(8) => {
+                    println!("{:#x}", u64::from_le_bytes(b));
+                    Ok(())
+                }
+                Ok(n) => Err(format!("short read {n}")),
+                Err(e) => {
+                    println!("errno={}", e.raw_os_error().unwrap_or(0));
+                    Err(format!("rdmsr {msr:#x}: {e}"))
+                }
+            }
+        }
+        "write" => {
+            let v = parse_u64(args.get(3).ok_or("missing value")?)?;
+            match f.write_at(&v.to_le_bytes(), msr) {
+                Ok(8) => {
+                    println!("written");
+                    Ok(())
+                }
+                Ok(n) => Err(format!("short write {n}")),
+                Err(e) => {
+                    println!("errno={}", e.raw_os_error().unwrap_or(0));
+                    Err(format!("wrmsr {msr:#x}: {e}"))
+                }
+            }
+        }
+        _ => Err("msr read|write".into()),
+    }
+}
+
+/// `devmem read PHYS LEN` (pread), `devmem mmap PHYS LEN` (loads through a
+/// mapping), `devmem write PHYS LEN BYTE` (pwrite): prints how many bytes
+/// read back non-zero and an FNV-1a hash.
+pub fn devmem(args: &[String]) -> Result {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let op = args.first().ok_or("devmem read|mmap|write PHYS LEN [BYTE]")?;
+    let pa = parse_u64(args.get(1).ok_or("missing address")?)?;
+    let len = parse_u64(args.get(2).ok_or("missing length")?)? as usize;
+    let f = open_rw("/dev/mem")?;
+    let mut buf = vec![0u8; len];
+    match op.as_str() {
+        "read" => {
+            let n = f.read_at(&mut buf, pa).map_err(|e| format!("read {pa:#x}: {e}"))?;
+            buf.truncate(n);
+        }
+        "mmap" => {
+            let base = pa & !4095;
+            let off = (pa - base) as usize;
+            let maplen = (off + len + 4095) & !4095;
+            // SAFETY: a shared read-only mapping of /dev/mem; unmapped below.
+            let p = unsafe {
+                libc::mmap(std::ptr::null_mut(), maplen, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), base as libc::off_t)
+            };
+            if p == libc::MAP_FAILED {
+                return Err(format!("mmap {base:#x}: {}", io::Error::last_os_error()));
+            }
+            for (i, b) in buf.iter_mut().enumerate() {
+                // SAFETY: within the mapping.
+                *b = unsafe { std::ptr::read_volatile((p as *const u8).add(off + i)) };
+            }
+            // SAFETY: unmapping what was mapped.
+            unsafe { libc::munmap(p, maplen) };
+        }
+        "write" => {
+            let byte = parse_u64(args.get(3).ok_or("missing byte")?)? as u8;
+            buf.fill(byte);
+            let n = f.write_at(&buf, pa).map_err(|e| format!("write {pa:#x}: {e}"))?;
+            println!("written={n}");
+            return Ok(());
+        }
+        _ => return Err("devmem read|mmap|write".into()),
+    }
+    let nonzero = buf.iter().filter(|&&b| b != 0).count();
+    println!("bytes={} nonzero={} hash={:016x}", buf.len(), nonzero, fnv(&buf));
+    Ok(())
+}
+
+pub fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// `ring3 INSN`: runs a VMX instruction in user mode in a child process;
+/// prints the signal that ended it (SIGILL for #UD), or `none`.
+pub fn ring3(args: &[String]) -> Result {
+    let insn = args.first().ok_or("ring3 vmxon|vmcall|invept|vmread|vmxoff|vmfunc")?.clone();
+    // SAFETY: fork in a single-threaded tool; the child only runs `insn`.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let page = [0u64; 512];
+        let desc = [0u64; 2];
+        // SAFETY: each of these raises #UD (or a VM exit reflected as #UD) in
+        // user mode; the child then dies of SIGILL, which is the point.
+        unsafe {
+            match insn.as_str() {
+                "vmxon" => core::arch::asm!("vmxon [{}]", in(reg) &page),
+                "vmcall" => core::arch::asm!("vmcall", inout("rax") 1u64 => _),
+                "invept" => core::arch::asm!("invept {}, [{}]", in(reg) 2u64, in(reg) &desc),
+                "vmread" => core::arch::asm!("vmread {}, {}", out(reg) _, in(reg) 0x681eu64),
+                "vmxoff" => core::arch::asm!("vmxoff"),
+                "vmfunc" => core::arch::asm!("vmfunc", in("eax") 0u32, in("ecx") 0u32),
+                _ => libc::_exit(3),
+            }
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        println!("{}", if sig == libc::SIGILL { "SIGILL".to_string() } else { format!("signal {sig}") });
+    } else {
+        println!("none (exit {})", libc::WEXITSTATUS(status));
+    }
+    Ok(())
+}
+
+/// `checksum MIB`: hashes MIB MiB of generated data, touching every byte.
+pub fn checksum(args: &[String]) -> Result {
+    let mib = parse_u64(args.first().map(String::as_str).unwrap_or("4"))? as usize;
+    let mut buf = vec![0u64; mib << 17];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for w in buf.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *w = x;
+    }
+    let h = buf.iter().fold(0u64, |h, &w| h.rotate_left(5) ^ w);
+    println!("{h:016x}");
+    Ok(())
+}
+
+/// `forkstorm N`: forks and execs `/bin/true` N times; fails unless all
+/// exit 0.
+pub fn forkstorm(args: &[String]) -> Result {
+    let n = parse_u64(args.first().map(String::as_str).unwrap_or("100"))?;
+    let mut ok = 0;
+    for _ in 0..n {
+        match std::process::Command::new("/bin/true").status() {
+            Ok(s) if s.success() => ok += 1,
+            _ => {}
+        }
+    }
+    println!("{ok}/{n}");
+    if ok == n {
+        Ok(())
+    } else {
+        Err(format!("{} of {n} children failed", n - ok))
+    }
+}
+
+/// `cpuid-cost N`: TSC cycles per CPUID of the hypervisor leaf, against a
+/// loop of plain instructions (the baseline).
+pub fn cpuid_cost(args: &[String]) -> Result {
+    let n = parse_u64(args.first().map(String::as_str).unwrap_or("1000"))?;
+    // SAFETY: RDTSC has no side effects.
+    let t0 = unsafe { core::arch::x86_64::_rdtsc() };
+    for _ in 0..n {
+        std::hint::black_box(core::arch::x86_64::__cpuid_count(0x4000_0000, 0));
+    }
+    // SAFETY: as above.
+    let t1 = unsafe { core::arch::x86_64::_rdtsc() };
+    let mut acc = 0u64;
+    for i in 0..n {
+        acc = std::hint::black_box(acc.wrapping_add(i));
+    }
+    // SAFETY: as above.
+    let t2 = unsafe { core::arch::x86_64::_rdtsc() };
+    println!("cpuid_tsc={} loop_tsc={} n={}", (t1 - t0) / n, (t2 - t1) / n, n);
+    Ok(())
+}

@@ -56,6 +56,16 @@ impl Device {
         self.file.as_raw_fd()
     }
 
+    /// The hypervisor's counters.
+    pub fn stats(&self) -> Result<Box<abi::HvStats>> {
+        // SAFETY: `HvStats` is plain data; zero is a valid value.
+        let mut s: Box<abi::HvStats> = unsafe { Box::new_zeroed().assume_init() };
+        let mut req = abi::IocBuf { ptr: &mut *s as *mut abi::HvStats as u64, len: std::mem::size_of::<abi::HvStats>() as u64 };
+        // SAFETY: STATS takes an `IocBuf` describing a buffer of that size.
+        unsafe { ioctl_ptr(self.fd(), "stats", abi::ioctl::STATS, &mut req) }?;
+        Ok(s)
+    }
+
     pub fn version(&self) -> Result<abi::IocVersion> {
         let mut v = abi::IocVersion::default();
         // SAFETY: VERSION takes an `IocVersion`.

@@ -7,6 +7,7 @@ use shared_abi as abi;
 use std::process::ExitCode;
 
 mod dev;
+mod stats;
 
 #[derive(Parser)]
 #[command(name = "uxenctl", version, about = "Control the uxen-rs hypervisor and run its VMs")]
@@ -19,6 +20,13 @@ struct Cli {
 enum Cmd {
     /// Print the driver's and the hypervisor image's versions and ABI revisions.
     Version {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the hypervisor's counters: per-CPU exits by reason, blocked host
+    /// accesses, DMA protection, the frame pool.
+    Stats {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -39,6 +47,15 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Version { json } => version(json),
+        Cmd::Stats { json } => {
+            let s = dev::Device::open()?.stats()?;
+            if json {
+                println!("{}", serde_json::to_string(&stats::to_json(&s))?);
+            } else {
+                stats::print_text(&s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -23,6 +23,7 @@ pub fn build_all() -> Result<Artifacts> {
     step("module: building uxen.ko");
     build_module(&kb, &flat_bytes, &util::work().join("module"), &out.join("uxen.ko"))?;
     build_module(&kb, &image::corrupt(&flat_bytes), &util::work().join("module-corrupt"), &out.join("test/uxen-corrupt.ko"))?;
+    build_kbuild(&kb, &util::root().join("tests/probe"), &util::work().join("probe"), "uxen_probe.ko", &out.join("test/uxen_probe.ko"))?;
     step("uxenctl and the in-guest test tools (static)");
     build_static("uxenctl", "uxenctl", &out.join("uxenctl"))?;
     build_static("uxen-tests", "uxtest", &out.join("test/uxtest"))?;
@@ -60,6 +61,20 @@ pub fn build_module(kb: &Path, image: &[u8], stage: &Path, dest: &Path) -> Resul
         &stage.join("build.log"),
     )?;
     util::copy(&drv.join("uxen.ko"), dest)
+}
+
+/// Builds a plain Kbuild module directory (the test probe) out of tree.
+fn build_kbuild(kb: &Path, src: &Path, stage: &Path, ko: &str, dest: &Path) -> Result<()> {
+    std::fs::create_dir_all(stage)?;
+    for e in std::fs::read_dir(src)? {
+        let p = e?.path();
+        copy_if_changed(&p, &stage.join(p.file_name().unwrap()))?;
+    }
+    util::run_logged(
+        kernel::make().arg("-C").arg(kb).arg(format!("M={}", stage.display())).arg("modules"),
+        &stage.join("build.log"),
+    )?;
+    util::copy(&stage.join(ko), dest)
 }
 
 fn copy_if_changed(from: &Path, to: &Path) -> Result<()> {
@@ -127,6 +142,7 @@ fn build_initramfs(kb: &Path) -> Result<PathBuf> {
     list += &format!("file /init {} 0755 0 0\n", root.join("tests/scripts/init").display());
     list += &format!("file /lib/modules/uxen.ko {} 0644 0 0\n", out.join("uxen.ko").display());
     list += &format!("file /lib/modules/uxen-corrupt.ko {} 0644 0 0\n", out.join("test/uxen-corrupt.ko").display());
+    list += &format!("file /lib/modules/uxen_probe.ko {} 0644 0 0\n", out.join("test/uxen_probe.ko").display());
     list += &format!("file /bin/uxenctl {} 0755 0 0\n", out.join("uxenctl").display());
     list += &format!("file /bin/uxtest {} 0755 0 0\n", out.join("test/uxtest").display());
     for e in std::fs::read_dir(root.join("tests/scripts"))? {

@@ -34,7 +34,9 @@ pub fn all() -> Vec<Suite> {
         Suite { expect: Expect::Fail, ..suite("selftest-fail", Backend::QemuTcg, 120, "harness: a FAIL marker fails the run") },
         Suite { expect: Expect::Fail, ..suite("selftest-hang", Backend::QemuTcg, 25, "harness: a hung guest times out and fails") },
         suite("foundation", Backend::Bochs, 600, "module load, /dev/uxen, version ioctl, refusal of a corrupt image"),
-        suite("foundation", Backend::QemuKvm, 300, "the same on nested VT-x"),
+        suite("latelaunch", Backend::Bochs, 1200, "late launch, protection, hotplug, VMX from the host, reloads, roll-back"),
+        suite("qemu-novmx", Backend::QemuTcg, 300, "no VT-x: the load fails cleanly"),
+        suite("latelaunch", Backend::QemuKvm, 600, "late launch on nested VT-x"),
     ]
 }
 

@@ -93,6 +93,7 @@ fn stats(arg: u64, len: u64) -> Result<i64, HcError> {
     s.host_ept_1g = c.huge;
     s.host_ept_2m = c.large;
     s.host_ept_4k = c.small;
+    s.image_intact = super::setup::image_intact() as u32;
     for i in 0..h.num_cpus() {
         let pc = h.percpu(i);
         let d = &mut s.cpus[i];

@@ -37,6 +37,34 @@ static UXEN_IMAGE_HEADER: ImageHeader = ImageHeader {
     reserved: [0; 4],
 };
 
+extern "C" {
+    /// End of the code and read-only data (`layout.ld`).
+    static __ro_end: u8;
+}
+
+static IMAGE_HASH: AtomicU64 = AtomicU64::new(0);
+
+/// FNV-1a of the image's code and read-only data, as loaded.
+pub fn image_hash() -> u64 {
+    let start = &UXEN_IMAGE_HEADER as *const ImageHeader as *const u8;
+    // SAFETY: taking the address of a linker symbol.
+    let end = unsafe { &__ro_end as *const u8 };
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut p = start;
+    while p < end {
+        // SAFETY: `[start, end)` is the image's loaded code and data.
+        h = (h ^ unsafe { p.read_volatile() } as u64).wrapping_mul(0x100_0000_01b3);
+        // SAFETY: stays within `[start, end]`.
+        p = unsafe { p.add(1) };
+    }
+    h
+}
+
+/// Whether the code and read-only data still hash as at start-up.
+pub fn image_intact() -> bool {
+    image_hash() == IMAGE_HASH.load(Ordering::Relaxed)
+}
+
 /// The header as loaded (the packer rewrote it after compilation).
 fn header() -> ImageHeader {
     // SAFETY: the static is always readable; volatile because its bytes
@@ -297,6 +325,7 @@ fn global_setup(info: &BootInfo, _h: &ImageHeader, l: &shared_abi::RegionLayout)
     let (io_a, _) = memory::alloc_page().ok_or(-ENOMEM)?;
     let (io_b, _) = memory::alloc_page().ok_or(-ENOMEM)?;
 
+    IMAGE_HASH.store(image_hash(), Ordering::Relaxed);
     install(Hv {
         boot: *info,
         region,

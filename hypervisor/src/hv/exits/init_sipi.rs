@@ -8,6 +8,17 @@ use crate::arch::x86::vmcs_fields::*;
 use crate::arch::x86::vmx;
 
 pub fn init() {
+    reset_state();
+    vmx::set(GUEST_ACTIVITY_STATE, activity::WAIT_FOR_SIPI);
+    // SAFETY: the reset CPU starts with empty TLBs.
+    unsafe {
+        let _ = instr::invvpid(1, vmx::read(VPID) as u16);
+    }
+    log::info!("cpu{}: INIT: waiting for SIPI", crate::arch::x86::cpu::this_cpu().index);
+}
+
+/// The architectural state after INIT. See: SDM Vol. 3A, Table 10-1.
+fn reset_state() {
     let caps = &crate::hv::hv().caps;
     let cr0 = 0x6000_0010u64;
     vmx::set(CR0_READ_SHADOW, cr0);
@@ -54,19 +65,18 @@ pub fn init() {
     vmx::set(GUEST_INTERRUPTIBILITY, 0);
     vmx::set(GUEST_PENDING_DBG_EXCEPTIONS, 0);
     vmx::set(ENTRY_INTERRUPTION_INFO, 0);
-    vmx::set(GUEST_ACTIVITY_STATE, activity::WAIT_FOR_SIPI);
-    // SAFETY: the reset CPU starts with empty TLBs.
-    unsafe {
-        let _ = instr::invvpid(1, vmx::read(VPID) as u16);
-    }
-    log::info!("cpu{}: INIT: waiting for SIPI", crate::arch::x86::cpu::this_cpu().index);
 }
 
 pub fn sipi() {
     let vector = vmx::read(EXIT_QUALIFICATION) & 0xff;
+    // The SIPI exit saved whatever the CPU held while waiting; start from
+    // the reset state again.
+    reset_state();
     vmx::set(GUEST_CS_SELECTOR, vector << 8);
     vmx::set(GUEST_CS_BASE, vector << 12);
     vmx::set(GUEST_RIP, 0);
     vmx::set(GUEST_ACTIVITY_STATE, activity::ACTIVE);
+
+    super::DEBUG_TRACE.store(60, core::sync::atomic::Ordering::Relaxed);
     log::info!("cpu{}: SIPI: starting at {:#x}", crate::arch::x86::cpu::this_cpu().index, vector << 12);
 }

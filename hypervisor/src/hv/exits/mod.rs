@@ -27,6 +27,8 @@ pub const RBX: usize = 3;
 pub const RSI: usize = 6;
 pub const RDI: usize = 7;
 
+pub static DEBUG_TRACE: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
 /// Moves the guest past the instruction that exited.
 pub fn skip_instruction() {
     let rip = vmx::read(GUEST_RIP);
@@ -69,6 +71,10 @@ extern "sysv64" fn uxen_vmexit_handler(regs: &mut GuestRegs) {
     let raw = vmx::read(EXIT_REASON) as u32;
     let (reason, entry_failed) = ExitReason::decode(raw);
     pc.count_exit((raw & 0xffff) as u16, true);
+    if DEBUG_TRACE.load(core::sync::atomic::Ordering::Relaxed) > 0 && pc.index == 1 {
+        DEBUG_TRACE.fetch_sub(1, core::sync::atomic::Ordering::Relaxed);
+        log::info!("trace: exit {} rip {:#x} cs {:#x} qual {:#x} cr0 {:#x} rax {:#x}", raw & 0xffff, vmx::read(GUEST_RIP), vmx::read(GUEST_CS_SELECTOR), vmx::read(EXIT_QUALIFICATION), vmx::read(GUEST_CR0), regs[0]);
+    }
     if entry_failed {
         dump_vmcs();
         panic!("VM entry of the host VM failed: exit reason {:#x} qualification {:#x}", raw, vmx::read(EXIT_QUALIFICATION));

@@ -63,8 +63,111 @@ extern "C" fn uxen_dev_ioctl(_private: *mut c_void, cmd: u32, arg: usize) -> cor
     to_ret(match cmd {
         ioctl::VERSION => version(drv, arg),
         ioctl::STATS => stats(drv, arg),
+        ioctl::CREATE_VM => create_vm(drv, arg),
+        ioctl::LIST => list(drv, arg),
+        ioctl::DESTROY => destroy(drv, arg),
+        ioctl::DEBUG_TRANSLATE => debug_translate(drv, arg),
         _ => Err(ENOTTY),
     })
+}
+
+fn need_active(drv: &crate::Driver) -> Result {
+    if drv.hv.active() {
+        Ok(())
+    } else {
+        Err(ENODEV)
+    }
+}
+
+fn create_vm(drv: &crate::Driver, arg: usize) -> Result<i64> {
+    need_active(drv)?;
+    let req: abi::VmCreate = read_user(arg)?;
+    if req.mem_bytes == 0
+        || req.mem_bytes % abi::VM_MEM_ALIGN != 0
+        || req.mem_bytes > abi::VM_MAX_MEM
+        || req.vcpus == 0
+        || req.vcpus > abi::VM_MAX_VCPUS
+        || req.flags != 0
+    {
+        return Err(EINVAL);
+    }
+    let mut b = HcBuf::new(req)?;
+    let id = b.call_donating(drv, abi::hc::VM_CREATE)? as u32;
+    let fd = match vm_fd(id) {
+        Ok(fd) => fd,
+        Err(e) => {
+            destroy_id(drv, id);
+            return Err(e);
+        }
+    };
+    b.value.id = id;
+    if let Err(e) = write_user(arg, &*b.value) {
+        // The descriptor is installed; its release destroys the VM.
+        return Err(e);
+    }
+    Ok(fd as i64)
+}
+
+/// A VM descriptor's private data.
+struct VmHandle {
+    id: u32,
+}
+
+fn vm_fd(id: u32) -> Result<i32> {
+    let h = KBox::new(VmHandle { id }, GFP_KERNEL)?;
+    let p = KBox::into_raw(h);
+    // SAFETY: `p` stays valid until `uxen_vm_release`, which frees it.
+    match unsafe { crate::shim::vm_fd(p.cast()) } {
+        Ok(fd) => Ok(fd),
+        Err(e) => {
+            // SAFETY: the descriptor was not installed; we still own `p`.
+            drop(unsafe { KBox::from_raw(p) });
+            Err(e)
+        }
+    }
+}
+
+fn destroy_id(drv: &crate::Driver, id: u32) -> i64 {
+    let Ok(mut b) = HcBuf::new(abi::VmId { id, reserved0: 0 }) else {
+        return -(abi::errno::ENOMEM);
+    };
+    let r = b.call(drv, abi::hc::VM_DESTROY).err().map(|e| e.to_errno() as i64).unwrap_or(0);
+    drv.hv.reclaim_if_idle();
+    r
+}
+
+fn destroy(drv: &crate::Driver, arg: usize) -> Result<i64> {
+    need_active(drv)?;
+    let v: abi::VmId = read_user(arg)?;
+    let mut b = HcBuf::new(v)?;
+    b.call(drv, abi::hc::VM_DESTROY)?;
+    drv.hv.reclaim_if_idle();
+    Ok(0)
+}
+
+fn list(drv: &crate::Driver, arg: usize) -> Result<i64> {
+    need_active(drv)?;
+    let req: abi::IocBuf = read_user(arg)?;
+    let size = core::mem::size_of::<abi::VmInfo>();
+    let n = (req.len as usize / size).min(abi::MAX_VMS as usize);
+    let mut buf = KVec::<u8>::from_elem(0, n.max(1) * size, GFP_KERNEL)?;
+    let pa = crate::shim::virt_to_phys(buf.as_mut_ptr());
+    let (s, _) = drv.hv.call(abi::hc::VM_LIST, pa, (n * size) as u64);
+    let total = crate::hv::status(s)? as usize;
+    UserSlice::new(req.ptr as usize, n * size).writer().write_slice(&buf[..n.min(total) * size])?;
+    Ok(total as i64)
+}
+
+fn debug_translate(drv: &crate::Driver, arg: usize) -> Result<i64> {
+    need_active(drv)?;
+    if !crate::shim::params().debug {
+        return Err(EPERM);
+    }
+    let t: abi::DebugTranslate = read_user(arg)?;
+    let mut b = HcBuf::new(t)?;
+    b.call(drv, abi::hc::DEBUG_TRANSLATE)?;
+    write_user(arg, &*b.value)?;
+    Ok(0)
 }
 
 /// A kernel buffer for a hypercall argument block: physically contiguous
@@ -78,11 +181,19 @@ impl<T: Copy + Default> HcBuf<T> {
         Ok(HcBuf { value: KBox::new(value, GFP_KERNEL)? })
     }
 
+    fn pa(&mut self) -> u64 {
+        crate::shim::virt_to_phys((&mut *self.value as *mut T).cast())
+    }
+
     /// Issues hypercall `nr` on this block.
     fn call(&mut self, drv: &crate::Driver, nr: u64) -> Result<i64> {
-        let pa = crate::shim::virt_to_phys((&mut *self.value as *mut T).cast());
-        let (s, _) = drv.hv.call(nr, pa, core::mem::size_of::<T>() as u64);
+        let (s, _) = drv.hv.call(nr, self.pa(), core::mem::size_of::<T>() as u64);
         crate::hv::status(s)
+    }
+
+    /// Issues hypercall `nr` on this block, donating pages as asked.
+    fn call_donating(&mut self, drv: &crate::Driver, nr: u64) -> Result<i64> {
+        drv.hv.call_donating(nr, self.pa(), core::mem::size_of::<T>() as u64)
     }
 }
 
@@ -124,9 +235,114 @@ fn stats(drv: &crate::Driver, arg: usize) -> Result<i64> {
 }
 
 #[no_mangle]
-extern "C" fn uxen_vm_release(_private: *mut c_void) {}
+extern "C" fn uxen_vm_release(private: *mut c_void) {
+    // SAFETY: the shim hands back the pointer `vm_fd` installed; this is its
+    // last use.
+    let h = unsafe { KBox::from_raw(private as *mut VmHandle) };
+    if let Some(drv) = driver() {
+        // A VM lives as long as its descriptor.
+        destroy_id(drv, h.id);
+    }
+}
 
 #[no_mangle]
-extern "C" fn uxen_vm_ioctl(_private: *mut c_void, _cmd: u32, _arg: usize) -> core::ffi::c_long {
-    ENOTTY.to_errno() as core::ffi::c_long
+extern "C" fn uxen_vm_ioctl(private: *mut c_void, cmd: u32, arg: usize) -> core::ffi::c_long {
+    let Some(drv) = driver() else {
+        return ENODEV.to_errno() as core::ffi::c_long;
+    };
+    // SAFETY: valid until release, which cannot run during an ioctl.
+    let h = unsafe { &*(private as *const VmHandle) };
+    to_ret(match cmd {
+        ioctl::VM_LOAD => vm_load(drv, h, arg),
+        ioctl::VM_GET_REGS => vm_regs(drv, h, arg, false),
+        ioctl::VM_SET_REGS => vm_regs(drv, h, arg, true),
+        ioctl::VM_RUN => vm_run(drv, h, arg),
+        ioctl::VM_ID => write_user(arg, &abi::VmId { id: h.id, reserved0: 0 }).map(|_| 0),
+        _ => Err(ENOTTY),
+    })
+}
+
+fn vm_load(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
+    let req: abi::IocLoad = read_user(arg)?;
+    if req.len == 0 || req.len > abi::VM_MAX_MEM || req.gpa.checked_add(req.len).is_none() {
+        return Err(EINVAL);
+    }
+    let page = crate::shim::Pages::alloc(0)?;
+    let mut reader = UserSlice::new(req.data as usize, req.len as usize).reader();
+    let mut done = 0u64;
+    while done < req.len {
+        let n = (req.len - done).min(4096) as usize;
+        // SAFETY: our page, 4096 bytes.
+        let dst = unsafe { core::slice::from_raw_parts_mut(page.virt(), n) };
+        reader.read_slice(dst)?;
+        let mut b = HcBuf::new(abi::VmLoad { vm: h.id, reserved0: 0, gpa: req.gpa + done, src: page.phys(), len: n as u64 })?;
+        b.call_donating(drv, abi::hc::VM_LOAD)?;
+        done += n as u64;
+        crate::shim::cond_resched();
+    }
+    Ok(0)
+}
+
+fn vm_regs(drv: &crate::Driver, h: &VmHandle, arg: usize, set: bool) -> Result<i64> {
+    let mut r: abi::VmRegs = read_user(arg)?;
+    r.vm = h.id;
+    let mut b = HcBuf::new(r)?;
+    b.call(drv, if set { abi::hc::VM_SET_REGS } else { abi::hc::VM_GET_REGS })?;
+    if !set {
+        write_user(arg, &*b.value)?;
+    }
+    Ok(0)
+}
+
+/// Longest sleep of a halted vCPU before RUN looks again (a destroy from
+/// elsewhere is noticed then).
+const HALT_POLL_MS: u32 = 100;
+
+fn vm_run(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
+    let mut req: abi::VmRun = read_user(arg)?;
+    req.vm = h.id;
+    if req.flags & !abi::VMRUN_NO_WAIT != 0 {
+        return Err(EINVAL);
+    }
+    let mut b = HcBuf::new(req)?;
+    loop {
+        let pa = b.pa();
+        let (s, aux) = crate::shim::with_fpu(|| crate::hv::vmcall(abi::hc::VM_RUN, pa, core::mem::size_of::<abi::VmRun>() as u64));
+        drv.hv.drain_log();
+        if s == abi::HC_NEED_PAGES {
+            drv.hv.donate(aux)?;
+            continue;
+        }
+        crate::hv::status(s)?;
+        match b.value.exit.kind {
+            abi::exit::INTR => {
+                if crate::shim::signal_pending() {
+                    return Err(EINTR);
+                }
+                crate::shim::cond_resched();
+            }
+            abi::exit::HLT if req.flags & abi::VMRUN_NO_WAIT == 0 => {
+                let deadline = b.value.exit.data;
+                let ms = match crate::shim::tsc_khz() {
+                    0 => HALT_POLL_MS,
+                    khz if deadline != 0 => {
+                        let now = crate::hv::rdtsc();
+                        (deadline.saturating_sub(now) / khz as u64).min(HALT_POLL_MS as u64) as u32
+                    }
+                    _ => HALT_POLL_MS,
+                };
+                if ms > 0 {
+                    crate::shim::msleep_interruptible(ms);
+                }
+                if crate::shim::signal_pending() {
+                    return Err(EINTR);
+                }
+            }
+            _ => break,
+        }
+        // Nothing for the VMM: the guest continues.
+        b.value.exit = abi::ExitRecord::default();
+    }
+    write_user(arg, &*b.value)?;
+    Ok(0)
 }

@@ -240,6 +240,11 @@ pub(crate) fn vmcall(nr: u64, arg: u64, len: u64) -> (i64, u64) {
     (status as i64, aux)
 }
 
+pub(crate) fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
 /// Turns a hypercall status into a result.
 pub(crate) fn status(s: i64) -> Result<i64> {
     if s < 0 {
@@ -489,7 +494,9 @@ impl Hypervisor {
             match ctx.results[i].load(Ordering::Acquire) {
                 0 => entered += 1,
                 e => {
-                    if first_err == 0 {
+                    // The CPUs that rolled back because another failed say
+                    // EAGAIN; report the cause.
+                    if first_err == 0 || first_err == -(abi::errno::EAGAIN) {
                         first_err = e;
                     }
                     pr_err!("cpu{}: hypervisor entry failed ({})\n", cpus[i], e);
@@ -530,11 +537,98 @@ impl Hypervisor {
         self.num_cpus
     }
 
+    pub(crate) fn drain_log(&self) {
+        self.log.drain();
+    }
+
+    /// Gives every free pool frame back once no VM is left.
+    pub(crate) fn reclaim_if_idle(&self) {
+        let Ok(mut list) = KVec::<u8>::from_elem(0, core::mem::size_of::<abi::VmInfo>(), GFP_KERNEL) else { return };
+        let pa = shim::virt_to_phys(list.as_mut_ptr());
+        let (n, _) = self.call(abi::hc::VM_LIST, pa, core::mem::size_of::<abi::VmInfo>() as u64);
+        if n == 0 {
+            self.reclaim_all();
+        }
+    }
+
     /// Issues a hypercall and forwards any log it produced.
     pub(crate) fn call(&self, nr: u64, arg: u64, len: u64) -> (i64, u64) {
         let r = vmcall(nr, arg, len);
         self.log.drain();
         r
+    }
+
+    /// Issues a hypercall, donating pages whenever the hypervisor asks for
+    /// them, and returns its status.
+    pub(crate) fn call_donating(&self, nr: u64, arg: u64, len: u64) -> Result<i64> {
+        for _ in 0..64 {
+            let (s, aux) = self.call(nr, arg, len);
+            if s != abi::HC_NEED_PAGES {
+                return status(s);
+            }
+            self.donate(aux)?;
+        }
+        Err(ENOMEM)
+    }
+
+    /// Gives the hypervisor at least `pages` pages, in 2 MiB blocks where
+    /// the allocator has them.
+    pub(crate) fn donate(&self, pages: u64) -> Result {
+        let want = pages.max(512).min(1 << 16);
+        let mut ranges = KVec::<abi::MemRange>::with_capacity(256, GFP_KERNEL)?;
+        let mut got = 0u64;
+        while got < want && ranges.len() < 256 {
+            let (order, phys) = match shim::alloc_split(9) {
+                Some(p) => (9, p),
+                None => match shim::alloc_split(0) {
+                    Some(p) => (0, p),
+                    None => break,
+                },
+            };
+            ranges.push(abi::MemRange { base: phys, size: 4096 << order }, GFP_KERNEL)?;
+            got += 1 << order;
+        }
+        if ranges.is_empty() {
+            pr_err!("out of memory: cannot donate {} pages to the hypervisor\n", pages);
+            return Err(ENOMEM);
+        }
+        // The range list itself must be host memory in one piece.
+        let pa = shim::virt_to_phys(ranges.as_ptr().cast());
+        let len = (ranges.len() * core::mem::size_of::<abi::MemRange>()) as u64;
+        let (s, _) = self.call(abi::hc::DONATE, pa, len);
+        if s < 0 {
+            pr_err!("the hypervisor refused a donation ({})\n", s);
+            for r in ranges.iter() {
+                for p in 0..r.size / 4096 {
+                    // SAFETY: our pages; the donation did not happen.
+                    unsafe { shim::free_page_phys(r.base + p * 4096) };
+                }
+            }
+            return Err(Error::from_errno(s as i32));
+        }
+        Ok(())
+    }
+
+    /// Takes back every free pool frame and frees it.
+    pub(crate) fn reclaim_all(&self) -> u64 {
+        let Ok(buf) = KVec::<u64>::from_elem(0, 512, GFP_KERNEL) else {
+            return 0;
+        };
+        let mut total = 0;
+        loop {
+            let pa = shim::virt_to_phys(buf.as_ptr().cast());
+            let (n, _) = self.call(abi::hc::RECLAIM, pa, 512 * 8);
+            if n <= 0 {
+                break;
+            }
+            for &p in buf.iter().take(n as usize) {
+                // SAFETY: the hypervisor gave the page back, scrubbed and
+                // mapped for the host again.
+                unsafe { shim::free_page_phys(p) };
+            }
+            total += n as u64;
+        }
+        total
     }
 }
 
@@ -560,6 +654,8 @@ impl Drop for Hypervisor {
     fn drop(&mut self) {
         self.poller.take();
         if self.active() {
+            let n = self.reclaim_all();
+            pr_info!("{} pages returned by the hypervisor\n", n);
             // Every CPU that entered must leave; bring offline ones back.
             for i in 0..self.ctx.ncpus {
                 let cpu = self.ctx.cpus[i];

@@ -23,6 +23,8 @@
 #include <linux/slab.h>
 #include <linux/vmalloc.h>
 #include <linux/wait.h>
+#include <asm/fpu/api.h>
+#include <asm/tsc.h>
 
 #include "shim.h"
 
@@ -223,3 +225,25 @@ u64 uxen_shim_vmalloc_to_phys(const void *addr)
 	return page_to_phys(vmalloc_to_page(addr)) + offset_in_page(addr);
 }
 int uxen_shim_add_cpu(int cpu) { return add_cpu(cpu); }
+
+/*
+ * 2^order pages, split so that each can be freed on its own (the hypervisor
+ * gives pages back one by one). Not zeroed: the hypervisor scrubs what it
+ * takes. Returns the direct-map address or NULL.
+ */
+void *uxen_shim_alloc_split(unsigned int order)
+{
+	struct page *page = alloc_pages(GFP_KERNEL | __GFP_NOWARN | __GFP_NORETRY, order);
+
+	if (!page)
+		return NULL;
+	if (order)
+		split_page(page, order);
+	return page_address(page);
+}
+void uxen_shim_free_page_phys(u64 phys) { __free_page(pfn_to_page(phys >> PAGE_SHIFT)); }
+
+/* Guests may clobber vector registers: hold them for the kernel around a run. */
+void uxen_shim_fpu_begin(void) { kernel_fpu_begin(); }
+void uxen_shim_fpu_end(void) { kernel_fpu_end(); }
+unsigned int uxen_shim_tsc_khz(void) { return tsc_khz; }

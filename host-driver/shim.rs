@@ -45,6 +45,11 @@ extern "C" {
     fn uxen_shim_usecs_to_jiffies(us: u32) -> core::ffi::c_ulong;
     fn uxen_shim_vmalloc_to_phys(addr: *const c_void) -> u64;
     fn uxen_shim_add_cpu(cpu: i32) -> i32;
+    fn uxen_shim_alloc_split(order: u32) -> *mut c_void;
+    fn uxen_shim_free_page_phys(phys: u64);
+    fn uxen_shim_fpu_begin();
+    fn uxen_shim_fpu_end();
+    fn uxen_shim_tsc_khz() -> u32;
 }
 
 /// Module parameters.
@@ -345,4 +350,37 @@ pub(crate) fn module_addr_to_phys(p: *const u8) -> u64 {
 pub(crate) fn add_cpu(cpu: i32) -> Result {
     // SAFETY: process context, no locks held.
     to_result(unsafe { uxen_shim_add_cpu(cpu) }).map(|_| ())
+}
+
+/// `2^order` pages that can later be freed one by one with
+/// [`free_page_phys`]; their physical address.
+pub(crate) fn alloc_split(order: u32) -> Option<u64> {
+    // SAFETY: allocation only.
+    let v = unsafe { uxen_shim_alloc_split(order) };
+    (!v.is_null()).then(|| virt_to_phys(v as *const u8))
+}
+
+/// Frees one page from [`alloc_split`].
+///
+/// # Safety
+/// `phys` must be such a page, owned by the caller, no longer used.
+pub(crate) unsafe fn free_page_phys(phys: u64) {
+    // SAFETY: per the caller's contract.
+    unsafe { uxen_shim_free_page_phys(phys) }
+}
+
+/// Runs `f` with the vector registers saved for the kernel (a guest may
+/// clobber them).
+pub(crate) fn with_fpu<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: paired begin/end in process context.
+    unsafe { uxen_shim_fpu_begin() };
+    let r = f();
+    // SAFETY: as above.
+    unsafe { uxen_shim_fpu_end() };
+    r
+}
+
+pub(crate) fn tsc_khz() -> u32 {
+    // SAFETY: reads a kernel variable.
+    unsafe { uxen_shim_tsc_khz() }
 }

@@ -269,6 +269,86 @@ fn string_op(ins: &Instruction, regs: &mut EmuRegs, mem: &mut impl GuestMemory, 
     Ok(out)
 }
 
+/// A guest's access to guest-physical memory outside its RAM, decoded for
+/// the VMM to emulate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioOp {
+    pub is_write: bool,
+    pub size: u8,
+    /// The value written (for a store).
+    pub data: u64,
+    /// Destination GPR (encoding order) of a load, and whether it is a
+    /// high-byte register (AH..BH).
+    pub reg: u8,
+    pub high_byte: bool,
+    /// Zero- or sign-extension of a load: the destination's size.
+    pub dest_size: u8,
+    pub sign_extend: bool,
+    pub next_rip: u64,
+}
+
+/// Decodes a MOV-family instruction that touches MMIO. Only plain moves
+/// (and MOVZX/MOVSX) are emulated; anything else returns `None`.
+pub fn decode_mmio(bytes: &[u8], bitness: u32, regs: &EmuRegs) -> Option<MmioOp> {
+    let mut dec = Decoder::with_ip(bitness, bytes, regs.rip, DecoderOptions::NONE);
+    let ins = dec.decode();
+    if ins.is_invalid() {
+        return None;
+    }
+    let size = ins.memory_size().size() as u8;
+    if !matches!(size, 1 | 2 | 4 | 8) {
+        return None;
+    }
+    match ins.mnemonic() {
+        Mnemonic::Mov if ins.op_count() == 2 && ins.op0_kind() == OpKind::Memory => {
+            let data = match ins.op1_kind() {
+                OpKind::Register if ins.op1_register().is_gpr() => read_reg(regs, ins.op1_register()),
+                OpKind::Immediate8 | OpKind::Immediate16 | OpKind::Immediate32 | OpKind::Immediate32to64 => ins.immediate(1),
+                _ => return None,
+            };
+            Some(MmioOp { is_write: true, size, data, reg: 0, high_byte: false, dest_size: size, sign_extend: false, next_rip: ins.next_ip() })
+        }
+        Mnemonic::Mov | Mnemonic::Movzx | Mnemonic::Movsx | Mnemonic::Movsxd
+            if ins.op_count() == 2 && ins.op1_kind() == OpKind::Memory && ins.op0_register().is_gpr() =>
+        {
+            let r = ins.op0_register();
+            Some(MmioOp {
+                is_write: false,
+                size,
+                data: 0,
+                reg: reg_index(r) as u8,
+                high_byte: is_high_byte(r),
+                dest_size: if is_high_byte(r) { 1 } else { r.size() as u8 },
+                sign_extend: matches!(ins.mnemonic(), Mnemonic::Movsx | Mnemonic::Movsxd),
+                next_rip: ins.next_ip(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Completes an MMIO load: `value` (of `op.size` bytes) into the register.
+pub fn complete_mmio_read(regs: &mut EmuRegs, op: &MmioOp, value: u64) {
+    let mask = if op.size == 8 { u64::MAX } else { (1u64 << (8 * op.size as u32)) - 1 };
+    let mut v = value & mask;
+    if op.sign_extend {
+        v = sign_extend(v, op.size as usize);
+    }
+    let i = op.reg as usize;
+    let old = regs.gpr[i];
+    regs.gpr[i] = if op.high_byte {
+        (old & !0xff00) | ((v & 0xff) << 8)
+    } else {
+        match op.dest_size {
+            1 => (old & !0xff) | (v & 0xff),
+            2 => (old & !0xffff) | (v & 0xffff),
+            4 => v & 0xffff_ffff,
+            _ => v,
+        }
+    };
+    regs.rip = op.next_rip;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,6 +593,30 @@ mod tests {
         let out = emulate(&[0x48, 0x8b, 0x0d, 0x10, 0, 0, 0], 64, &mut r, &mut m).unwrap();
         assert_eq!(out.blocked_reads, 1);
         assert_eq!(r.gpr[1], 0);
+    }
+
+    #[test]
+    fn mmio_decode_and_complete() {
+        let mut r = regs();
+        r.gpr[0] = 0x1122_3344_5566_7788;
+        // mov [rbx], eax
+        let op = decode_mmio(&[0x89, 0x03], 64, &r).unwrap();
+        assert_eq!((op.is_write, op.size, op.data, op.next_rip), (true, 4, 0x5566_7788, 0x1002));
+        // mov byte [rbx], 0x5a
+        let op = decode_mmio(&[0xc6, 0x03, 0x5a], 64, &r).unwrap();
+        assert_eq!((op.is_write, op.size, op.data), (true, 1, 0x5a));
+        // movzx ecx, word [rbx] -> ecx = 0xbeef, upper cleared
+        let op = decode_mmio(&[0x0f, 0xb7, 0x0b], 64, &r).unwrap();
+        assert!(!op.is_write);
+        complete_mmio_read(&mut r, &op, 0xffff_beef);
+        assert_eq!(r.gpr[1], 0xbeef);
+        assert_eq!(r.rip, 0x1003);
+        // mov ah, [rbx]
+        let op = decode_mmio(&[0x8a, 0x23], 64, &r).unwrap();
+        complete_mmio_read(&mut r, &op, 0xab);
+        assert_eq!(r.gpr[0], 0x1122_3344_5566_ab88);
+        // add [rbx], eax is not an MMIO move
+        assert_eq!(decode_mmio(&[0x01, 0x03], 64, &r), None);
     }
 
     #[test]

@@ -14,9 +14,12 @@ pub mod arch;
 pub mod emulate;
 pub mod logring;
 pub mod ept;
+pub mod guestmem;
 pub mod mem;
 pub mod paging;
 pub mod policy;
+pub mod pool;
+pub mod vtd;
 
 #[cfg(target_os = "none")]
 pub mod hv;

@@ -46,6 +46,62 @@ pub fn host_cpuid(leaf: u32, sub: u32, native: impl Fn(u32, u32) -> Cpuid) -> Cp
     }
 }
 
+/// CPUID.1:ECX bits of XSAVE, OSXSAVE and AVX: guests get no extended
+/// state (the hypervisor does not switch it).
+pub const CPUID_1_ECX_XSAVE_AVX: u32 = (1 << 26) | (1 << 27) | (1 << 28);
+
+/// A guest's view of CPUID: like the host's, without XSAVE/AVX (leaf 7's
+/// AVX2/AVX-512 bits too) and without the monitor/mwait feature.
+pub fn guest_cpuid(leaf: u32, sub: u32, native: impl Fn(u32, u32) -> Cpuid) -> Cpuid {
+    let mut r = host_cpuid(leaf, sub, native);
+    match leaf {
+        1 => r.ecx &= !(CPUID_1_ECX_XSAVE_AVX | (1 << 3)),
+        7 if sub == 0 => {
+            // AVX2, AVX-512 F/DQ/IFMA/PF/ER/CD/BW/VL.
+            r.ebx &= !((1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31));
+        }
+        0xd => r = Cpuid::default(),
+        _ => {}
+    }
+    r
+}
+
+/// Where a guest MSR lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestMsr {
+    /// In this VMCS guest-state field.
+    Vmcs(u32),
+    /// The time-stamp counter (read only).
+    Tsc,
+    /// Not available to guests: #GP.
+    None,
+}
+
+/// Which MSRs a guest may use. Every MSR exits for guests: the host's
+/// syscall and per-CPU MSRs are not switched, so a guest must never write
+/// the real ones.
+pub fn guest_msr(msr: u32) -> GuestMsr {
+    use crate::arch::x86::vmcs_fields as f;
+    match msr {
+        0x10 => GuestMsr::Tsc,
+        IA32_EFER => GuestMsr::Vmcs(f::GUEST_IA32_EFER),
+        IA32_PAT => GuestMsr::Vmcs(f::GUEST_IA32_PAT),
+        IA32_FS_BASE => GuestMsr::Vmcs(f::GUEST_FS_BASE),
+        IA32_GS_BASE => GuestMsr::Vmcs(f::GUEST_GS_BASE),
+        IA32_SYSENTER_CS => GuestMsr::Vmcs(f::GUEST_IA32_SYSENTER_CS),
+        IA32_SYSENTER_ESP => GuestMsr::Vmcs(f::GUEST_IA32_SYSENTER_ESP),
+        IA32_SYSENTER_EIP => GuestMsr::Vmcs(f::GUEST_IA32_SYSENTER_EIP),
+        _ => GuestMsr::None,
+    }
+}
+
+/// Whether a guest may write `v` to its EFER: only SCE, LME, LMA and NXE,
+/// and never leave long mode while paging is on.
+pub fn guest_efer_ok(old: u64, v: u64) -> bool {
+    const ALLOWED: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11);
+    v & !ALLOWED == 0 && (v & (1 << 10)) == (old & (1 << 10)) && (v & (1 << 8)) == (old & (1 << 8))
+}
+
 /// The result of a guarded RDMSR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MsrRead {
@@ -63,9 +119,18 @@ pub enum MsrWrite {
     Gp,
 }
 
-/// MSRs the host VM's MSR bitmap intercepts (reads and writes).
+/// MSRs the host VM's MSR bitmap intercepts (reads and writes): the VMX
+/// ones, the APIC base (it must not move away from the write-protected APIC
+/// page) and the x2APIC ICR (INIT and SIPI are emulated).
 pub fn host_guarded_msrs() -> impl Iterator<Item = u32> {
-    core::iter::once(IA32_FEATURE_CONTROL).chain(IA32_VMX_BASIC..=IA32_VMX_EXIT_CTLS2)
+    [IA32_FEATURE_CONTROL, IA32_APIC_BASE, X2APIC_ICR].into_iter().chain(IA32_VMX_BASIC..=IA32_VMX_EXIT_CTLS2)
+}
+
+/// Whether the host may write `new` to IA32_APIC_BASE (now `old`): it may
+/// switch modes, not move the page.
+pub fn apic_base_write_ok(old: u64, new: u64) -> bool {
+    const BASE: u64 = 0x000f_ffff_ffff_f000;
+    old & BASE == new & BASE
 }
 
 /// The host VM's RDMSR of a guarded MSR. `native` is the real value, or
@@ -187,10 +252,39 @@ mod tests {
         // 0x480..=0x493 set, 0x494 not.
         assert_ne!(bm[0x480 / 8] & 1, 0);
         assert_eq!(bm[0x494 / 8] & (1 << (0x494 % 8)), 0);
-        assert_eq!(bm.iter().map(|b| b.count_ones()).sum::<u32>(), 2 * (1 + 20));
+        assert_eq!(bm.iter().map(|b| b.count_ones()).sum::<u32>(), 2 * (3 + 20));
+        assert!(apic_base_write_ok(0xfee0_0900, 0xfee0_0d00));
+        assert!(!apic_base_write_ok(0xfee0_0900, 0x1000_0900));
         assert_eq!(msr_bitmap_bit(0xc000_0080, false), Some((1024 + 16, 1)));
         assert_eq!(msr_bitmap_bit(0xc000_0080, true), Some((3072 + 16, 1)));
         assert_eq!(msr_bitmap_bit(0x4000_0000, true), None);
+    }
+
+    #[test]
+    fn guests_see_no_extended_state() {
+        let n = |leaf: u32, _sub: u32| match leaf {
+            1 => Cpuid { eax: 0, ebx: 0, ecx: 0xffff_ffff, edx: 0 },
+            7 => Cpuid { eax: 0, ebx: 0xffff_ffff, ecx: 0, edx: 0 },
+            0xd => Cpuid { eax: 7, ebx: 0x340, ecx: 0x340, edx: 0 },
+            _ => Cpuid::default(),
+        };
+        let r = guest_cpuid(1, 0, n);
+        assert_eq!(r.ecx & (CPUID_1_ECX_XSAVE_AVX | CPUID_1_ECX_VMX | (1 << 3)), 0);
+        assert_ne!(r.ecx & CPUID_1_ECX_HYPERVISOR, 0);
+        assert_eq!(guest_cpuid(7, 0, n).ebx & (1 << 5), 0);
+        assert_eq!(guest_cpuid(0xd, 0, n), Cpuid::default());
+        assert_eq!(guest_cpuid(CPUID_LEAF_HV, 0, n).eax, CPUID_LEAF_HV_MAX);
+    }
+
+    #[test]
+    fn guest_msrs() {
+        assert_eq!(guest_msr(IA32_EFER), GuestMsr::Vmcs(crate::arch::x86::vmcs_fields::GUEST_IA32_EFER));
+        assert_eq!(guest_msr(0xc000_0082), GuestMsr::None, "LSTAR is the host's");
+        assert_eq!(guest_msr(IA32_KERNEL_GS_BASE), GuestMsr::None);
+        assert_eq!(guest_msr(IA32_FEATURE_CONTROL), GuestMsr::None);
+        assert!(guest_efer_ok(0x500, 0xd01));
+        assert!(!guest_efer_ok(0x500, 0x100), "leaving long mode");
+        assert!(!guest_efer_ok(0x500, 0x500 | (1 << 12)));
     }
 
     #[test]

@@ -410,10 +410,11 @@ pub mod hc {
     pub const STATS: u64 = 0x02;
     /// Leave VMX on this CPU; called on every CPU. No argument block.
     pub const UNLOAD: u64 = 0x03;
-    /// In: an array of page frame numbers to give to the hypervisor.
+    /// In: an array of [`super::MemRange`] (page aligned) to give to the
+    /// hypervisor. They leave the host's EPT and are scrubbed.
     pub const DONATE: u64 = 0x04;
-    /// Out: an array of page frame numbers given back, scrubbed. Returns how
-    /// many were written.
+    /// Out: an array of `u64` physical addresses of 4 KiB pages given back,
+    /// scrubbed. Returns how many were written.
     pub const RECLAIM: u64 = 0x05;
     /// In/out: [`super::VmCreate`].
     pub const VM_CREATE: u64 = 0x10;
@@ -532,7 +533,7 @@ pub const VM_NAME_LEN: usize = 32;
 
 /// [`hc::VM_CREATE`] and the `CREATE_VM` ioctl.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct VmCreate {
     /// Guest memory in bytes; a multiple of 2 MiB.
     pub mem_bytes: u64,
@@ -758,7 +759,7 @@ pub mod vm_state {
 
 /// One VM in [`hc::VM_LIST`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct VmInfo {
     pub id: u32,
     /// Id of the VM it was forked from, or 0.

@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 
+mod edu;
 mod probes;
 
 fn usage() -> ExitCode {
@@ -17,7 +18,11 @@ fn usage() -> ExitCode {
          \x20 ring3 INSN                  run a VMX instruction in user mode; print the signal\n\
          \x20 checksum MIB                hash generated data\n\
          \x20 forkstorm N                 fork/exec /bin/true N times\n\
-         \x20 cpuid-cost N                TSC per CPUID of the hypervisor leaf"
+         \x20 cpuid-cost N                TSC per CPUID of the hypervisor leaf\n\
+         \x20 edu info                    find QEMU's edu DMA device; print bdf=... id=...\n\
+         \x20 edu dma-to PHYS LEN BYTE    DMA LEN bytes of BYTE to PHYS through edu; print done\n\
+         \x20 edu dma-from PHYS LEN       DMA LEN bytes from PHYS through edu; print nonzero count and hash\n\
+         \x20 edu roundtrip               DMA a page to edu and back; print ok or the first mismatch"
     );
     ExitCode::from(2)
 }
@@ -36,6 +41,7 @@ fn main() -> ExitCode {
         "checksum" => probes::checksum(rest),
         "forkstorm" => probes::forkstorm(rest),
         "cpuid-cost" => probes::cpuid_cost(rest),
+        "edu" => edu::edu(rest),
         _ => return usage(),
     };
     match r {

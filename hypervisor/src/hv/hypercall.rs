@@ -10,6 +10,11 @@ use crate::arch::x86::vmcs_fields::*;
 use crate::arch::x86::vmx;
 use alloc::boxed::Box;
 use core::sync::atomic::Ordering;
+use super::run::{self, Switch};
+use super::vm::{self, VmError};
+use crate::guestmem::MemError;
+use crate::mem::PhysMem;
+use shared_abi::{DebugTranslate, MemRange, VmCreate, VmId, VmInfo, VmLoad, VmRegs, HC_NEED_PAGES, VM_NAME_LEN};
 use shared_abi::{errno::*, hc, HvStats, ReturnState, HvVersion, ABI_REVISION, EXIT_REASON_SLOTS, HV_FEATURE_EPT, HV_FEATURE_UNRESTRICTED, HV_FEATURE_VMX, HV_FEATURE_VPID, VERSION};
 
 /// Host hypercall errors, turned into `-errno` here and nowhere else.
@@ -21,34 +26,279 @@ pub enum HcError {
     Fault,
     /// A malformed argument.
     Invalid,
-    /// Not now (VMs exist, ...).
+    /// Not now (VMs exist, the vCPU runs, ...).
     Busy,
+    /// The hypervisor's own heap is exhausted.
+    NoMemory,
+    /// The pool needs this many more pages.
+    NeedPages(u64),
+    /// A VM operation failed.
+    Vm(VmError),
 }
 
 impl HcError {
     fn errno(self) -> i64 {
-        -match self {
-            HcError::NoSys => ENOSYS,
-            HcError::Fault => EFAULT,
-            HcError::Invalid => EINVAL,
-            HcError::Busy => EBUSY,
+        match self {
+            HcError::NoSys => -ENOSYS,
+            HcError::Fault => -EFAULT,
+            HcError::Invalid => -EINVAL,
+            HcError::Busy => -EBUSY,
+            HcError::NoMemory => -ENOMEM,
+            HcError::NeedPages(_) => HC_NEED_PAGES,
+            HcError::Vm(e) => e.errno(),
         }
     }
 }
 
 /// Dispatches host hypercall `nr` with argument block `arg` of `len` bytes.
-/// Returns `(RAX, RDX)`.
-pub fn dispatch(nr: u64, arg: u64, len: u64, regs: &mut GuestRegs) -> (i64, u64) {
+pub fn dispatch(nr: u64, arg: u64, len: u64, regs: &mut GuestRegs) -> Switch {
     let r = match nr {
         hc::VERSION => version(arg, len),
         hc::STATS => stats(arg, len),
         hc::UNLOAD => unload(regs),
+        hc::DONATE => donate(arg, len),
+        hc::RECLAIM => reclaim(arg, len),
+        hc::VM_CREATE => vm_create(arg, len),
+        hc::VM_DESTROY => vm_destroy(arg, len),
+        hc::VM_LOAD => vm_load(arg, len),
+        hc::VM_GET_REGS => vm_regs(arg, len, false),
+        hc::VM_SET_REGS => vm_regs(arg, len, true),
+        hc::VM_RUN => return run::run(regs, arg, len),
+        hc::VM_LIST => vm_list(arg, len),
+        hc::DEBUG_TRANSLATE => debug_translate(arg, len),
         _ => Err(HcError::NoSys),
     };
     match r {
-        Ok(v) => (v, 0),
-        Err(e) => (e.errno(), 0),
+        Ok(v) => Switch::Return(v, 0),
+        Err(HcError::NeedPages(n)) => Switch::Return(HC_NEED_PAGES, n),
+        Err(e) => Switch::Return(e.errno(), 0),
     }
+}
+
+/// Copies a `T` in from host memory at `pa`, after checking the host owns it.
+fn copy_in<T: Copy>(pa: u64, len: u64) -> Result<T, HcError> {
+    let size = core::mem::size_of::<T>() as u64;
+    if len < size {
+        return Err(HcError::Invalid);
+    }
+    if !hv().host_owned(pa, size) {
+        return Err(HcError::Fault);
+    }
+    // SAFETY: `T` is plain data; the source is host RAM the host owns.
+    Ok(unsafe { core::ptr::read_unaligned(memory::phys_ptr(pa) as *const T) })
+}
+
+impl From<VmError> for HcError {
+    fn from(e: VmError) -> Self {
+        match e {
+            VmError::Mem(MemError::NeedPages(n)) => HcError::NeedPages(n),
+            e => HcError::Vm(e),
+        }
+    }
+}
+
+/// DONATE: pages leave the host for the pool.
+fn donate(arg: u64, len: u64) -> Result<i64, HcError> {
+    let h = hv();
+    let n = (len / core::mem::size_of::<MemRange>() as u64) as usize;
+    if n == 0 || n > 256 || !h.host_owned(arg, len) {
+        return Err(if n == 0 || n > 256 { HcError::Invalid } else { HcError::Fault });
+    }
+    let mut ranges = alloc::vec::Vec::with_capacity(n);
+    for i in 0..n {
+        let r: MemRange = copy_in(arg + (i * 16) as u64, 16)?;
+        if r.base % 4096 != 0 || r.size == 0 || r.size % 4096 != 0 || r.size > 1 << 30 {
+            return Err(HcError::Invalid);
+        }
+        // Also refuses pages already donated (no longer the host's) and
+        // overlaps between ranges of this call (the first unmaps them).
+        if !h.host_owned(r.base, r.size) || ranges.iter().any(|o: &MemRange| r.base < o.base + o.size && o.base < r.base + r.size) {
+            return Err(HcError::Fault);
+        }
+        ranges.push(r);
+    }
+    {
+        let mut ept = h.host_ept.lock();
+        let mut frames = memory::HeapFrames;
+        for r in &ranges {
+            let mut a = r.base;
+            while a < r.base + r.size {
+                let big = a % (2 << 20) == 0 && a + (2 << 20) <= r.base + r.size;
+                let (level, step) = if big { (2, 2u64 << 20) } else { (1, 4096) };
+                ept.set(&memory::DirectMap, &mut frames, crate::addr::Gpa(a), level, crate::arch::x86::ept_entry::EptEntry::empty())
+                    .ok_or(HcError::NoMemory)?;
+                a += step;
+            }
+        }
+    }
+    // No CPU may keep a translation to the donated pages.
+    super::tlb::shootdown();
+    let mut pool = vm::POOL.lock();
+    let mut total = 0;
+    for r in &ranges {
+        let pages = (r.size / 4096) as usize;
+        for p in 0..pages as u64 {
+            memory::DirectMap.zero_page(crate::addr::Hpa(r.base + p * 4096));
+        }
+        pool.donate(crate::addr::Hpa(r.base), pages).map_err(|_| HcError::Invalid)?;
+        total += pages;
+    }
+    Ok(total as i64)
+}
+
+/// RECLAIM: free pool frames go back to the host.
+fn reclaim(arg: u64, len: u64) -> Result<i64, HcError> {
+    let h = hv();
+    let max = (len / 8).min(512) as usize;
+    if max == 0 {
+        return Err(HcError::Invalid);
+    }
+    if !h.host_owned(arg, max as u64 * 8) {
+        return Err(HcError::Fault);
+    }
+    let frames = vm::POOL.lock().reclaim(max);
+    {
+        let mut ept = h.host_ept.lock();
+        let map = crate::ept::HostMap { ram: &h.ram, top: h.host_ept_top, holes: &[], huge_pages: h.host_ept_huge };
+        for f in &frames {
+            // Scrubbed when freed; mapped back for the host.
+            crate::ept::host_map_page(&mut ept, &memory::DirectMap, &mut memory::HeapFrames, &map, *f).ok_or(HcError::NoMemory)?;
+        }
+    }
+    for (i, f) in frames.iter().enumerate() {
+        // SAFETY: host memory checked above.
+        unsafe { core::ptr::write_unaligned(memory::phys_ptr(arg + 8 * i as u64) as *mut u64, f.0) };
+    }
+    Ok(frames.len() as i64)
+}
+
+fn vm_create(arg: u64, len: u64) -> Result<i64, HcError> {
+    let mut c: VmCreate = copy_in(arg, len)?;
+    c.name[VM_NAME_LEN - 1] = 0;
+    let vm = vm::create(c.mem_bytes, c.vcpus, c.name, 0)?;
+    c.id = vm.id;
+    log::info!("vm{}: created, {} MiB, {} vCPU", vm.id, c.mem_bytes >> 20, c.vcpus);
+    copy_out(arg, len, &c)?;
+    Ok(vm.id as i64)
+}
+
+fn vm_destroy(arg: u64, len: u64) -> Result<i64, HcError> {
+    let v: VmId = copy_in(arg, len)?;
+    vm::destroy(v.id)?;
+    log::info!("vm{}: destroyed", v.id);
+    Ok(0)
+}
+
+fn vm_load(arg: u64, len: u64) -> Result<i64, HcError> {
+    let l: VmLoad = copy_in(arg, len)?;
+    if l.len == 0 || l.len > 4096 || (l.src % 4096) + l.len > 4096 {
+        return Err(HcError::Invalid);
+    }
+    if !hv().host_owned(l.src, l.len) {
+        return Err(HcError::Fault);
+    }
+    let vm = vm::get(l.vm)?;
+    if vm.vcpus.iter().any(|v| v.running.load(Ordering::Acquire)) {
+        return Err(HcError::Busy);
+    }
+    let mut buf = [0u8; 4096];
+    memory::DirectMap.read(crate::addr::Hpa(l.src), &mut buf[..l.len as usize]);
+    vm::load(&vm, l.gpa, &buf[..l.len as usize])?;
+    Ok(0)
+}
+
+fn vm_regs(arg: u64, len: u64, set: bool) -> Result<i64, HcError> {
+    let mut r: VmRegs = copy_in(arg, len)?;
+    let vm = vm::get(r.vm)?;
+    let vcpu = vm.vcpus.get(r.vcpu as usize).ok_or(HcError::Vm(VmError::NoSuchVcpu))?;
+    if vcpu.running.load(Ordering::Acquire) {
+        return Err(HcError::Busy);
+    }
+    let mut st = vcpu.state.lock();
+    if set {
+        if st.ready {
+            // Only the initial state can be set (docs/ioctl.md).
+            return Err(HcError::Busy);
+        }
+        let n = r.regs;
+        let canonical = |v: u64| ((v as i64) << 16 >> 16) as u64 == v;
+        if n.rflags & !0x00ff_fcd7 != 0 || n.rflags & (1 << 17) != 0 || !canonical(n.rip) || n.cr3 & 0xfff0_0000_0000_0fff != 0 {
+            return Err(HcError::Invalid);
+        }
+        let fixed = vm::boot_regs(vm.mem_bytes);
+        st.init = shared_abi::Regs { cr0: fixed.cr0, cr4: fixed.cr4, efer: fixed.efer, rflags: n.rflags | 2, ..n };
+        return Ok(0);
+    }
+    r.regs = if st.ready {
+        let mut out = st.init;
+        let g = &st.gpr;
+        out.rax = g[0];
+        out.rcx = g[1];
+        out.rdx = g[2];
+        out.rbx = g[3];
+        out.rbp = g[5];
+        out.rsi = g[6];
+        out.rdi = g[7];
+        out.r8 = g[8];
+        out.r9 = g[9];
+        out.r10 = g[10];
+        out.r11 = g[11];
+        out.r12 = g[12];
+        out.r13 = g[13];
+        out.r14 = g[14];
+        out.r15 = g[15];
+        // RIP, RSP, RFLAGS and the control registers live in the VMCS.
+        let pc = crate::arch::x86::cpu::this_cpu();
+        // SAFETY: the vCPU is not running, so its VMCS is clear; load it
+        // briefly, then make the host VM's current again.
+        unsafe {
+            if instr::vmptrld(vcpu.vmcs.0).is_ok() {
+                out.rip = vmx::read(GUEST_RIP);
+                out.rsp = vmx::read(GUEST_RSP);
+                out.rflags = vmx::read(GUEST_RFLAGS);
+                out.cr0 = vmx::read(CR0_READ_SHADOW);
+                out.cr3 = vmx::read(GUEST_CR3);
+                out.cr4 = vmx::read(CR4_READ_SHADOW);
+                out.efer = vmx::read(GUEST_IA32_EFER);
+                let _ = instr::vmclear(vcpu.vmcs.0);
+            }
+            let _ = instr::vmptrld(pc.vmcs_pa);
+        }
+        out
+    } else {
+        st.init
+    };
+    drop(st);
+    copy_out(arg, len, &r)?;
+    Ok(0)
+}
+
+fn vm_list(arg: u64, len: u64) -> Result<i64, HcError> {
+    let size = core::mem::size_of::<VmInfo>() as u64;
+    let list = vm::list();
+    let n = (len / size).min(list.len() as u64) as usize;
+    if n > 0 && !hv().host_owned(arg, n as u64 * size) {
+        return Err(HcError::Fault);
+    }
+    for (i, v) in list.iter().take(n).enumerate() {
+        // SAFETY: host memory checked above; plain data.
+        unsafe { core::ptr::write_unaligned(memory::phys_ptr(arg + i as u64 * size) as *mut VmInfo, *v) };
+    }
+    Ok(list.len() as i64)
+}
+
+fn debug_translate(arg: u64, len: u64) -> Result<i64, HcError> {
+    if hv().boot.flags & shared_abi::BOOT_FLAG_DEBUG == 0 {
+        return Err(HcError::NoSys);
+    }
+    let mut t: DebugTranslate = copy_in(arg, len)?;
+    let vm = vm::get(t.vm)?;
+    let mem = vm.mem.lock();
+    let g = mem.as_ref().ok_or(HcError::Vm(VmError::NoSuchVm))?;
+    t.hpa = g.lookup(&memory::DirectMap, crate::addr::Gpa(t.gpa)).map(|(p, _)| p.0 + (t.gpa & 0xfff)).unwrap_or(0);
+    drop(mem);
+    copy_out(arg, len, &t)?;
+    Ok(0)
 }
 
 /// Copies `value` out to host memory at `pa`, after checking the host owns it.
@@ -94,6 +344,13 @@ fn stats(arg: u64, len: u64) -> Result<i64, HcError> {
     s.host_ept_2m = c.large;
     s.host_ept_4k = c.small;
     s.image_intact = super::setup::image_intact() as u32;
+    {
+        let pool = vm::POOL.lock();
+        s.pool_frames_total = pool.frames_total();
+        s.pool_frames_free = pool.frames_free();
+        s.frames_shared = pool.frames_shared();
+    }
+    s.vms = vm::count();
     for i in 0..h.num_cpus() {
         let pc = h.percpu(i);
         let d = &mut s.cpus[i];
@@ -114,6 +371,9 @@ fn stats(arg: u64, len: u64) -> Result<i64, HcError> {
 /// Leaves VMX on this CPU and resumes the host natively where it called.
 fn unload(regs: &mut GuestRegs) -> Result<i64, HcError> {
     let h = hv();
+    if vm::count() != 0 {
+        return Err(HcError::Busy);
+    }
     h.unloading.store(true, Ordering::Relaxed);
     let pc = this_cpu();
     let caps = &h.caps;

@@ -4,9 +4,13 @@
 
 pub mod exits;
 pub mod hypercall;
+pub mod ipi;
 pub mod logger;
 pub mod memory;
+pub mod run;
 pub mod setup;
+pub mod tlb;
+pub mod vm;
 
 use crate::addr::{Hpa, PhysRange};
 use crate::arch::x86::cpu::PerCpu;
@@ -35,6 +39,8 @@ pub struct Hv {
     pub host_ept_top: u64,
     pub host_ept_huge: bool,
     pub msr_bitmap: Hpa,
+    /// The host's local APIC page, read-only in its EPT.
+    pub apic_page: u64,
     pub io_bitmaps: [Hpa; 2],
     pub stats: GlobalStats,
     pub unloading: AtomicBool,

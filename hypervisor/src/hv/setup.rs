@@ -307,7 +307,12 @@ fn global_setup(info: &BootInfo, _h: &ImageHeader, l: &shared_abi::RegionLayout)
     let region = PhysRange::new(info.region_phys, info.region_size);
     let holes = [region];
     let map = HostMap { ram: &ram, top, holes: &holes, huge_pages: caps.ept_huge_pages() };
-    let ept = build_host_ept(&RegionMem, &mut HeapFrames, &map).ok_or(-ENOMEM)?;
+    let mut ept = build_host_ept(&RegionMem, &mut HeapFrames, &map).ok_or(-ENOMEM)?;
+    // The local APIC page: reads pass, writes exit (INIT/SIPI emulation).
+    // SAFETY: the APIC base MSR exists.
+    let apic_page = unsafe { instr::rdmsr(crate::arch::x86::msr::IA32_APIC_BASE) } & 0x000f_ffff_ffff_f000;
+    let ro = crate::arch::x86::ept_entry::EptEntry::leaf(apic_page, crate::arch::x86::ept_entry::EptFlags::RX, crate::arch::x86::ept_entry::MT_UC, false);
+    ept.set(&RegionMem, &mut HeapFrames, crate::addr::Gpa(apic_page), 1, ro).ok_or(-ENOMEM)?;
     let eptp = crate::arch::x86::ept_entry::eptp(ept.root.0, false);
     let counts = ept.counts(&RegionMem);
     log::info!(
@@ -339,6 +344,7 @@ fn global_setup(info: &BootInfo, _h: &ImageHeader, l: &shared_abi::RegionLayout)
         host_ept_top: top,
         host_ept_huge: caps.ept_huge_pages(),
         msr_bitmap: Hpa(msr_bitmap),
+        apic_page,
         io_bitmaps: [Hpa(io_a), Hpa(io_b)],
         stats: GlobalStats::default(),
         unloading: core::sync::atomic::AtomicBool::new(false),

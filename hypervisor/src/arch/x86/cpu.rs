@@ -60,6 +60,19 @@ pub struct PerCpu {
     pub exits_by_reason: [AtomicU64; EXIT_REASON_SLOTS],
     pub gdt: [u64; 16],
     pub tss: Tss,
+    /// The last TLB-flush generation this CPU performed (see `hv::tlb`).
+    pub flushed_gen: AtomicU64,
+    /// NMIs other CPUs sent here for shootdowns and kicks, not yet taken.
+    pub nmis_expected: AtomicU32,
+    /// An NMI meant for the host arrived while the hypervisor ran.
+    pub host_nmi_pending: AtomicU32,
+    /// 1 while the host VM waits for SIPI here (it cannot touch memory).
+    pub parked: AtomicU32,
+    /// Emulated INIT/SIPI (`hv::ipi`): state and the SIPI's vector.
+    pub sipi_state: AtomicU32,
+    pub sipi_vector: AtomicU32,
+    /// The guest vCPU this CPU runs, if any (`hv::run`).
+    pub guest: Option<alloc::boxed::Box<crate::hv::run::Running>>,
 }
 
 pub const LAUNCH_NEXT_OFFSET: usize = 24;

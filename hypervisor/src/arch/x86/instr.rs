@@ -344,3 +344,27 @@ pub unsafe fn invvpid(kind: u64, vpid: u16) -> Result<(), ()> {
     let desc: [u64; 2] = [vpid as u64, 0];
     vmx_status!("invvpid {k}, [{d}]", k = in(reg) kind, d = in(reg) &desc, options(nostack))
 }
+
+/// Ends NMI blocking with an IRET to the next instruction (NMIs stay
+/// blocked in root operation after a VM exit caused by an NMI).
+///
+/// # Safety
+/// Root operation with the hypervisor's GDT (code 0x10, data 0x18).
+pub unsafe fn unblock_nmis() {
+    // SAFETY: builds an IRET frame that returns to label 2 with the same
+    // stack, flags and segments.
+    unsafe {
+        asm!(
+            "mov {t}, rsp",
+            "push 0x18",
+            "push {t}",
+            "pushfq",
+            "push 0x10",
+            "lea {t}, [rip + 2f]",
+            "push {t}",
+            "iretq",
+            "2:",
+            t = out(reg) _,
+        )
+    };
+}

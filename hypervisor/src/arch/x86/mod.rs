@@ -6,6 +6,8 @@ pub mod msr;
 pub mod vmcs_fields;
 
 #[cfg(target_os = "none")]
+pub mod apic;
+#[cfg(target_os = "none")]
 pub mod asm;
 #[cfg(target_os = "none")]
 pub mod cpu;

@@ -296,8 +296,14 @@ pub unsafe fn setup_host_vm(
     msr_bitmap: u64,
     io_bitmaps: [u64; 2],
 ) -> Result<(), VmxError> {
-    // Controls.
-    write(PIN_BASED_CONTROLS, adjust_controls(0, caps.pin) as u64)?;
+    // Controls. NMIs exit so that the hypervisor can use them for TLB
+    // shootdowns; the host's own NMIs are re-injected (virtual NMIs track
+    // the host's NMI blocking).
+    let pin = pin::NMI_EXITING | pin::VIRTUAL_NMIS;
+    if !controls_supported(pin, caps.pin) {
+        return Err(VmxError::Missing("NMI exiting and virtual NMIs"));
+    }
+    write(PIN_BASED_CONTROLS, adjust_controls(pin, caps.pin) as u64)?;
     let p1 = proc1::ACTIVATE_SECONDARY | proc1::USE_MSR_BITMAPS | proc1::USE_IO_BITMAPS;
     write(PRIMARY_PROC_CONTROLS, adjust_controls(p1, caps.proc1) as u64)?;
     let mut p2 = proc2::ENABLE_EPT | proc2::ENABLE_VPID | proc2::UNRESTRICTED_GUEST;
@@ -432,4 +438,113 @@ pub unsafe fn launch() -> u64 {
     // the guest and this frame is abandoned.
     unsafe { core::arch::asm!("vmlaunch", options(nostack)) };
     read(VM_INSTRUCTION_ERROR)
+}
+
+/// What a guest vCPU starts with.
+pub struct GuestInit<'a> {
+    pub regs: &'a shared_abi::Regs,
+    pub eptp: u64,
+    pub vpid: u16,
+    /// An MSR bitmap that intercepts every MSR.
+    pub msr_bitmap: u64,
+}
+
+/// Fills the current VMCS for a guest vCPU (docs/guest-abi.md): 64-bit
+/// mode with paging, flat segments, the GDT at `guest::GDT_GPA`. Every port,
+/// every MSR, HLT, MWAIT, RDPMC, CR8 and external interrupts exit.
+///
+/// # Safety
+/// A guest VMCS is current.
+pub unsafe fn setup_guest_vm(caps: &VmxCaps, g: &GuestInit) -> Result<(), VmxError> {
+    let pin = pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING | pin::VIRTUAL_NMIS | pin::PREEMPTION_TIMER;
+    if !controls_supported(pin, caps.pin) {
+        return Err(VmxError::Missing("NMI exiting, virtual NMIs and the preemption timer"));
+    }
+    write(PIN_BASED_CONTROLS, adjust_controls(pin, caps.pin) as u64)?;
+    let p1 = proc1::ACTIVATE_SECONDARY
+        | proc1::USE_MSR_BITMAPS
+        | proc1::UNCONDITIONAL_IO_EXITING
+        | proc1::HLT_EXITING
+        | proc1::MWAIT_EXITING
+        | proc1::MONITOR_EXITING
+        | proc1::RDPMC_EXITING
+        | proc1::CR8_LOAD_EXITING
+        | proc1::CR8_STORE_EXITING;
+    write(PRIMARY_PROC_CONTROLS, adjust_controls(p1, caps.proc1) as u64)?;
+    let mut p2 = proc2::ENABLE_EPT | proc2::ENABLE_VPID;
+    if controls_supported(proc2::ENABLE_RDTSCP, caps.proc2) {
+        p2 |= proc2::ENABLE_RDTSCP;
+    }
+    write(SECONDARY_PROC_CONTROLS, adjust_controls(p2, caps.proc2) as u64)?;
+    let ex = exit_ctl::HOST_ADDRESS_SPACE_SIZE
+        | exit_ctl::SAVE_IA32_PAT
+        | exit_ctl::LOAD_IA32_PAT
+        | exit_ctl::SAVE_IA32_EFER
+        | exit_ctl::LOAD_IA32_EFER;
+    write(EXIT_CONTROLS, adjust_controls(ex, caps.exit) as u64)?;
+    let en = entry_ctl::LOAD_IA32_PAT | entry_ctl::LOAD_IA32_EFER | entry_ctl::IA32E_MODE_GUEST;
+    write(ENTRY_CONTROLS, adjust_controls(en, caps.entry) as u64)?;
+    for f in [EXCEPTION_BITMAP, PAGE_FAULT_ERROR_MASK, PAGE_FAULT_ERROR_MATCH, CR3_TARGET_COUNT] {
+        write(f, 0)?;
+    }
+    for f in [EXIT_MSR_STORE_COUNT, EXIT_MSR_LOAD_COUNT, ENTRY_MSR_LOAD_COUNT, ENTRY_INTERRUPTION_INFO] {
+        write(f, 0)?;
+    }
+    write(MSR_BITMAP, g.msr_bitmap)?;
+    write(EPT_POINTER, g.eptp)?;
+    write(VPID, g.vpid as u64)?;
+    write(VMCS_LINK_POINTER, u64::MAX)?;
+    write(TSC_OFFSET, 0)?;
+    write(CR0_GUEST_HOST_MASK, caps.cr0_fixed0 | !caps.cr0_fixed1 & 0xffff_ffff)?;
+    write(CR4_GUEST_HOST_MASK, caps.cr4_mask())?;
+    let r = g.regs;
+    write(CR0_READ_SHADOW, r.cr0)?;
+    write(CR4_READ_SHADOW, r.cr4)?;
+    write(GUEST_CR0, (r.cr0 | caps.cr0_fixed0) & caps.cr0_fixed1)?;
+    write(GUEST_CR3, r.cr3)?;
+    write(GUEST_CR4, (r.cr4 | caps.cr4_fixed0 | (1 << 13)) & caps.cr4_fixed1)?;
+    write(GUEST_DR7, 0x400)?;
+    let code = shared_abi::guest::CODE_SELECTOR as u64;
+    let data = shared_abi::guest::DATA_SELECTOR as u64;
+    write(GUEST_CS_SELECTOR, code)?;
+    write(GUEST_CS_BASE, 0)?;
+    write(GUEST_CS_LIMIT, 0xffff_ffff)?;
+    write(GUEST_CS_AR, 0xa09b)?;
+    for (sel, base, limit, ar) in [
+        (GUEST_DS_SELECTOR, GUEST_DS_BASE, GUEST_DS_LIMIT, GUEST_DS_AR),
+        (GUEST_ES_SELECTOR, GUEST_ES_BASE, GUEST_ES_LIMIT, GUEST_ES_AR),
+        (GUEST_FS_SELECTOR, GUEST_FS_BASE, GUEST_FS_LIMIT, GUEST_FS_AR),
+        (GUEST_GS_SELECTOR, GUEST_GS_BASE, GUEST_GS_LIMIT, GUEST_GS_AR),
+        (GUEST_SS_SELECTOR, GUEST_SS_BASE, GUEST_SS_LIMIT, GUEST_SS_AR),
+    ] {
+        write(sel, data)?;
+        write(base, 0)?;
+        write(limit, 0xffff_ffff)?;
+        write(ar, 0xc093)?;
+    }
+    write(GUEST_LDTR_SELECTOR, 0)?;
+    write(GUEST_LDTR_BASE, 0)?;
+    write(GUEST_LDTR_LIMIT, 0)?;
+    write(GUEST_LDTR_AR, 1 << 16)?;
+    write(GUEST_TR_SELECTOR, 0)?;
+    write(GUEST_TR_BASE, 0)?;
+    write(GUEST_TR_LIMIT, 0x67)?;
+    write(GUEST_TR_AR, 0x8b)?;
+    write(GUEST_GDTR_BASE, shared_abi::guest::GDT_GPA)?;
+    write(GUEST_GDTR_LIMIT, 23)?;
+    write(GUEST_IDTR_BASE, 0)?;
+    write(GUEST_IDTR_LIMIT, 0)?;
+    write(GUEST_IA32_DEBUGCTL, 0)?;
+    write(GUEST_IA32_PAT, 0x0007_0406_0007_0406)?;
+    write(GUEST_IA32_EFER, r.efer)?;
+    write(GUEST_IA32_SYSENTER_CS, 0)?;
+    write(GUEST_IA32_SYSENTER_ESP, 0)?;
+    write(GUEST_IA32_SYSENTER_EIP, 0)?;
+    write(GUEST_RSP, r.rsp)?;
+    write(GUEST_RIP, r.rip)?;
+    write(GUEST_RFLAGS, r.rflags | 2)?;
+    write(GUEST_ACTIVITY_STATE, activity::ACTIVE)?;
+    write(GUEST_INTERRUPTIBILITY, 0)?;
+    write(GUEST_PENDING_DBG_EXCEPTIONS, 0)?;
+    Ok(())
 }

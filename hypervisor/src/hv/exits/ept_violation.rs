@@ -116,6 +116,9 @@ pub fn handle(regs: &mut GuestRegs) {
     if view.allowed(gpa, q.write) {
         return;
     }
+    if gpa & !0xfff == hv.apic_page && q.write && !q.fetch {
+        return apic_write(&mut view, regs, gpa, rip);
+    }
     if q.fetch {
         note(gpa, rip, 1, 0, "instruction fetch, #UD");
         inject_ud();
@@ -189,6 +192,33 @@ pub fn handle(regs: &mut GuestRegs) {
             }
         }
     }
+}
+
+/// A host write to its local APIC page: carried out on the real APIC,
+/// except INIT and SIPI to CPUs under the hypervisor (`hv::ipi`).
+fn apic_write(view: &mut HostView, regs: &mut GuestRegs, gpa: u64, rip: u64) {
+    let mut bytes = [0u8; 15];
+    let in_page = ((4096 - (rip & 4095)) as usize).min(15);
+    if !matches!(view.read(rip, &mut bytes[..in_page]), Ok(Access::Normal)) {
+        return inject_ud();
+    }
+    let er = EmuRegs { gpr: *regs, rip, ..Default::default() };
+    let Some(op) = crate::emulate::decode_mmio(&bytes[..in_page], 64, &er) else {
+        log::warn!("unemulated APIC write at rip {rip:#x}");
+        return inject_ud();
+    };
+    let off = gpa & 0xfff;
+    let reg = crate::hv::memory::phys_ptr(gpa & !3) as *mut u32;
+    let take = off == 0x300 && {
+        // SAFETY: the APIC's ICR high half, 32-bit read.
+        let high = unsafe { (crate::hv::memory::phys_ptr((gpa & !0xfff) + 0x310) as *const u32).read_volatile() };
+        crate::hv::ipi::icr_write(op.data as u32, high >> 24)
+    };
+    if !take {
+        // SAFETY: a 32-bit APIC register write, as the host asked.
+        unsafe { reg.write_volatile(op.data as u32) };
+    }
+    vmx::set(GUEST_RIP, op.next_rip);
 }
 
 fn inject_page_fault(pf: PageFault) {

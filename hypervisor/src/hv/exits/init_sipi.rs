@@ -9,6 +9,7 @@ use crate::arch::x86::vmx;
 
 pub fn init() {
     reset_state();
+    crate::arch::x86::cpu::this_cpu().parked.store(1, core::sync::atomic::Ordering::Release);
     vmx::set(GUEST_ACTIVITY_STATE, activity::WAIT_FOR_SIPI);
     // SAFETY: the reset CPU starts with empty TLBs.
     unsafe {
@@ -69,14 +70,24 @@ fn reset_state() {
 
 pub fn sipi() {
     let vector = vmx::read(EXIT_QUALIFICATION) & 0xff;
-    // The SIPI exit saved whatever the CPU held while waiting; start from
-    // the reset state again.
+    let pc = crate::arch::x86::cpu::this_cpu();
+    crate::hv::tlb::flush_if_needed(pc);
+    pc.parked.store(0, core::sync::atomic::Ordering::Release);
+    log::info!("cpu{}: SIPI: starting at {:#x}", pc.index, vector << 12);
+    start_at_sipi(vector);
+}
+
+/// The host VM's CPU starts in real mode at `vector`, from the INIT state.
+/// (The saved state of a SIPI exit is not usable: whatever the CPU held
+/// while it waited.)
+pub fn start_at_sipi(vector: u64) {
     reset_state();
     vmx::set(GUEST_CS_SELECTOR, vector << 8);
     vmx::set(GUEST_CS_BASE, vector << 12);
     vmx::set(GUEST_RIP, 0);
     vmx::set(GUEST_ACTIVITY_STATE, activity::ACTIVE);
-
-    super::DEBUG_TRACE.store(60, core::sync::atomic::Ordering::Relaxed);
-    log::info!("cpu{}: SIPI: starting at {:#x}", crate::arch::x86::cpu::this_cpu().index, vector << 12);
+    // SAFETY: the restarted CPU starts with empty TLBs.
+    unsafe {
+        let _ = instr::invvpid(1, vmx::read(VPID) as u16);
+    }
 }

@@ -27,8 +27,6 @@ pub const RBX: usize = 3;
 pub const RSI: usize = 6;
 pub const RDI: usize = 7;
 
-pub static DEBUG_TRACE: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
-
 /// Moves the guest past the instruction that exited.
 pub fn skip_instruction() {
     let rip = vmx::read(GUEST_RIP);
@@ -64,17 +62,27 @@ pub fn guest_cpl() -> u64 {
     (vmx::read(GUEST_SS_AR) >> 5) & 3
 }
 
+pub use init_sipi::start_at_sipi;
+
+/// MOV to/from CR0/CR4, CLTS, LMSW (host VM and guests alike).
+pub fn cr_access(regs: &mut GuestRegs) {
+    cr::handle(regs)
+}
+
 #[no_mangle]
 extern "sysv64" fn uxen_vmexit_handler(regs: &mut GuestRegs) {
     let pc = this_cpu();
     let t0 = instr::rdtsc();
     let raw = vmx::read(EXIT_REASON) as u32;
+    if pc.guest.is_some() {
+        pc.count_exit((raw & 0xffff) as u16, false);
+        super::run::guest_exit(pc, regs, raw);
+        after_exit(pc, t0);
+        return;
+    }
     let (reason, entry_failed) = ExitReason::decode(raw);
     pc.count_exit((raw & 0xffff) as u16, true);
-    if DEBUG_TRACE.load(core::sync::atomic::Ordering::Relaxed) > 0 && pc.index == 1 {
-        DEBUG_TRACE.fetch_sub(1, core::sync::atomic::Ordering::Relaxed);
-        log::info!("trace: exit {} rip {:#x} cs {:#x} qual {:#x} cr0 {:#x} rax {:#x}", raw & 0xffff, vmx::read(GUEST_RIP), vmx::read(GUEST_CS_SELECTOR), vmx::read(EXIT_QUALIFICATION), vmx::read(GUEST_CR0), regs[0]);
-    }
+    super::tlb::flush_if_needed(pc);
     if entry_failed {
         dump_vmcs();
         panic!("VM entry of the host VM failed: exit reason {:#x} qualification {:#x}", raw, vmx::read(EXIT_QUALIFICATION));
@@ -98,6 +106,16 @@ extern "sysv64" fn uxen_vmexit_handler(regs: &mut GuestRegs) {
             dump_vmcs();
             panic!("EPT misconfiguration at {:#x}", vmx::read(GUEST_PHYSICAL_ADDRESS));
         }
+        Ok(ExitReason::ExceptionOrNmi) => {
+            let info = vmx::read(EXIT_INTERRUPTION_INFO) as u32;
+            if (info >> 8) & 7 == 2 && super::tlb::on_nmi(pc) {
+                pc.host_nmi_pending.store(1, core::sync::atomic::Ordering::Release);
+            }
+        }
+        Ok(ExitReason::NmiWindow) => {
+            let p = vmx::read(PRIMARY_PROC_CONTROLS) & !(proc1::NMI_WINDOW_EXITING as u64);
+            vmx::set(PRIMARY_PROC_CONTROLS, p);
+        }
         _ => {
             log::warn!(
                 "cpu{}: unexpected exit {} ({}) at rip {:#x}; raising #UD",
@@ -109,18 +127,54 @@ extern "sysv64" fn uxen_vmexit_handler(regs: &mut GuestRegs) {
             inject_ud();
         }
     }
+    after_exit(pc, t0);
+}
+
+/// Common tail of every exit: deliver an NMI that belongs to the host once
+/// the host VM is about to run, and account the time.
+fn after_exit(pc: &mut crate::arch::x86::cpu::PerCpu, t0: u64) {
+    if pc.guest.is_none() {
+        super::ipi::park_if_init(pc);
+        if pc.host_nmi_pending.load(core::sync::atomic::Ordering::Acquire) != 0 {
+            inject_host_nmi(pc);
+        }
+    }
     pc.exit_tsc.fetch_add(instr::rdtsc().wrapping_sub(t0), core::sync::atomic::Ordering::Relaxed);
 }
 
+/// Delivers the host's NMI now if it can take one, else at its NMI window.
+fn inject_host_nmi(pc: &crate::arch::x86::cpu::PerCpu) {
+    let blocked = vmx::read(GUEST_INTERRUPTIBILITY) & (1 << 3) != 0;
+    let busy = vmx::read(ENTRY_INTERRUPTION_INFO) & (intr::VALID as u64) != 0;
+    if blocked || busy {
+        let p = vmx::read(PRIMARY_PROC_CONTROLS) | proc1::NMI_WINDOW_EXITING as u64;
+        vmx::set(PRIMARY_PROC_CONTROLS, p);
+        return;
+    }
+    vmx::set(ENTRY_INTERRUPTION_INFO, (intr::VALID | intr::TYPE_NMI | intr::VECTOR_NMI) as u64);
+    pc.host_nmi_pending.store(0, core::sync::atomic::Ordering::Release);
+}
+
 #[no_mangle]
-extern "sysv64" fn uxen_vmentry_failed(_regs: &mut GuestRegs) {
+extern "sysv64" fn uxen_vmentry_failed(regs: &mut GuestRegs) {
+    let pc = this_cpu();
+    if pc.guest.is_some() {
+        super::run::entry_failed(pc, regs);
+        return;
+    }
     let err = vmx::read(VM_INSTRUCTION_ERROR);
     dump_vmcs();
     panic!("VMRESUME/VMLAUNCH of the host VM failed: VM-instruction error {err}");
 }
 
-/// An NMI taken in root operation.
-pub fn nmi_in_root() {}
+/// An NMI taken in root operation: a shootdown or kick is served at once;
+/// the host's own NMI is delivered at the next entry into the host VM.
+pub fn nmi_in_root() {
+    let pc = this_cpu();
+    if super::tlb::on_nmi(pc) {
+        pc.host_nmi_pending.store(1, core::sync::atomic::Ordering::Release);
+    }
+}
 
 /// Logs the guest state of the current VMCS.
 pub fn dump_vmcs() {

@@ -9,7 +9,11 @@ pub fn handle(regs: &mut GuestRegs) {
         return;
     }
     skip_instruction();
-    let (status, aux) = crate::hv::hypercall::dispatch(regs[RAX], regs[RDI], regs[RSI], regs);
-    regs[RAX] = status as u64;
-    regs[RDX] = aux;
+    match crate::hv::hypercall::dispatch(regs[RAX], regs[RDI], regs[RSI], regs) {
+        crate::hv::run::Switch::Return(status, aux) => {
+            regs[RAX] = status as u64;
+            regs[RDX] = aux;
+        }
+        crate::hv::run::Switch::Entered => {}
+    }
 }

@@ -1,0 +1,497 @@
+//! Running guest vCPUs: the RUN hypercall switches this CPU from the host
+//! VM's VMCS to the guest's; guest exits are handled here, and those the
+//! host must see end the RUN with an exit record.
+
+use super::exits::{inject_ud, skip_instruction, GuestRegs, RAX, RCX, RDI, RDX, RSI};
+use super::memory::DirectMap;
+use super::vm::{self, Pending, Vm, POOL};
+use super::{hv, tlb};
+use crate::addr::{Gpa, Hpa};
+use crate::arch::x86::cpu::{this_cpu, PerCpu};
+use crate::arch::x86::ept_entry::EptViolation;
+use crate::arch::x86::exit_reason::ExitReason;
+use crate::arch::x86::instr;
+use crate::arch::x86::vmcs_fields::*;
+use crate::arch::x86::vmx;
+use crate::emulate::{complete_mmio_read, decode_mmio, EmuRegs, MmioOp};
+use crate::guestmem::MemError;
+use crate::mem::PhysMem;
+use crate::policy::{guest_cpuid, guest_efer_ok, guest_msr, Cpuid, GuestMsr};
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use core::sync::atomic::Ordering;
+use shared_abi::{errno::*, exit, ghc, guest, stop, vm_state, ExitRecord, VmRun, HC_NEED_PAGES};
+
+/// The guest a CPU runs, and the host context to go back to.
+pub struct Running {
+    pub vm: Arc<Vm>,
+    pub vcpu: usize,
+    /// The host VM's GPRs at its VMCALL (RIP already past it).
+    pub host_regs: GuestRegs,
+    /// Where the host's `VmRun` block is.
+    pub arg_pa: u64,
+    /// A pending MMIO load, to complete on the next RUN.
+    pub mmio: Option<MmioOp>,
+}
+
+/// Default time slice, in TSC cycles, before the guest yields to the host.
+const DEFAULT_SLICE: u64 = 4_000_000;
+
+/// An MSR bitmap with every bit set: guests' MSR accesses all exit.
+static MSR_ALL: spin::Once<u64> = spin::Once::new();
+
+fn msr_all_bitmap() -> u64 {
+    *MSR_ALL.call_once(|| {
+        let (pa, p) = super::memory::alloc_page().expect("heap exhausted");
+        // SAFETY: a fresh heap page.
+        unsafe { core::ptr::write_bytes(p, 0xff, 4096) };
+        pa
+    })
+}
+
+/// What a host hypercall did to this CPU's context.
+pub enum Switch {
+    /// Return to the host VM with (RAX, RDX).
+    Return(i64, u64),
+    /// The CPU now runs a guest; the exit stub enters it.
+    Entered,
+}
+
+/// RUN: enters the guest, or returns at once if the VM has ended.
+pub fn run(regs: &mut GuestRegs, arg: u64, len: u64) -> Switch {
+    match try_run(regs, arg, len) {
+        Ok(s) => s,
+        Err(e) => Switch::Return(e, 0),
+    }
+}
+
+fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
+    let h = hv();
+    let size = core::mem::size_of::<VmRun>() as u64;
+    if len < size || !h.host_owned(arg, size) {
+        return Err(-EFAULT);
+    }
+    // SAFETY: host memory the host owns, checked above; plain data.
+    let req: VmRun = unsafe { core::ptr::read_unaligned(super::memory::phys_ptr(arg) as *const VmRun) };
+    let vm = vm::get(req.vm).map_err(|e| e.errno())?;
+    let idx = req.vcpu as usize;
+    let Some(vcpu) = vm.vcpus.get(idx) else {
+        return Err(-ENOENT);
+    };
+    if vm.is_stopped() || vm.dying.load(Ordering::Acquire) {
+        write_record(arg, &vm.final_record());
+        return Ok(Switch::Return(0, 0));
+    }
+    if vcpu.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        return Err(-EBUSY);
+    }
+    let pc = this_cpu();
+    vcpu.cpu.store(pc.index, Ordering::Release);
+    let mut st = *vcpu.state.lock();
+
+    // SAFETY: the vCPU's own VMCS region, not current on any CPU (it is
+    // VMCLEAR'ed whenever it leaves one).
+    if unsafe { instr::vmptrld(vcpu.vmcs.0) }.is_err() {
+        vcpu.running.store(false, Ordering::Release);
+        // SAFETY: back to the host VM's VMCS.
+        unsafe {
+            let _ = instr::vmptrld(pc.vmcs_pa);
+        }
+        return Err(-EIO);
+    }
+    if !st.ready {
+        let init = vmx::GuestInit { regs: &st.init, eptp: vm.eptp, vpid: vm.vpid, msr_bitmap: msr_all_bitmap() };
+        // SAFETY: the guest's VMCS is current.
+        let r = unsafe { vmx::setup_guest_vm(&h.caps, &init) };
+        if let Err(e) = r {
+            log::error!("vm{}: cannot set up vCPU {idx}: {e}", vm.id);
+            vm.stop(vm_state::STOPPED, stop::ENTRY_FAILED, 0);
+        }
+        st.gpr = [0; 16];
+        st.gpr[RDI] = st.init.rdi;
+        st.gpr[RSI] = st.init.rsi;
+        st.gpr[RDX] = st.init.rdx;
+        st.gpr[RCX] = st.init.rcx;
+        st.gpr[RAX] = st.init.rax;
+        st.gpr[3] = st.init.rbx;
+        st.gpr[5] = st.init.rbp;
+        for (i, v) in [st.init.r8, st.init.r9, st.init.r10, st.init.r11, st.init.r12, st.init.r13, st.init.r14, st.init.r15].into_iter().enumerate() {
+            st.gpr[8 + i] = v;
+        }
+        st.ready = true;
+    }
+    let _ = vmx::write_host_state(pc, h.cr3, &pc.linux);
+    let misc_rate = h.caps.misc & 0x1f;
+    let slice = if req.slice_tsc == 0 { DEFAULT_SLICE } else { req.slice_tsc.min(1 << 32) };
+    vmx::set(PREEMPTION_TIMER_VALUE, (slice >> misc_rate).max(1));
+
+    // Complete what the previous exit left to the VMM.
+    let mut mmio = None;
+    match st.pending {
+        Pending::None => {}
+        Pending::PortIn { size } => {
+            let v = req.exit.data;
+            st.gpr[RAX] = match size {
+                1 => (st.gpr[RAX] & !0xff) | (v & 0xff),
+                2 => (st.gpr[RAX] & !0xffff) | (v & 0xffff),
+                _ => v & 0xffff_ffff,
+            };
+        }
+        Pending::MmioRead { size, reg, high_byte, next_rip } => {
+            mmio = Some(MmioOp { is_write: false, size, data: 0, reg, high_byte, dest_size: 0, sign_extend: false, next_rip });
+        }
+        Pending::Hypercall => st.gpr[RAX] = req.exit.hc_ret,
+    }
+    st.pending = Pending::None;
+    *vcpu.state.lock() = st;
+    if let Some(op) = mmio {
+        let mut er = EmuRegs { gpr: st.gpr, rip: vmx::read(GUEST_RIP), ..Default::default() };
+        let full = MmioOp { dest_size: op.size.max(op.dest_size), ..op };
+        complete_mmio_read(&mut er, &full, req.exit.data);
+        st.gpr = er.gpr;
+        vmx::set(GUEST_RIP, er.rip);
+    }
+
+    // Enter: the host context is kept for the way back.
+    pc.guest = Some(Box::new(Running { vm: vm.clone(), vcpu: idx, host_regs: *regs, arg_pa: arg, mmio: None }));
+    let bit = 1u64 << (pc.index % 64);
+    if vm.tlb_dirty.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+        // SAFETY: INVEPT of this guest's EPT.
+        unsafe {
+            let _ = instr::invept(1, vm.eptp);
+        }
+    }
+    deliver_timer(&vm, idx);
+    if vm.state.load(Ordering::Acquire) == vm_state::CREATED || vm.state.load(Ordering::Acquire) == vm_state::PAUSED {
+        vm.state.store(vm_state::RUNNING, Ordering::Release);
+    }
+    *regs = st.gpr;
+    pc.launch_next = 1;
+    Ok(Switch::Entered)
+}
+
+/// Injects the halt-wake timer's interrupt if it is due and the guest can
+/// take it.
+fn deliver_timer(vm: &Vm, idx: usize) -> bool {
+    let mut st = vm.vcpus[idx].state.lock();
+    if st.timer_deadline == 0 || instr::rdtsc() < st.timer_deadline {
+        return false;
+    }
+    let can = vmx::read(GUEST_RFLAGS) & (1 << 9) != 0
+        && vmx::read(GUEST_INTERRUPTIBILITY) & 3 == 0
+        && vmx::read(ENTRY_INTERRUPTION_INFO) & (intr::VALID as u64) == 0;
+    if !can {
+        return false;
+    }
+    vmx::set(ENTRY_INTERRUPTION_INFO, (intr::VALID | intr::TYPE_EXTERNAL | st.timer_vector as u32) as u64);
+    st.timer_deadline = 0;
+    true
+}
+
+/// Writes an exit record into the host's `VmRun` block.
+fn write_record(arg_pa: u64, rec: &ExitRecord) {
+    let off = core::mem::offset_of!(VmRun, exit) as u64;
+    let size = core::mem::size_of::<ExitRecord>() as u64;
+    if hv().host_owned(arg_pa + off, size) {
+        // SAFETY: checked host memory; plain data.
+        unsafe { core::ptr::write_unaligned(super::memory::phys_ptr(arg_pa + off) as *mut ExitRecord, *rec) };
+    }
+}
+
+/// Leaves the guest for the host: RUN returns `status` (and `aux`), with
+/// `rec` as its exit record.
+fn leave(pc: &mut PerCpu, regs: &mut GuestRegs, mut rec: ExitRecord, pending: Pending, status: i64, aux: u64) {
+    let g = pc.guest.take().expect("leaving a guest that is not running");
+    let vcpu = &g.vm.vcpus[g.vcpu];
+    rec.rip = vmx::read(GUEST_RIP);
+    {
+        let mut st = vcpu.state.lock();
+        st.gpr = *regs;
+        st.pending = pending;
+    }
+    // SAFETY: the guest's VMCS goes back to memory (so that any CPU can
+    // load it next) and the host VM's becomes current again.
+    unsafe {
+        let _ = instr::vmclear(vcpu.vmcs.0);
+        let _ = instr::vmptrld(pc.vmcs_pa);
+    }
+    if status == 0 {
+        write_record(g.arg_pa, &rec);
+    }
+    *regs = g.host_regs;
+    regs[RAX] = status as u64;
+    regs[RDX] = aux;
+    pc.launch_next = 0;
+    if g.vm.state.load(Ordering::Acquire) == vm_state::RUNNING {
+        g.vm.state.store(vm_state::PAUSED, Ordering::Release);
+    }
+    vcpu.running.store(false, Ordering::Release);
+}
+
+fn record(kind: u32) -> ExitRecord {
+    ExitRecord { kind, ..Default::default() }
+}
+
+/// Ends the VM and returns the stop to the host.
+fn stop_vm(pc: &mut PerCpu, regs: &mut GuestRegs, reason: u32) {
+    let vm = pc.guest.as_ref().unwrap().vm.clone();
+    log::info!("vm{}: stopped: {} at rip {:#x}", vm.id, stop::name(reason), vmx::read(GUEST_RIP));
+    vm.stop(vm_state::STOPPED, reason, 0);
+    let rec = vm.final_record();
+    leave(pc, regs, rec, Pending::None, 0, 0);
+}
+
+/// Handles an exit of the guest this CPU runs.
+pub fn guest_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
+    let (reason, entry_failed) = ExitReason::decode(raw);
+    tlb::flush_if_needed(pc);
+    if entry_failed {
+        log::error!("vm{}: VM entry failed: exit reason {:#x} qualification {:#x}", pc.guest.as_ref().unwrap().vm.id, raw, vmx::read(EXIT_QUALIFICATION));
+        super::exits::dump_vmcs();
+        return stop_vm(pc, regs, stop::ENTRY_FAILED);
+    }
+    let vm = pc.guest.as_ref().unwrap().vm.clone();
+    let idx = pc.guest.as_ref().unwrap().vcpu;
+    match reason {
+        Ok(ExitReason::ExternalInterrupt) | Ok(ExitReason::PreemptionTimer) => {
+            return leave(pc, regs, record(exit::INTR), Pending::None, 0, 0);
+        }
+        Ok(ExitReason::ExceptionOrNmi) => {
+            let info = vmx::read(EXIT_INTERRUPTION_INFO) as u32;
+            if (info >> 8) & 7 == 2 {
+                if tlb::on_nmi(pc) {
+                    pc.host_nmi_pending.store(1, Ordering::Release);
+                    return leave(pc, regs, record(exit::INTR), Pending::None, 0, 0);
+                }
+            } else {
+                return stop_vm(pc, regs, stop::BAD_INSTRUCTION);
+            }
+        }
+        Ok(ExitReason::TripleFault) => return stop_vm(pc, regs, stop::TRIPLE_FAULT),
+        Ok(ExitReason::Hlt) => {
+            if vmx::read(GUEST_RFLAGS) & (1 << 9) == 0 {
+                return stop_vm(pc, regs, stop::HLT_IRQS_OFF);
+            }
+            skip_instruction();
+            if !deliver_timer(&vm, idx) {
+                let mut rec = record(exit::HLT);
+                rec.data = vm.vcpus[idx].state.lock().timer_deadline;
+                return leave(pc, regs, rec, Pending::None, 0, 0);
+            }
+        }
+        Ok(ExitReason::IoInstruction) => return port_io(pc, regs, &vm),
+        Ok(ExitReason::EptViolation) => return ept_violation(pc, regs, &vm),
+        Ok(ExitReason::EptMisconfig) => return stop_vm(pc, regs, stop::ENTRY_FAILED),
+        Ok(ExitReason::Cpuid) => {
+            let r = guest_cpuid(regs[RAX] as u32, regs[RCX] as u32, |l, s| {
+                let [eax, ebx, ecx, edx] = instr::cpuid(l, s);
+                Cpuid { eax, ebx, ecx, edx }
+            });
+            regs[RAX] = r.eax as u64;
+            regs[3] = r.ebx as u64;
+            regs[RCX] = r.ecx as u64;
+            regs[RDX] = r.edx as u64;
+            skip_instruction();
+        }
+        Ok(ExitReason::Rdmsr) => match guest_msr(regs[RCX] as u32) {
+            GuestMsr::Vmcs(f) => {
+                let v = vmx::read(f);
+                regs[RAX] = v & 0xffff_ffff;
+                regs[RDX] = v >> 32;
+                skip_instruction();
+            }
+            GuestMsr::Tsc => {
+                let v = instr::rdtsc();
+                regs[RAX] = v & 0xffff_ffff;
+                regs[RDX] = v >> 32;
+                skip_instruction();
+            }
+            GuestMsr::None => super::exits::inject_gp(),
+        },
+        Ok(ExitReason::Wrmsr) => {
+            let v = (regs[RDX] << 32) | (regs[RAX] & 0xffff_ffff);
+            match guest_msr(regs[RCX] as u32) {
+                GuestMsr::Vmcs(GUEST_IA32_EFER) if !guest_efer_ok(vmx::read(GUEST_IA32_EFER), v) => super::exits::inject_gp(),
+                GuestMsr::Vmcs(f) if f == GUEST_FS_BASE || f == GUEST_GS_BASE => {
+                    if ((v as i64) << 16 >> 16) as u64 != v {
+                        super::exits::inject_gp();
+                    } else {
+                        vmx::set(f, v);
+                        skip_instruction();
+                    }
+                }
+                GuestMsr::Vmcs(f) => {
+                    vmx::set(f, v);
+                    skip_instruction();
+                }
+                _ => super::exits::inject_gp(),
+            }
+        }
+        Ok(ExitReason::CrAccess) => {
+            let q = vmx::read(EXIT_QUALIFICATION);
+            if q & 0xf == 8 {
+                // CR8 is the host's TPR: the guest gets a private one, ignored.
+                if (q >> 4) & 3 == 1 {
+                    regs[((q >> 8) & 0xf) as usize] = 0;
+                }
+                skip_instruction();
+            } else {
+                super::exits::cr_access(regs);
+            }
+        }
+        Ok(ExitReason::Vmcall) => return hypercall(pc, regs, &vm, idx),
+        Ok(ExitReason::Invd) | Ok(ExitReason::Wbinvd) => skip_instruction(),
+        Ok(ExitReason::Init) | Ok(ExitReason::Sipi) => {}
+        Ok(_) => inject_ud(),
+        Err(_) => return stop_vm(pc, regs, stop::BAD_INSTRUCTION),
+    }
+    if vm.dying.load(Ordering::Acquire) {
+        return leave(pc, regs, vm.final_record(), Pending::None, 0, 0);
+    }
+    if pc.host_nmi_pending.load(Ordering::Acquire) != 0 {
+        leave(pc, regs, record(exit::INTR), Pending::None, 0, 0);
+    }
+}
+
+fn port_io(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
+    let q = vmx::read(EXIT_QUALIFICATION);
+    let size = (q & 7) as u8 + 1;
+    let is_in = q & 8 != 0;
+    let port = (q >> 16) as u16;
+    if q & 16 != 0 {
+        // String I/O is not part of the guest contract.
+        return stop_vm(pc, regs, stop::BAD_INSTRUCTION);
+    }
+    let mask = if size == 4 { 0xffff_ffff } else { (1u64 << (8 * size as u32)) - 1 };
+    skip_instruction();
+    if port == guest::EXIT_PORT && !is_in {
+        let code = regs[RAX] & mask;
+        log::info!("vm{}: exited with code {}", vm.id, code);
+        vm.stop(vm_state::EXITED, stop::NONE, code);
+        return leave(pc, regs, vm.final_record(), Pending::None, 0, 0);
+    }
+    let mut rec = record(exit::IO);
+    rec.port = port;
+    rec.size = size;
+    rec.is_write = !is_in as u8;
+    rec.data = if is_in { 0 } else { regs[RAX] & mask };
+    let pending = if is_in { Pending::PortIn { size } } else { Pending::None };
+    leave(pc, regs, rec, pending, 0, 0)
+}
+
+fn ept_violation(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
+    let gpa = vmx::read(GUEST_PHYSICAL_ADDRESS);
+    let q = EptViolation::from_qualification(vmx::read(EXIT_QUALIFICATION));
+    if gpa < vm.mem_bytes {
+        let r = {
+            let mut mem = vm.mem.lock();
+            let Some(g) = mem.as_mut() else {
+                return leave(pc, regs, vm.final_record(), Pending::None, 0, 0);
+            };
+            let mut pool = POOL.lock();
+            if q.write {
+                g.ensure_writable(&DirectMap, &mut pool, Gpa(gpa))
+            } else {
+                g.ensure_present(&DirectMap, &mut pool, Gpa(gpa))
+            }
+        };
+        return match r {
+            Ok(_) => {}
+            // The instruction is retried once the host has donated.
+            Err(MemError::NeedPages(n)) => leave(pc, regs, record(exit::NONE), Pending::None, HC_NEED_PAGES, n),
+            Err(_) => stop_vm(pc, regs, stop::OUT_OF_MEMORY),
+        };
+    }
+    if !q.final_translation || q.fetch {
+        // The guest's page tables, or its code, lie outside its memory.
+        return stop_vm(pc, regs, stop::BAD_INSTRUCTION);
+    }
+    // MMIO: decode the access for the VMM.
+    let rip = vmx::read(GUEST_RIP);
+    let mut bytes = [0u8; 15];
+    let n = read_guest_code(vm, rip, &mut bytes);
+    let er = EmuRegs { gpr: *regs, rip, ..Default::default() };
+    let Some(op) = (n > 0).then(|| decode_mmio(&bytes[..n], 64, &er)).flatten() else {
+        return stop_vm(pc, regs, stop::BAD_INSTRUCTION);
+    };
+    let mut rec = record(exit::MMIO);
+    rec.addr = gpa;
+    rec.size = op.size;
+    rec.is_write = op.is_write as u8;
+    rec.data = op.data;
+    if op.is_write {
+        vmx::set(GUEST_RIP, op.next_rip);
+        return leave(pc, regs, rec, Pending::None, 0, 0);
+    }
+    let pending = Pending::MmioRead { size: op.size, reg: op.reg, high_byte: op.high_byte, next_rip: op.next_rip };
+    leave(pc, regs, rec, pending, 0, 0)
+}
+
+/// Reads up to 15 bytes of guest code at linear `rip`; returns how many.
+fn read_guest_code(vm: &Vm, rip: u64, out: &mut [u8; 15]) -> usize {
+    use crate::paging::{translate, AccessKind, PagingMode};
+    let mode = PagingMode {
+        cr0: vmx::read(GUEST_CR0),
+        cr3: vmx::read(GUEST_CR3),
+        cr4: vmx::read(CR4_READ_SHADOW),
+        efer: vmx::read(GUEST_IA32_EFER),
+    };
+    let mem = vm.mem.lock();
+    let Some(g) = mem.as_ref() else { return 0 };
+    let kind = AccessKind { write: false, user: false };
+    let mut n = 0usize;
+    while n < 15 {
+        let la = rip + n as u64;
+        let Ok(t) = translate(&DirectMap, &mode, la, kind, |gpa| g.lookup(&DirectMap, gpa).map(|(pa, _)| Hpa(pa.0 + gpa.page_offset()))) else {
+            break;
+        };
+        let Some((pa, _)) = g.lookup(&DirectMap, t.gpa) else { break };
+        let chunk = ((4096 - (la & 4095)) as usize).min(15 - n);
+        DirectMap.read(Hpa(pa.0 + t.gpa.page_offset()), &mut out[n..n + chunk]);
+        n += chunk;
+    }
+    n
+}
+
+fn hypercall(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>, idx: usize) {
+    if super::exits::guest_cpl() != 0 {
+        return inject_ud();
+    }
+    let nr = regs[RAX];
+    let (a0, a1) = (regs[RDI], regs[RSI]);
+    skip_instruction();
+    let ret: i64 = match nr {
+        ghc::VERSION => shared_abi::ABI_REVISION as i64,
+        ghc::VM_ID => vm.id as i64,
+        ghc::TSC_KHZ => 0,
+        ghc::SET_TIMER => {
+            if a0 != 0 && !(32..=255).contains(&a1) {
+                -EINVAL
+            } else {
+                let mut st = vm.vcpus[idx].state.lock();
+                st.timer_deadline = a0;
+                st.timer_vector = a1 as u8;
+                0
+            }
+        }
+        n if (ghc::VMM_FIRST..=ghc::VMM_LAST).contains(&n) => {
+            let mut rec = record(exit::HYPERCALL);
+            rec.hc_nr = n;
+            rec.hc_args = [a0, a1, regs[RDX]];
+            return leave(pc, regs, rec, Pending::Hypercall, 0, 0);
+        }
+        _ => {
+            log::info!("vm{}: unknown hypercall {:#x}", vm.id, nr);
+            return stop_vm(pc, regs, stop::BAD_HYPERCALL);
+        }
+    };
+    regs[RAX] = ret as u64;
+}
+
+/// A guest VM entry failed (VMLAUNCH/VMRESUME): the VM stops.
+pub fn entry_failed(pc: &mut PerCpu, regs: &mut GuestRegs) {
+    let err = vmx::read(VM_INSTRUCTION_ERROR);
+    log::error!("vm{}: VM entry failed: VM-instruction error {err}", pc.guest.as_ref().unwrap().vm.id);
+    super::exits::dump_vmcs();
+    stop_vm(pc, regs, stop::ENTRY_FAILED);
+}

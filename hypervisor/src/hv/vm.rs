@@ -1,0 +1,342 @@
+//! Guest VMs: the table of VMs, their memory, their vCPUs.
+
+use super::memory::DirectMap;
+use crate::addr::{Gpa, Hpa};
+use crate::guestmem::{GuestMem, MemError};
+use crate::pool::FramePool;
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use shared_abi::{errno::*, exit, stop, vm_state, ExitRecord, Regs, VmInfo, MAX_VMS, VM_NAME_LEN};
+
+/// The frame pool, shared by all VMs.
+pub static POOL: spin::Mutex<FramePool> = spin::Mutex::new(FramePool::new());
+
+/// Every VM, by id.
+static VMS: spin::Mutex<BTreeMap<u32, Arc<Vm>>> = spin::Mutex::new(BTreeMap::new());
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+
+/// Why a VM operation failed; turned into `-errno` by the dispatcher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmError {
+    NoSuchVm,
+    NoSuchVcpu,
+    Busy,
+    Invalid,
+    TooMany,
+    /// Guest memory operation failed.
+    Mem(MemError),
+}
+
+impl VmError {
+    pub fn errno(self) -> i64 {
+        -match self {
+            VmError::NoSuchVm | VmError::NoSuchVcpu => ENOENT,
+            VmError::Busy => EBUSY,
+            VmError::Invalid => EINVAL,
+            VmError::TooMany => ENOSPC,
+            VmError::Mem(MemError::OutOfRange) => EFAULT,
+            VmError::Mem(MemError::Pool(_)) => EOVERFLOW,
+            VmError::Mem(MemError::NeedPages(_)) => ENOMEM,
+        }
+    }
+}
+
+impl From<MemError> for VmError {
+    fn from(e: MemError) -> Self {
+        VmError::Mem(e)
+    }
+}
+
+/// A vCPU's state while it is not running.
+#[derive(Clone, Copy)]
+pub struct VcpuState {
+    /// RAX..R15 (RSP lives in the VMCS).
+    pub gpr: [u64; 16],
+    /// The initial register file, applied at the first run.
+    pub init: Regs,
+    /// The VMCS has been filled.
+    pub ready: bool,
+    /// The previous exit waits for the VMM's answer (a port or MMIO read,
+    /// or a VMM hypercall): what to complete on the next RUN.
+    pub pending: Pending,
+    /// Halt-wake timer: TSC deadline (0: none) and vector.
+    pub timer_deadline: u64,
+    pub timer_vector: u8,
+}
+
+/// What the next RUN must complete before entering the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pending {
+    None,
+    /// A port read of `size` bytes into RAX.
+    PortIn { size: u8 },
+    /// An MMIO read of `size` bytes into GPR `reg`, then RIP = `next_rip`.
+    MmioRead { size: u8, reg: u8, high_byte: bool, next_rip: u64 },
+    /// A VMM hypercall's result into RAX.
+    Hypercall,
+}
+
+pub struct Vcpu {
+    /// Its VMCS region (a pool frame).
+    pub vmcs: Hpa,
+    /// Owned by the CPU that runs it.
+    pub running: AtomicBool,
+    /// Index of the CPU running it, while `running`.
+    pub cpu: AtomicU32,
+    pub state: spin::Mutex<VcpuState>,
+}
+
+/// A guest VM.
+pub struct Vm {
+    pub id: u32,
+    pub parent: u32,
+    pub name: [u8; VM_NAME_LEN],
+    pub vpid: u16,
+    pub mem_bytes: u64,
+    pub mem: spin::Mutex<Option<GuestMem>>,
+    pub eptp: u64,
+    pub vcpus: Vec<Vcpu>,
+    /// `vm_state` value.
+    pub state: AtomicU32,
+    pub stop_reason: AtomicU32,
+    pub exit_code: AtomicU64,
+    /// Being destroyed: running vCPUs leave at once.
+    pub dying: AtomicBool,
+    /// Children forked through the hypercall.
+    pub children: AtomicU32,
+    /// Per-CPU bit: that CPU may hold stale translations for this EPT.
+    pub tlb_dirty: AtomicU64,
+}
+
+impl Vm {
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.state.load(Ordering::Acquire), vm_state::EXITED | vm_state::STOPPED)
+    }
+
+    /// Ends the VM for good with `reason` (a `stop` value) or an exit code.
+    pub fn stop(&self, state: u32, reason: u32, code: u64) {
+        self.stop_reason.store(reason, Ordering::Release);
+        self.exit_code.store(code, Ordering::Release);
+        self.state.store(state, Ordering::Release);
+    }
+
+    /// The exit record RUN returns once the VM has ended.
+    pub fn final_record(&self) -> ExitRecord {
+        let mut r = ExitRecord::default();
+        if self.state.load(Ordering::Acquire) == vm_state::EXITED {
+            r.kind = exit::GUEST_EXIT;
+            r.data = self.exit_code.load(Ordering::Acquire);
+        } else {
+            r.kind = exit::SHUTDOWN;
+            r.reason = self.stop_reason.load(Ordering::Acquire);
+        }
+        r
+    }
+
+    /// Marks the TLBs of every CPU stale for this VM.
+    pub fn mark_tlbs_stale(&self) {
+        self.tlb_dirty.store(u64::MAX, Ordering::Release);
+    }
+}
+
+/// Looks up a VM.
+pub fn get(id: u32) -> Result<Arc<Vm>, VmError> {
+    VMS.lock().get(&id).cloned().ok_or(VmError::NoSuchVm)
+}
+
+pub fn count() -> u32 {
+    VMS.lock().len() as u32
+}
+
+/// VPIDs: 1 is the host VM's; guests take from 2 up.
+static VPIDS: spin::Mutex<[u64; 1024]> = spin::Mutex::new([0; 1024]);
+
+fn alloc_vpid() -> Option<u16> {
+    let mut v = VPIDS.lock();
+    for (w, word) in v.iter_mut().enumerate() {
+        if *word != u64::MAX {
+            let b = (!*word).trailing_zeros() as usize;
+            let id = w * 64 + b;
+            *word |= 1 << b;
+            if id < 2 {
+                continue;
+            }
+            return Some(id as u16);
+        }
+    }
+    None
+}
+
+fn free_vpid(id: u16) {
+    VPIDS.lock()[id as usize / 64] &= !(1 << (id % 64));
+}
+
+/// The initial register file of vCPU 0 (docs/guest-abi.md): 64-bit mode,
+/// paging on with CR3 at the boot PML4, RSP at the top of memory, RDI the
+/// memory size.
+pub fn boot_regs(mem_bytes: u64) -> Regs {
+    Regs {
+        rsp: mem_bytes,
+        rdi: mem_bytes,
+        rflags: 2,
+        cr0: 0x8001_0033,
+        cr3: shared_abi::guest::PML4_GPA,
+        cr4: 0x20,
+        efer: 0x500,
+        ..Default::default()
+    }
+}
+
+/// Creates a VM. Needs pool frames for its EPT root and VMCS pages.
+pub fn create(mem_bytes: u64, vcpus: u32, name: [u8; VM_NAME_LEN], parent: u32) -> Result<Arc<Vm>, VmError> {
+    if mem_bytes == 0
+        || mem_bytes % shared_abi::VM_MEM_ALIGN != 0
+        || mem_bytes > shared_abi::VM_MAX_MEM
+        || vcpus == 0
+        || vcpus > shared_abi::VM_MAX_VCPUS
+    {
+        return Err(VmError::Invalid);
+    }
+    if count() >= MAX_VMS {
+        return Err(VmError::TooMany);
+    }
+    let mem = DirectMap;
+    let mut pool = POOL.lock();
+    let need = 1 + vcpus as u64 + 4;
+    if pool.frames_free() < need {
+        return Err(VmError::Mem(MemError::NeedPages(need - pool.frames_free())));
+    }
+    let g = GuestMem::new(&mem, &mut pool, mem_bytes)?;
+    let mut list = Vec::new();
+    for _ in 0..vcpus {
+        let vmcs = pool.alloc().ok_or(VmError::Mem(MemError::NeedPages(1)))?;
+        list.push(Vcpu {
+            vmcs,
+            running: AtomicBool::new(false),
+            cpu: AtomicU32::new(0),
+            state: spin::Mutex::new(VcpuState {
+                gpr: [0; 16],
+                init: boot_regs(mem_bytes),
+                ready: false,
+                pending: Pending::None,
+                timer_deadline: 0,
+                timer_vector: 0,
+            }),
+        });
+    }
+    drop(pool);
+    let Some(vpid) = alloc_vpid() else {
+        return Err(VmError::TooMany);
+    };
+    let id = NEXT_ID.fetch_add(1, Ordering::AcqRel);
+    let eptp = crate::arch::x86::ept_entry::eptp(g.ept.root.0, false);
+    let vm = Arc::new(Vm {
+        id,
+        parent,
+        name,
+        vpid,
+        mem_bytes,
+        mem: spin::Mutex::new(Some(g)),
+        eptp,
+        vcpus: list,
+        state: AtomicU32::new(vm_state::CREATED),
+        stop_reason: AtomicU32::new(stop::NONE),
+        exit_code: AtomicU64::new(0),
+        dying: AtomicBool::new(false),
+        children: AtomicU32::new(0),
+        tlb_dirty: AtomicU64::new(u64::MAX),
+    });
+    VMS.lock().insert(id, vm.clone());
+    Ok(vm)
+}
+
+/// Destroys a VM: stops its running vCPUs, frees its frames (scrubbed) and
+/// its VPID. Its children keep their shared frames.
+pub fn destroy(id: u32) -> Result<(), VmError> {
+    let vm = VMS.lock().remove(&id).ok_or(VmError::NoSuchVm)?;
+    vm.dying.store(true, Ordering::Release);
+    if !vm.is_stopped() {
+        vm.stop(vm_state::STOPPED, stop::DESTROYED, 0);
+    }
+    // A vCPU in the guest on another CPU leaves at the kick.
+    for v in &vm.vcpus {
+        let t0 = crate::arch::x86::instr::rdtsc();
+        while v.running.load(Ordering::Acquire) {
+            let cpu = v.cpu.load(Ordering::Acquire) as usize;
+            if cpu != crate::arch::x86::cpu::this_cpu().index as usize {
+                super::tlb::kick(cpu);
+            }
+            let t1 = crate::arch::x86::instr::rdtsc();
+            while v.running.load(Ordering::Acquire) && crate::arch::x86::instr::rdtsc().wrapping_sub(t1) < 1 << 24 {
+                core::hint::spin_loop();
+            }
+            if crate::arch::x86::instr::rdtsc().wrapping_sub(t0) > 1 << 36 {
+                log::error!("vm{id}: a vCPU does not stop; its memory is kept");
+                return Ok(());
+            }
+        }
+    }
+    let mem = DirectMap;
+    let g = vm.mem.lock().take();
+    let mut pool = POOL.lock();
+    if let Some(g) = g {
+        g.destroy(&mem, &mut pool);
+    }
+    for v in &vm.vcpus {
+        // SAFETY: not running any more; VMCLEAR'ed when it last left a CPU.
+        mem_zero_and_put(&mut pool, v.vmcs);
+    }
+    drop(pool);
+    free_vpid(vm.vpid);
+    Ok(())
+}
+
+fn mem_zero_and_put(pool: &mut FramePool, pa: Hpa) {
+    let _ = pool.put(&DirectMap, pa);
+}
+
+/// Copies `data` into a VM's memory.
+pub fn load(vm: &Vm, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+    let mut mem = vm.mem.lock();
+    let g = mem.as_mut().ok_or(VmError::NoSuchVm)?;
+    let mut pool = POOL.lock();
+    g.write(&DirectMap, &mut pool, Gpa(gpa), data)?;
+    Ok(())
+}
+
+/// The VM's one-line description.
+pub fn info(vm: &Vm) -> VmInfo {
+    let (private, shared) = match vm.mem.lock().as_ref() {
+        Some(g) => {
+            let s = g.stats(&DirectMap, &POOL.lock());
+            (s.private + s.tables + vm.vcpus.len() as u64, s.shared)
+        }
+        None => (0, 0),
+    };
+    let running = vm.vcpus.iter().any(|v| v.running.load(Ordering::Acquire));
+    let mut state = vm.state.load(Ordering::Acquire);
+    if state == vm_state::PAUSED && running {
+        state = vm_state::RUNNING;
+    }
+    VmInfo {
+        id: vm.id,
+        parent: vm.parent,
+        state,
+        vcpus: vm.vcpus.len() as u32,
+        mem_bytes: vm.mem_bytes,
+        frames_private: private,
+        frames_shared: shared,
+        exit_code: vm.exit_code.load(Ordering::Acquire),
+        stop_reason: vm.stop_reason.load(Ordering::Acquire),
+        reserved0: 0,
+        name: vm.name,
+    }
+}
+
+/// Every VM's description, in id order.
+pub fn list() -> Vec<VmInfo> {
+    let vms: Vec<Arc<Vm>> = VMS.lock().values().cloned().collect();
+    vms.iter().map(|v| info(v)).collect()
+}

@@ -1,0 +1,693 @@
+//! The DMA remapping tables: a root table, one context table, and one
+//! second-level hierarchy that maps host memory 1:1 for every device.
+//!
+//! Every device gets the same context entry (domain [`HOST_DOMAIN`], the
+//! same second-level tables), so one context table serves every bus and one
+//! root table every unit and segment: three frames plus the second-level
+//! tables in all. Giving one device its own domain later means giving its
+//! bus a copy of the context table first.
+//!
+//! The second-level tables map `[0, top)` (top as for the host EPT: all RAM,
+//! at least 4 GiB, in whole GiB) plus every RMRR, less the holes, in 4 KiB
+//! granularity, with 1 GiB and 2 MiB leaves wherever no hole falls and every
+//! unit supports them. See: VT-d spec, 3.6 (second-level translation) and
+//! 9.8 (second-level paging entries).
+
+use super::entry::{ContextEntry, Levels, RootEntry, SlEntry, SlFlags, TranslationType};
+use super::regs::Cap;
+use super::{Error, Iova, Result, HOST_DOMAIN};
+use crate::addr::{Hpa, PhysRange, PAGE_SIZE};
+use crate::ept::{host_map_top, level_size, LeafCounts};
+use crate::mem::{FrameAlloc, PhysMem};
+use alloc::vec::Vec;
+use shared_abi::MemRange;
+
+const fn index(addr: u64, level: u32) -> u64 {
+    (addr >> (12 + 9 * (level - 1))) & 0x1ff
+}
+
+/// What the second-level tables may use: the intersection of what every
+/// unit supports, since all units share them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableConfig {
+    pub levels: Levels,
+    /// The widest address the tables may map: the table depth's width,
+    /// clipped to every unit's MGAW.
+    pub address_bits: u32,
+    /// 2 MiB / 1 GiB leaves (CAP.SLLPS).
+    pub pages_2m: bool,
+    pub pages_1g: bool,
+}
+
+impl TableConfig {
+    /// The configuration every unit supports: 4-level (48-bit) tables if
+    /// all units walk them, else 3-level (39-bit); large pages only if all
+    /// units take them.
+    pub fn common(caps: impl IntoIterator<Item = Cap>) -> Result<TableConfig> {
+        let mut sagaw = 0x1f;
+        let mut mgaw = 64;
+        let (mut p2m, mut p1g) = (true, true);
+        let mut any = false;
+        for c in caps {
+            any = true;
+            sagaw &= c.sagaw();
+            mgaw = mgaw.min(c.mgaw_bits());
+            p2m &= c.pages_2m();
+            p1g &= c.pages_1g();
+        }
+        if !any {
+            return Err(Error::NoUnits);
+        }
+        let levels = if sagaw & Levels::Four.sagaw_bit() != 0 {
+            Levels::Four
+        } else if sagaw & Levels::Three.sagaw_bit() != 0 {
+            Levels::Three
+        } else {
+            return Err(Error::Unsupported("no common 3- or 4-level second-level table (CAP.SAGAW)"));
+        };
+        // 1 GiB leaves without 2 MiB ones do not occur; keep them paired so
+        // the builder's "largest leaf that fits" walk stays simple.
+        Ok(TableConfig { levels, address_bits: levels.address_bits().min(mgaw), pages_2m: p2m, pages_1g: p1g && p2m })
+    }
+
+    /// Whether a leaf may sit at `level` (1 = 4 KiB, 2 = 2 MiB, 3 = 1 GiB).
+    const fn leaf_ok(&self, level: u32) -> bool {
+        match level {
+            1 => true,
+            2 => self.pages_2m,
+            3 => self.pages_1g,
+            _ => false,
+        }
+    }
+}
+
+/// What the DMA map covers.
+pub struct DmaMap<'a> {
+    /// System RAM; the map covers `[0, host_map_top(ram))`, MMIO below it
+    /// included, so that peer-to-peer DMA keeps working.
+    pub ram: &'a [MemRange],
+    /// Left out in 4 KiB granularity: the hypervisor region, donated pages,
+    /// the remapping units' register pages.
+    pub holes: &'a [PhysRange],
+    /// RMRRs from the DMAR: mapped 1:1 read-write even beyond the top.
+    pub rmrrs: &'a [PhysRange],
+}
+
+impl DmaMap<'_> {
+    fn top(&self) -> u64 {
+        host_map_top(self.ram)
+    }
+    fn has_hole(&self, base: u64, size: u64) -> bool {
+        self.holes.iter().any(|h| h.overlaps(base, size))
+    }
+    /// Whether all of `[base, base+size)` is to be mapped (holes aside).
+    fn fully_covered(&self, base: u64, size: u64, top: u64) -> bool {
+        base + size <= top || self.rmrrs.iter().any(|r| r.base.0 <= base && base + size <= r.end.0)
+    }
+    /// Whether any of `[base, base+size)` is to be mapped (holes aside).
+    fn partly_covered(&self, base: u64, size: u64, top: u64) -> bool {
+        base < top || self.rmrrs.iter().any(|r| r.overlaps(base, size))
+    }
+}
+
+/// What [`DmaTables::unmap_page`] did, which decides how much the units
+/// must invalidate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unmapped {
+    /// The page was mapped (else nothing changed).
+    pub was_mapped: bool,
+    /// A large leaf was split on the way: the IOTLB may hold the old large
+    /// translation, so a domain-wide invalidation is due, not a page one.
+    pub split: bool,
+}
+
+/// The root table, the shared context table and the second-level tables.
+#[derive(Debug)]
+pub struct DmaTables {
+    pub root: Hpa,
+    pub context: Hpa,
+    /// The top of the second-level hierarchy (the context entries' SLPTPTR).
+    pub slpt: Hpa,
+    pub config: TableConfig,
+    /// The end of the RAM-and-MMIO part of the map.
+    pub top: u64,
+    rmrrs: Vec<PhysRange>,
+    /// Table pages written since the last [`DmaTables::take_dirty`], for
+    /// units whose walks do not snoop the CPU caches.
+    dirty: Vec<Hpa>,
+}
+
+impl DmaTables {
+    /// Builds the tables. Fails cleanly (freeing what it took) when out of
+    /// frames or when the map reaches beyond the tables' address width.
+    pub fn build(mem: &impl PhysMem, alloc: &mut impl FrameAlloc, config: TableConfig, map: &DmaMap) -> Result<DmaTables> {
+        let top = map.top();
+        let limit = 1u64 << config.address_bits;
+        if top > limit {
+            return Err(Error::AddressWidth { end: top, bits: config.address_bits });
+        }
+        for r in map.rmrrs {
+            if r.end.0 > limit {
+                return Err(Error::AddressWidth { end: r.end.0, bits: config.address_bits });
+            }
+            // Firmware-reserved memory never lies in the hypervisor region
+            // or in donated RAM; if it does, the platform cannot be
+            // protected and mapping it would expose our memory.
+            if map.has_hole(r.base.0, r.size()) {
+                return Err(Error::RmrrInHole { base: r.base });
+            }
+        }
+        let mut t = DmaTables {
+            root: Hpa(0),
+            context: Hpa(0),
+            slpt: Hpa(0),
+            config,
+            top,
+            rmrrs: map.rmrrs.to_vec(),
+            dirty: Vec::new(),
+        };
+        if let Err(e) = t.build_inner(mem, alloc, map) {
+            t.free(mem, alloc);
+            return Err(e);
+        }
+        Ok(t)
+    }
+
+    fn build_inner(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, map: &DmaMap) -> Result<()> {
+        self.slpt = self.new_table(mem, alloc)?;
+        let top_level = self.config.levels.count();
+        let step = level_size(top_level);
+        let span = 1u64 << self.config.levels.address_bits();
+        let mut base = 0;
+        while base < span {
+            if map.partly_covered(base, step, self.top) {
+                self.map_chunk(mem, alloc, map, base, top_level)?;
+            }
+            base += step;
+        }
+        self.context = self.new_table(mem, alloc)?;
+        let ce = ContextEntry::new(self.slpt.0, self.config.levels, HOST_DOMAIN, TranslationType::Untranslated);
+        for devfn in 0..256u64 {
+            mem.write_u64(Hpa(self.context.0 + devfn * 16), ce.lo);
+            mem.write_u64(Hpa(self.context.0 + devfn * 16 + 8), ce.hi);
+        }
+        self.root = self.new_table(mem, alloc)?;
+        let re = RootEntry::new(self.context.0);
+        for bus in 0..256u64 {
+            mem.write_u64(Hpa(self.root.0 + bus * 16), re.lo);
+            mem.write_u64(Hpa(self.root.0 + bus * 16 + 8), re.hi);
+        }
+        Ok(())
+    }
+
+    fn new_table(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc) -> Result<Hpa> {
+        let t = alloc.alloc_frame().ok_or(Error::NoFrames)?;
+        mem.zero_page(t);
+        self.dirty.push(t);
+        Ok(t)
+    }
+
+    /// Maps the chunk `[base, base + level_size(level))` in the largest
+    /// leaves that fit.
+    fn map_chunk(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, map: &DmaMap, base: u64, level: u32) -> Result<()> {
+        let size = level_size(level);
+        if !map.partly_covered(base, size, self.top) {
+            return Ok(());
+        }
+        if self.config.leaf_ok(level) && !map.has_hole(base, size) && map.fully_covered(base, size, self.top) {
+            let at = self.entry_at(mem, alloc, base, level, true)?.ok_or(Error::NoFrames)?.0;
+            mem.write_u64(at, SlEntry::leaf(base, SlFlags::RW, level > 1).0);
+            return Ok(());
+        }
+        if level == 1 {
+            // A hole: left out.
+            return Ok(());
+        }
+        let step = level_size(level - 1);
+        for i in 0..512 {
+            self.map_chunk(mem, alloc, map, base + i * step, level - 1)?;
+        }
+        Ok(())
+    }
+
+    /// The address of the entry for `addr` at `level`. With `create`, makes
+    /// missing tables and splits larger leaves on the way (and says whether
+    /// it split); without, returns `None` where the walk ends early.
+    fn entry_at(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, addr: u64, level: u32, create: bool) -> Result<Option<(Hpa, bool)>> {
+        let mut table = self.slpt;
+        let mut split = false;
+        for l in ((level + 1)..=self.config.levels.count()).rev() {
+            let at = Hpa(table.0 + index(addr, l) * 8);
+            let e = SlEntry(mem.read_u64(at));
+            table = if !e.present() {
+                if !create {
+                    return Ok(None);
+                }
+                let t = self.new_table(mem, alloc)?;
+                mem.write_u64(at, SlEntry::table(t.0).0);
+                self.dirty.push(table);
+                t
+            } else if e.is_large() {
+                // Split the leaf into a table of smaller leaves, built fully
+                // before it replaces the leaf in one 8-byte store, so a
+                // concurrent DMA sees either the old or the new mapping.
+                let t = self.new_table(mem, alloc)?;
+                let small = level_size(l - 1);
+                for i in 0..512u64 {
+                    let child = SlEntry::leaf(e.addr() + i * small, e.flags() - SlFlags::PAGE_SIZE, l - 1 > 1);
+                    mem.write_u64(Hpa(t.0 + i * 8), child.0);
+                }
+                mem.write_u64(at, SlEntry::table(t.0).0);
+                self.dirty.push(table);
+                split = true;
+                t
+            } else {
+                Hpa(e.addr())
+            };
+        }
+        Ok(Some((Hpa(table.0 + index(addr, level) * 8), split)))
+    }
+
+    /// The leaf covering `iova`: where the entry lives, the entry, its level.
+    pub fn lookup(&self, mem: &impl PhysMem, iova: Iova) -> Option<(Hpa, SlEntry, u32)> {
+        if iova.0 >> self.config.levels.address_bits() != 0 {
+            return None;
+        }
+        let mut table = self.slpt;
+        for level in (1..=self.config.levels.count()).rev() {
+            let at = Hpa(table.0 + index(iova.0, level) * 8);
+            let e = SlEntry(mem.read_u64(at));
+            if !e.present() {
+                return None;
+            }
+            if level == 1 || e.is_large() {
+                return Some((at, e, level));
+            }
+            table = Hpa(e.addr());
+        }
+        None
+    }
+
+    /// Where a device's DMA to `iova` lands, and whether it may write.
+    /// Walks the tables as the unit would, from the root entry of bus 0.
+    pub fn translate(&self, mem: &impl PhysMem, iova: Iova) -> Option<(Hpa, bool)> {
+        let (_, e, level) = self.lookup(mem, iova)?;
+        let off = iova.0 & (level_size(level) - 1);
+        Some((Hpa(e.addr() + off), e.writable()))
+    }
+
+    /// The context entry a device gets (what the unit reads for it).
+    pub fn context_entry(&self, mem: &impl PhysMem, bus: u8, devfn: u8) -> ContextEntry {
+        let root = Hpa(self.root.0 + bus as u64 * 16);
+        let re = RootEntry { lo: mem.read_u64(root), hi: mem.read_u64(Hpa(root.0 + 8)) };
+        if !re.present() {
+            return ContextEntry::default();
+        }
+        let at = Hpa(re.context_table() + devfn as u64 * 16);
+        ContextEntry { lo: mem.read_u64(at), hi: mem.read_u64(Hpa(at.0 + 8)) }
+    }
+
+    /// Takes one 4 KiB page out of the device-visible map, splitting large
+    /// leaves as needed. The caller must then invalidate every enabled unit
+    /// before it hands the page to anyone else.
+    pub fn unmap_page(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, pa: Hpa) -> Result<Unmapped> {
+        self.check_page(pa)?;
+        let not_mapped = Unmapped { was_mapped: false, split: false };
+        if self.lookup(mem, Iova(pa.0)).is_none() {
+            return Ok(not_mapped);
+        }
+        let (at, split) = self.entry_at(mem, alloc, pa.0, 1, true)?.ok_or(Error::NoFrames)?;
+        mem.write_u64(at, SlEntry::empty().0);
+        self.dirty.push(at.page_base());
+        Ok(Unmapped { was_mapped: true, split })
+    }
+
+    /// Puts one 4 KiB page back into the map, read-write. Pages beyond the
+    /// map's top (other than RMRR pages) were never mapped and stay out.
+    pub fn map_page(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, pa: Hpa) -> Result<()> {
+        self.check_page(pa)?;
+        if pa.0 >= self.top && !self.rmrrs.iter().any(|r| r.contains(pa)) {
+            return Err(Error::OutOfRange { addr: pa.0 });
+        }
+        let (at, _) = self.entry_at(mem, alloc, pa.0, 1, true)?.ok_or(Error::NoFrames)?;
+        mem.write_u64(at, SlEntry::leaf(pa.0, SlFlags::RW, false).0);
+        self.dirty.push(at.page_base());
+        Ok(())
+    }
+
+    fn check_page(&self, pa: Hpa) -> Result<()> {
+        if !pa.is_page_aligned() || pa.0 >> self.config.address_bits != 0 {
+            return Err(Error::OutOfRange { addr: pa.0 });
+        }
+        if self.rmrrs.iter().any(|r| r.contains(pa)) {
+            // Firmware's devices rely on these; they are never donated.
+            return Err(Error::RmrrPage { addr: pa.0 });
+        }
+        Ok(())
+    }
+
+    /// Every table page written since the last call, sorted, once each: the
+    /// pages to flush for a unit without coherent page walks (ECAP.C = 0).
+    pub fn take_dirty(&mut self) -> Vec<Hpa> {
+        let mut d = core::mem::take(&mut self.dirty);
+        d.sort_unstable();
+        d.dedup();
+        d
+    }
+
+    /// Visits every present leaf: `(iova, entry, level)`.
+    pub fn for_each_leaf(&self, mem: &impl PhysMem, mut f: impl FnMut(Iova, SlEntry, u32)) {
+        fn walk(mem: &impl PhysMem, table: Hpa, level: u32, base: u64, f: &mut dyn FnMut(Iova, SlEntry, u32)) {
+            for i in 0..512u64 {
+                let e = SlEntry(mem.read_u64(Hpa(table.0 + i * 8)));
+                if !e.present() {
+                    continue;
+                }
+                let a = base + i * level_size(level);
+                if level == 1 || e.is_large() {
+                    f(Iova(a), e, level);
+                } else {
+                    walk(mem, Hpa(e.addr()), level - 1, a, f);
+                }
+            }
+        }
+        walk(mem, self.slpt, self.config.levels.count(), 0, &mut f);
+    }
+
+    /// Leaves by size, and second-level table frames.
+    pub fn counts(&self, mem: &impl PhysMem) -> LeafCounts {
+        let mut c = LeafCounts::default();
+        self.walk_tables(mem, &mut |_| c.tables += 1);
+        self.for_each_leaf(mem, |_, _, level| match level {
+            1 => c.small += 1,
+            2 => c.large += 1,
+            _ => c.huge += 1,
+        });
+        c
+    }
+
+    fn walk_tables(&self, mem: &impl PhysMem, f: &mut dyn FnMut(Hpa)) {
+        fn walk(mem: &impl PhysMem, table: Hpa, level: u32, f: &mut dyn FnMut(Hpa)) {
+            if level > 1 {
+                for i in 0..512u64 {
+                    let e = SlEntry(mem.read_u64(Hpa(table.0 + i * 8)));
+                    if e.present() && !e.is_large() {
+                        walk(mem, Hpa(e.addr()), level - 1, f);
+                    }
+                }
+            }
+            f(table);
+        }
+        if self.slpt.0 != 0 {
+            walk(mem, self.slpt, self.config.levels.count(), f);
+        }
+    }
+
+    /// Frees every table frame: the second-level tables, the context table
+    /// and the root table. Only once no unit uses them.
+    pub fn free(self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc) {
+        let mut frames = Vec::new();
+        self.walk_tables(mem, &mut |t| frames.push(t));
+        frames.extend([self.context, self.root].into_iter().filter(|t| t.0 != 0));
+        for f in frames {
+            alloc.free_frame(f);
+        }
+    }
+}
+
+const _: () = assert!(PAGE_SIZE == level_size(1));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::{HUGE_PAGE_SIZE, LARGE_PAGE_SIZE};
+    use crate::mem::mock::{MockFrames, MockMem};
+
+    fn ram() -> Vec<MemRange> {
+        // 0-640 KiB, 1 MiB - 3 GiB, 4 GiB - 6 GiB, like a PC.
+        vec![
+            MemRange { base: 0, size: 0xa_0000 },
+            MemRange { base: 0x10_0000, size: (3 << 30) - 0x10_0000 },
+            MemRange { base: 4 << 30, size: 2 << 30 },
+        ]
+    }
+
+    const HV: PhysRange = PhysRange::new(0x1_0040_0000, 4 << 20);
+
+    fn cfg(levels: Levels, large: bool) -> TableConfig {
+        TableConfig { levels, address_bits: levels.address_bits(), pages_2m: large, pages_1g: large }
+    }
+
+    fn build_with(config: TableConfig, holes: &[PhysRange], rmrrs: &[PhysRange]) -> (MockMem, MockFrames, DmaTables) {
+        let mem = MockMem::new();
+        let mut frames = MockFrames::new(0x7_0000_0000, 1 << 14);
+        let ram = ram();
+        let t = DmaTables::build(&mem, &mut frames, config, &DmaMap { ram: &ram, holes, rmrrs }).unwrap();
+        (mem, frames, t)
+    }
+
+    fn level_of(t: &DmaTables, mem: &MockMem, a: u64) -> Option<u32> {
+        t.lookup(mem, Iova(a)).map(|l| l.2)
+    }
+
+    #[test]
+    fn common_config() {
+        let q = Cap((2 << 8) | (38 << 16) | (3 << 34));
+        let c = TableConfig::common([q]).unwrap();
+        assert_eq!(c, TableConfig { levels: Levels::Three, address_bits: 39, pages_2m: true, pages_1g: true });
+        let big = Cap((6 << 8) | (47 << 16) | (1 << 34));
+        let c = TableConfig::common([big]).unwrap();
+        assert_eq!(c, TableConfig { levels: Levels::Four, address_bits: 48, pages_2m: true, pages_1g: false });
+        // Mixed units: 3-level, only 2 MiB pages.
+        let c = TableConfig::common([q, big]).unwrap();
+        assert_eq!((c.levels, c.pages_2m, c.pages_1g), (Levels::Three, true, false));
+        // MGAW narrower than the tables clips the width.
+        let narrow = Cap((4 << 8) | (35 << 16));
+        assert_eq!(TableConfig::common([narrow]).unwrap().address_bits, 36);
+        // 5-level only, or nothing in common.
+        assert!(matches!(TableConfig::common([Cap(8 << 8)]), Err(Error::Unsupported(_))));
+        assert!(matches!(TableConfig::common([Cap(2 << 8), Cap(4 << 8)]), Err(Error::Unsupported(_))));
+        assert_eq!(TableConfig::common([]), Err(Error::NoUnits));
+    }
+
+    #[test]
+    fn identity_with_large_pages_and_a_hole() {
+        for levels in [Levels::Three, Levels::Four] {
+            let (mem, _f, t) = build_with(cfg(levels, true), &[HV], &[]);
+            assert_eq!(t.top, 6 << 30);
+            assert_eq!(t.translate(&mem, Iova(0x1234_5678)), Some((Hpa(0x1234_5678), true)));
+            // The 1 GiB above 4 GiB that has no hole is one 1 GiB leaf; the
+            // MMIO gap below 4 GiB is mapped too.
+            assert_eq!(level_of(&t, &mem, 0x1_4000_0000), Some(3));
+            assert_eq!(level_of(&t, &mem, 0xfee0_0000), Some(3));
+            // The hole is out; its neighbours are in, in 2 MiB leaves.
+            assert_eq!(t.translate(&mem, Iova(HV.base.0)), None);
+            assert_eq!(t.translate(&mem, Iova(HV.end.0 - 1)), None);
+            assert_eq!(level_of(&t, &mem, HV.base.0 - 0x1000), Some(2));
+            assert_eq!(level_of(&t, &mem, HV.end.0), Some(2));
+            // Nothing at or above the top.
+            assert_eq!(t.translate(&mem, Iova(6 << 30)), None);
+            assert_eq!(t.translate(&mem, Iova(u64::MAX)), None);
+        }
+    }
+
+    #[test]
+    fn hole_in_4k_granularity() {
+        let holes = [PhysRange::new(0x20_3000, 0x1000), PhysRange::new(0x20_5000, 0x2000)];
+        let (mem, _f, t) = build_with(cfg(Levels::Four, true), &holes, &[]);
+        for (a, mapped) in [(0x20_2000, true), (0x20_3000, false), (0x20_4000, true), (0x20_5000, false), (0x20_6fff, false), (0x20_7000, true)] {
+            assert_eq!(t.translate(&mem, Iova(a)).is_some(), mapped, "{a:#x}");
+            if mapped {
+                assert_eq!(level_of(&t, &mem, a), Some(1));
+            }
+        }
+        assert_eq!(level_of(&t, &mem, 0x40_0000), Some(2));
+    }
+
+    #[test]
+    fn without_large_pages() {
+        let (mem, frames, t) = build_with(cfg(Levels::Three, false), &[HV], &[]);
+        let c = t.counts(&mem);
+        assert_eq!((c.huge, c.large), (0, 0));
+        assert_eq!(c.small, ((6u64 << 30) - HV.size()) / PAGE_SIZE);
+        assert_eq!(c.tables as usize + 2, frames.live.len());
+        assert_eq!(t.translate(&mem, Iova(0x1_5000_1000)), Some((Hpa(0x1_5000_1000), true)));
+    }
+
+    #[test]
+    fn only_2m_pages() {
+        let config = TableConfig { pages_1g: false, ..cfg(Levels::Four, true) };
+        let (mem, _f, t) = build_with(config, &[HV], &[]);
+        let c = t.counts(&mem);
+        assert_eq!(c.huge, 0);
+        assert_eq!(c.large, ((6u64 << 30) - HV.size()) / LARGE_PAGE_SIZE);
+    }
+
+    #[test]
+    fn leaves_cover_everything_but_the_holes() {
+        let holes = [HV, PhysRange::new(0x8000_1000, 0x3000)];
+        let (mem, _f, t) = build_with(cfg(Levels::Four, true), &holes, &[]);
+        let mut covered = 0;
+        t.for_each_leaf(&mem, |iova, e, level| {
+            assert_eq!(e.addr(), iova.0, "not identity");
+            assert!(e.writable());
+            assert!(!holes.iter().any(|h| h.overlaps(iova.0, level_size(level))));
+            covered += level_size(level);
+        });
+        assert_eq!(covered, (6u64 << 30) - HV.size() - 0x3000);
+    }
+
+    #[test]
+    fn rmrrs_are_mapped_even_above_the_top() {
+        // One RMRR below 4 GiB (already in the map) and one far above the top.
+        let rmrrs = [PhysRange::new(0x7b80_0000, 0x80_0000), PhysRange::new(0x20_0000_3000, 0x2000)];
+        let (mem, _f, t) = build_with(cfg(Levels::Four, true), &[HV], &rmrrs);
+        assert_eq!(t.translate(&mem, Iova(0x7b80_0000)), Some((Hpa(0x7b80_0000), true)));
+        assert_eq!(t.translate(&mem, Iova(0x20_0000_3000)), Some((Hpa(0x20_0000_3000), true)));
+        assert_eq!(t.translate(&mem, Iova(0x20_0000_4fff)), Some((Hpa(0x20_0000_4fff), true)));
+        assert_eq!(t.translate(&mem, Iova(0x20_0000_2000)), None);
+        assert_eq!(t.translate(&mem, Iova(0x20_0000_5000)), None);
+        assert_eq!(level_of(&t, &mem, 0x20_0000_3000), Some(1));
+    }
+
+    #[test]
+    fn rmrr_in_a_hole_is_refused() {
+        let mem = MockMem::new();
+        let mut frames = MockFrames::new(0x7_0000_0000, 1 << 12);
+        let ram = ram();
+        let rmrrs = [PhysRange::new(HV.base.0 + 0x1000, 0x1000)];
+        let r = DmaTables::build(&mem, &mut frames, cfg(Levels::Four, true), &DmaMap { ram: &ram, holes: &[HV], rmrrs: &rmrrs });
+        assert_eq!(r.unwrap_err(), Error::RmrrInHole { base: Hpa(HV.base.0 + 0x1000) });
+        assert!(frames.live.is_empty());
+    }
+
+    #[test]
+    fn address_width_limits() {
+        let mem = MockMem::new();
+        let mut frames = MockFrames::new(0x7_0000_0000, 1 << 12);
+        // 1 TiB of RAM does not fit 39-bit tables.
+        let big = [MemRange { base: 0, size: 1 << 40 }];
+        let r = DmaTables::build(&mem, &mut frames, cfg(Levels::Three, true), &DmaMap { ram: &big, holes: &[], rmrrs: &[] });
+        assert_eq!(r.unwrap_err(), Error::AddressWidth { end: 1 << 40, bits: 39 });
+        let ram = ram();
+        let rmrrs = [PhysRange::new(1 << 39, 0x1000)];
+        let r = DmaTables::build(&mem, &mut frames, cfg(Levels::Three, true), &DmaMap { ram: &ram, holes: &[], rmrrs: &rmrrs });
+        assert_eq!(r.unwrap_err(), Error::AddressWidth { end: (1 << 39) + 0x1000, bits: 39 });
+        assert!(frames.live.is_empty());
+    }
+
+    #[test]
+    fn out_of_frames_frees_everything() {
+        // The whole build takes five frames: the top table, a PDPT, a PD for
+        // the GiB with the hole, the context table and the root table.
+        for n in 0..5 {
+            let mem = MockMem::new();
+            let mut frames = MockFrames::new(0x7_0000_0000, n);
+            let ram = ram();
+            let r = DmaTables::build(&mem, &mut frames, cfg(Levels::Four, true), &DmaMap { ram: &ram, holes: &[HV], rmrrs: &[] });
+            assert_eq!(r.unwrap_err(), Error::NoFrames);
+            assert!(frames.live.is_empty(), "leaked with {n} frames");
+        }
+    }
+
+    #[test]
+    fn every_device_gets_the_host_domain() {
+        let (mem, _f, t) = build_with(cfg(Levels::Three, true), &[], &[]);
+        for (bus, devfn) in [(0u8, 0u8), (0, 0x18), (0xff, 0xff), (3, 0x81)] {
+            let c = t.context_entry(&mem, bus, devfn);
+            assert!(c.present());
+            assert_eq!((c.slptptr(), c.domain(), c.aw(), c.translation_type()), (t.slpt.0, HOST_DOMAIN, 1, 0));
+        }
+        let (mem, _f, t) = build_with(cfg(Levels::Four, true), &[], &[]);
+        assert_eq!(t.context_entry(&mem, 7, 7).aw(), 2);
+    }
+
+    #[test]
+    fn remove_and_restore_pages() {
+        let (mem, mut frames, mut t) = build_with(cfg(Levels::Four, true), &[HV], &[]);
+        let before = t.counts(&mem);
+        let pa = Hpa(0x1_5000_3000); // inside a 1 GiB leaf
+        assert_eq!(t.unmap_page(&mem, &mut frames, pa).unwrap(), Unmapped { was_mapped: true, split: true });
+        assert_eq!(t.translate(&mem, Iova(pa.0)), None);
+        assert_eq!(t.translate(&mem, Iova(pa.0 + 0x1000)), Some((Hpa(pa.0 + 0x1000), true)));
+        assert_eq!(t.translate(&mem, Iova(pa.0 - 1)), Some((Hpa(pa.0 - 1), true)));
+        assert_eq!(level_of(&t, &mem, 0x1_6000_0000), Some(2));
+        let after = t.counts(&mem);
+        assert_eq!((after.huge, after.large, after.small), (before.huge - 1, before.large + 511, before.small + 511));
+        // Its neighbour needs no split now; the same page again is a no-op.
+        assert_eq!(t.unmap_page(&mem, &mut frames, Hpa(pa.0 + 0x1000)).unwrap(), Unmapped { was_mapped: true, split: false });
+        assert_eq!(t.unmap_page(&mem, &mut frames, pa).unwrap(), Unmapped { was_mapped: false, split: false });
+        // A page in a hole was never mapped, and no table is made for it.
+        let live = frames.live.len();
+        assert!(!t.unmap_page(&mem, &mut frames, Hpa(HV.base.0 + 0x5000)).unwrap().was_mapped);
+        assert_eq!(frames.live.len(), live);
+        // Put back.
+        t.map_page(&mem, &mut frames, pa).unwrap();
+        t.map_page(&mem, &mut frames, Hpa(pa.0 + 0x1000)).unwrap();
+        assert_eq!(t.translate(&mem, Iova(pa.0 + 0x123)), Some((Hpa(pa.0 + 0x123), true)));
+        assert_eq!(t.translate(&mem, Iova(pa.0 + 0x1123)), Some((Hpa(pa.0 + 0x1123), true)));
+        // Bad addresses.
+        assert_eq!(t.unmap_page(&mem, &mut frames, Hpa(0x1001)), Err(Error::OutOfRange { addr: 0x1001 }));
+        assert_eq!(t.map_page(&mem, &mut frames, Hpa(7 << 30)), Err(Error::OutOfRange { addr: 7 << 30 }));
+        assert_eq!(t.unmap_page(&mem, &mut frames, Hpa(1 << 50)), Err(Error::OutOfRange { addr: 1 << 50 }));
+    }
+
+    #[test]
+    fn remove_splits_2m_leaves_too() {
+        let (mem, mut frames, mut t) = build_with(cfg(Levels::Three, true), &[HV], &[]);
+        let pa = Hpa(HV.base.0 - LARGE_PAGE_SIZE + 0x7000); // inside a 2 MiB leaf
+        assert_eq!(level_of(&t, &mem, pa.0), Some(2));
+        assert!(t.unmap_page(&mem, &mut frames, pa).unwrap().split);
+        assert_eq!(t.translate(&mem, Iova(pa.0)), None);
+        assert_eq!(level_of(&t, &mem, pa.0 + 0x1000), Some(1));
+    }
+
+    #[test]
+    fn rmrr_pages_are_never_removed() {
+        let rmrrs = [PhysRange::new(0xe_8000, 0x8000)];
+        let (mem, mut frames, mut t) = build_with(cfg(Levels::Four, true), &[], &rmrrs);
+        assert_eq!(t.unmap_page(&mem, &mut frames, Hpa(0xe_9000)), Err(Error::RmrrPage { addr: 0xe_9000 }));
+        assert!(t.translate(&mem, Iova(0xe_9000)).is_some());
+    }
+
+    #[test]
+    fn dirty_pages_are_tracked() {
+        let (mem, mut frames, mut t) = build_with(cfg(Levels::Four, true), &[HV], &[]);
+        let d = t.take_dirty();
+        // Every table page the build wrote, once each.
+        assert_eq!(d.len(), frames.live.len());
+        assert!(d.windows(2).all(|w| w[0] < w[1]));
+        assert!(t.take_dirty().is_empty());
+        // Unmapping inside a 1 GiB leaf writes two new tables (a PD and a
+        // PT) and the PDPT that now points to the PD.
+        t.unmap_page(&mem, &mut frames, Hpa(0x1_5000_3000)).unwrap();
+        let d = t.take_dirty();
+        assert_eq!(d.len(), 3);
+        let leaf = t.lookup(&mem, Iova(0x1_5000_4000)).unwrap().0.page_base();
+        assert!(d.contains(&leaf));
+        // Unmapping its neighbour touches only the leaf table.
+        t.unmap_page(&mem, &mut frames, Hpa(0x1_5000_4000)).unwrap();
+        assert_eq!(t.take_dirty(), vec![leaf]);
+    }
+
+    #[test]
+    fn tables_are_freed() {
+        let (mem, mut frames, mut t) = build_with(cfg(Levels::Four, true), &[HV], &[]);
+        t.unmap_page(&mem, &mut frames, Hpa(0x1_5000_3000)).unwrap();
+        let used = frames.live.len();
+        assert!(used > 3 && used < 64, "an identity map should need few tables, used {used}");
+        t.free(&mem, &mut frames);
+        assert!(frames.live.is_empty());
+    }
+
+    #[test]
+    fn few_tables_for_a_big_machine() {
+        // 256 GiB of RAM in 1 GiB pages: a handful of tables.
+        let mem = MockMem::new();
+        let mut frames = MockFrames::new(0x70_0000_0000, 64);
+        let ram = [MemRange { base: 0, size: 256 * HUGE_PAGE_SIZE }];
+        let t = DmaTables::build(&mem, &mut frames, cfg(Levels::Three, true), &DmaMap { ram: &ram, holes: &[], rmrrs: &[] }).unwrap();
+        assert_eq!(t.counts(&mem), LeafCounts { huge: 256, large: 0, small: 0, tables: 1 });
+        assert_eq!(frames.live.len(), 3);
+    }
+}

@@ -195,7 +195,14 @@ fn dma_pages(n: usize) -> std::result::Result<Vec<DmaPage>, String> {
         // SAFETY: a fresh private anonymous mapping; never unmapped, so the
         // pages stay valid for the DmaPage pointers into it.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), CHUNK, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHUNK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         if p == libc::MAP_FAILED {
             return Err(format!("mmap: {}", io::Error::last_os_error()));

@@ -3,7 +3,7 @@
 use anyhow::{anyhow, Result};
 use shared_abi as abi;
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 pub const DEVICE: &str = "/dev/uxen";
 
@@ -56,6 +56,13 @@ impl Device {
         self.file.as_raw_fd()
     }
 
+    pub fn version(&self) -> Result<abi::IocVersion> {
+        let mut v = abi::IocVersion::default();
+        // SAFETY: VERSION takes an `IocVersion`.
+        unsafe { ioctl_ptr(self.fd(), "version", abi::ioctl::VERSION, &mut v) }?;
+        Ok(v)
+    }
+
     /// The hypervisor's counters.
     pub fn stats(&self) -> Result<Box<abi::HvStats>> {
         // SAFETY: `HvStats` is plain data; zero is a valid value.
@@ -66,10 +73,77 @@ impl Device {
         Ok(s)
     }
 
-    pub fn version(&self) -> Result<abi::IocVersion> {
-        let mut v = abi::IocVersion::default();
-        // SAFETY: VERSION takes an `IocVersion`.
-        unsafe { ioctl_ptr(self.fd(), "version", abi::ioctl::VERSION, &mut v) }?;
-        Ok(v)
+    /// Creates a VM; it lives as long as the returned descriptor.
+    pub fn create_vm(&self, mem_bytes: u64, vcpus: u32, name: &str) -> std::result::Result<Vm, IoctlError> {
+        let mut c = abi::VmCreate { mem_bytes, vcpus, name: abi::padded(name.as_bytes()), ..Default::default() };
+        // SAFETY: CREATE_VM takes a `VmCreate`.
+        let fd = unsafe { ioctl_ptr(self.fd(), "create VM", abi::ioctl::CREATE_VM, &mut c) }?;
+        // SAFETY: the driver installed `fd` for this process.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(Vm { fd, id: c.id })
     }
+
+    /// Every VM.
+    pub fn list(&self) -> Result<Vec<abi::VmInfo>> {
+        let mut buf = vec![abi::VmInfo::default(); abi::MAX_VMS as usize];
+        let mut req = abi::IocBuf { ptr: buf.as_mut_ptr() as u64, len: (buf.len() * std::mem::size_of::<abi::VmInfo>()) as u64 };
+        // SAFETY: LIST takes an `IocBuf` describing an array of `VmInfo`.
+        let n = unsafe { ioctl_ptr(self.fd(), "list", abi::ioctl::LIST, &mut req) }? as usize;
+        buf.truncate(n.min(buf.len()));
+        Ok(buf)
+    }
+
+    pub fn destroy(&self, id: u32) -> std::result::Result<(), IoctlError> {
+        let mut v = abi::VmId { id, reserved0: 0 };
+        // SAFETY: DESTROY takes a `VmId`.
+        unsafe { ioctl_ptr(self.fd(), "destroy", abi::ioctl::DESTROY, &mut v) }?;
+        Ok(())
+    }
+
+    /// The host frame behind a guest page (needs the module's `debug=1`).
+    pub fn translate(&self, vm: u32, gpa: u64) -> std::result::Result<u64, IoctlError> {
+        let mut t = abi::DebugTranslate { vm, gpa, ..Default::default() };
+        // SAFETY: DEBUG_TRANSLATE takes a `DebugTranslate`.
+        unsafe { ioctl_ptr(self.fd(), "translate", abi::ioctl::DEBUG_TRANSLATE, &mut t) }?;
+        Ok(t.hpa)
+    }
+}
+
+/// A VM descriptor.
+pub struct Vm {
+    pub fd: OwnedFd,
+    pub id: u32,
+}
+
+impl Vm {
+    fn fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    /// Copies `data` into guest memory at `gpa`.
+    pub fn load(&self, gpa: u64, data: &[u8]) -> std::result::Result<(), IoctlError> {
+        let mut l = abi::IocLoad { gpa, data: data.as_ptr() as u64, len: data.len() as u64 };
+        // SAFETY: LOAD takes an `IocLoad` describing `data`.
+        unsafe { ioctl_ptr(self.fd(), "load", abi::ioctl::VM_LOAD, &mut l) }?;
+        Ok(())
+    }
+
+    pub fn set_regs(&self, vcpu: u32, regs: &abi::Regs) -> std::result::Result<(), IoctlError> {
+        let mut r = abi::VmRegs { vm: self.id, vcpu, regs: *regs };
+        // SAFETY: SET_REGS takes a `VmRegs`.
+        unsafe { ioctl_ptr(self.fd(), "set regs", abi::ioctl::VM_SET_REGS, &mut r) }?;
+        Ok(())
+    }
+
+    /// A raw descriptor for sharing across threads.
+    pub fn raw_fd(&self) -> i32 {
+        self.fd()
+    }
+}
+
+/// Runs vCPU `run.vcpu` of the VM behind `fd` (for vCPU threads).
+pub fn run_fd(fd: i32, run: &mut abi::VmRun) -> std::result::Result<(), IoctlError> {
+    // SAFETY: RUN takes a `VmRun`; `fd` is a live VM descriptor.
+    unsafe { ioctl_ptr(fd, "run", abi::ioctl::VM_RUN, run) }?;
+    Ok(())
 }

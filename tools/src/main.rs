@@ -1,19 +1,47 @@
 //! `uxenctl`: the uxen-rs control CLI and VMM.
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use shared_abi as abi;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod boot;
+mod daemon;
 mod dev;
 mod stats;
+mod vmm;
 
 #[derive(Parser)]
 #[command(name = "uxenctl", version, about = "Control the uxen-rs hypervisor and run its VMs")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Guest memory in MiB: a positive multiple of 2, at most 4096.
+fn parse_mem(s: &str) -> std::result::Result<u64, String> {
+    let v: u64 = s.parse().map_err(|_| format!("`{s}` is not a number of MiB"))?;
+    if v == 0 || v % 2 != 0 || v > 4096 {
+        return Err(format!("{v} MiB: guest memory must be a multiple of 2 MiB, between 2 and 4096"));
+    }
+    Ok(v)
+}
+
+fn parse_vcpus(s: &str) -> std::result::Result<u32, String> {
+    let v: u32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if v == 0 || v > abi::VM_MAX_VCPUS {
+        return Err(format!("{v} vCPUs: between 1 and {}", abi::VM_MAX_VCPUS));
+    }
+    Ok(v)
+}
+
+fn parse_name(s: &str) -> std::result::Result<String, String> {
+    if s.is_empty() || s.len() >= abi::VM_NAME_LEN || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("VM names are 1 to {} printable characters without spaces", abi::VM_NAME_LEN - 1));
+    }
+    Ok(s.to_string())
 }
 
 #[derive(Subcommand)]
@@ -31,6 +59,44 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run a guest image in the foreground; exit with the guest's exit code.
+    Run {
+        image: PathBuf,
+        /// Guest memory in MiB.
+        #[arg(long, default_value = "16", value_parser = parse_mem)]
+        mem: u64,
+        #[arg(long, default_value = "1", value_parser = parse_vcpus)]
+        vcpus: u32,
+        #[arg(long, default_value = "run", value_parser = parse_name)]
+        name: String,
+    },
+    /// Start a guest image in the background; print its VM id.
+    Create {
+        image: PathBuf,
+        #[arg(long, value_parser = parse_name)]
+        name: Option<String>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value = "16", value_parser = parse_mem)]
+        mem: u64,
+        #[arg(long, default_value = "1", value_parser = parse_vcpus)]
+        vcpus: u32,
+    },
+    /// List the VMs.
+    List {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a detached VM's console output so far (-f: follow it).
+    Console {
+        vm: u32,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Destroy a VM.
+    Destroy { vm: u32 },
+    /// The host frame behind a guest page (module parameter debug=1; tests).
+    Translate { vm: u32, gpa: String },
 }
 
 fn main() -> ExitCode {
@@ -56,11 +122,113 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Run { image, mem, vcpus, name } => {
+            let d = dev::Device::open()?;
+            let vm = d.create_vm(mem << 20, vcpus, &name).map_err(|e| anyhow!("{e}"))?;
+            boot::load(&vm, &image, mem << 20, vcpus)?;
+            vmm::install_signal_handlers();
+            let end = vmm::run(&vm, vcpus, Box::new(std::io::stdout()))?;
+            if !matches!(end, vmm::End::Exited(_)) {
+                eprintln!("uxenctl: vm {} {}", vm.id, end.describe());
+            }
+            Ok(ExitCode::from(end.status()))
+        }
+        Cmd::Create { image, name, mem, vcpus } => {
+            if !image.exists() {
+                return Err(anyhow!("{}: no such file", image.display()));
+            }
+            dev::Device::open()?;
+            let name = name.unwrap_or_else(|| {
+                image.file_name().and_then(|n| n.to_str()).unwrap_or("vm").chars().take(abi::VM_NAME_LEN - 1).collect()
+            });
+            let id = daemon::create(&image, &name, mem, vcpus)?;
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::List { json } => list(json),
+        Cmd::Console { vm, follow } => {
+            daemon::console(vm, follow)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Destroy { vm } => {
+            let d = dev::Device::open()?;
+            d.destroy(vm).map_err(|e| {
+                if e.errno == libc::ENOENT {
+                    anyhow!("no VM with id {vm}")
+                } else {
+                    anyhow!("{e}")
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Translate { vm, gpa } => {
+            let gpa = parse_u64(&gpa)?;
+            let hpa = dev::Device::open()?.translate(vm, gpa).map_err(|e| anyhow!("{e}"))?;
+            println!("{hpa:#x}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn parse_u64(s: &str) -> Result<u64> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| anyhow!("`{s}` is not a number"))
 }
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(abi::cstr_bytes(b)).into_owned()
+}
+
+#[derive(Serialize)]
+struct VmJson {
+    id: u32,
+    name: String,
+    state: &'static str,
+    mem_mib: u64,
+    frames_private: u64,
+    frames_shared: u64,
+    parent: Option<u32>,
+    stop_reason: Option<&'static str>,
+    exit_code: Option<u64>,
+}
+
+fn list(json: bool) -> Result<ExitCode> {
+    let vms = dev::Device::open()?.list()?;
+    let rows: Vec<VmJson> = vms
+        .iter()
+        .map(|v| VmJson {
+            id: v.id,
+            name: text(&v.name),
+            state: abi::vm_state::name(v.state),
+            mem_mib: v.mem_bytes >> 20,
+            frames_private: v.frames_private,
+            frames_shared: v.frames_shared,
+            parent: (v.parent != 0).then_some(v.parent),
+            stop_reason: (v.state == abi::vm_state::STOPPED).then(|| abi::stop::name(v.stop_reason)),
+            exit_code: (v.state == abi::vm_state::EXITED).then_some(v.exit_code),
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:>4}  {:<16} {:<8} {:>8} {:>9} {:>8} {:>6}", "ID", "NAME", "STATE", "MEM_MIB", "PRIVATE", "SHARED", "PARENT");
+    for r in rows {
+        println!(
+            "{:>4}  {:<16} {:<8} {:>8} {:>9} {:>8} {:>6}",
+            r.id,
+            r.name,
+            r.state,
+            r.mem_mib,
+            r.frames_private,
+            r.frames_shared,
+            r.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Serialize)]

@@ -212,6 +212,13 @@ pub fn create(mem_bytes: u64, vcpus: u32, name: [u8; VM_NAME_LEN], parent: u32) 
     let mut list = Vec::new();
     for _ in 0..vcpus {
         let vmcs = pool.alloc().ok_or(VmError::Mem(MemError::NeedPages(1)))?;
+        // A VMCS region starts with the revision identifier; VMCLEAR makes
+        // it ready for its first VMPTRLD on any CPU.
+        crate::mem::PhysMem::write(&DirectMap, vmcs, &super::hv().caps.revision().to_le_bytes());
+        // SAFETY: a fresh frame of ours, formatted above.
+        unsafe {
+            let _ = crate::arch::x86::instr::vmclear(vmcs.0);
+        }
         list.push(Vcpu {
             vmcs,
             running: AtomicBool::new(false),

@@ -393,7 +393,12 @@ mod tests {
         assert_eq!(u.register_range(), PhysRange::new(0xfed9_0000, 0x1000));
         assert_eq!(
             u.scopes,
-            vec![DeviceScope { kind: ScopeKind::IoApic, enumeration_id: 0, start_bus: 0xff, path: vec![PciPath { device: 0x1f, function: 0 }] }]
+            vec![DeviceScope {
+                kind: ScopeKind::IoApic,
+                enumeration_id: 0,
+                start_bus: 0xff,
+                path: vec![PciPath { device: 0x1f, function: 0 }]
+            }]
         );
         assert!(d.rmrrs.is_empty());
     }

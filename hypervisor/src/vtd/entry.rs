@@ -103,10 +103,7 @@ impl ContextEntry {
     /// A present entry that translates through the second-level tables at
     /// `slptptr` in domain `did`.
     pub const fn new(slptptr: u64, levels: Levels, did: u16, tt: TranslationType) -> Self {
-        ContextEntry {
-            lo: (slptptr & ADDR_MASK) | ((tt as u64) << 2) | Self::PRESENT,
-            hi: levels.aw() | ((did as u64) << 8),
-        }
+        ContextEntry { lo: (slptptr & ADDR_MASK) | ((tt as u64) << 2) | Self::PRESENT, hi: levels.aw() | ((did as u64) << 8) }
     }
     pub const fn present(self) -> bool {
         self.lo & Self::PRESENT != 0
@@ -252,10 +249,7 @@ impl InvDesc {
     /// An invalidation wait that writes `data` to the 4-byte aligned
     /// `status` address once every earlier descriptor has completed.
     pub const fn wait(status: u64, data: u32) -> Self {
-        InvDesc {
-            lo: desc_type::WAIT | Self::WAIT_SW | Self::WAIT_FN | ((data as u64) << 32),
-            hi: status & !3,
-        }
+        InvDesc { lo: desc_type::WAIT | Self::WAIT_SW | Self::WAIT_FN | ((data as u64) << 32), hi: status & !3 }
     }
 }
 
@@ -370,13 +364,7 @@ impl FaultRecord {
             (false, true) => RequestKind::PageRequest,
             (true, true) => RequestKind::AtomicOp,
         };
-        Some(FaultRecord {
-            index,
-            source: SourceId(hi as u16),
-            addr: lo & !0xfff,
-            reason: FaultReason((hi >> 32) as u8),
-            kind,
-        })
+        Some(FaultRecord { index, source: SourceId(hi as u16), addr: lo & !0xfff, reason: FaultReason((hi >> 32) as u8), kind })
     }
 
     /// The inverse of [`FaultRecord::decode`], for the mock register file.

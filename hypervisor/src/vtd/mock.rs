@@ -17,8 +17,7 @@ use std::cell::RefCell;
 /// FRO 0x220 with one record, 2M/1G pages, PSI, MAMV 18, read/write
 /// draining, 64K domains; IOTLB registers at 0xf0, queued invalidation,
 /// pass-through; page walks not flagged coherent.
-pub const QEMU_CAP: u64 =
-    6 | (2 << 8) | (38 << 16) | (0x22 << 24) | (3 << 34) | (1 << 39) | (18 << 48) | (1 << 54) | (1 << 55);
+pub const QEMU_CAP: u64 = 6 | (2 << 8) | (38 << 16) | (0x22 << 24) | (3 << 34) | (1 << 39) | (18 << 48) | (1 << 54) | (1 << 55);
 pub const QEMU_ECAP: u64 = 2 | (1 << 6) | (0xf << 8);
 
 /// Something the unit under test did.
@@ -27,6 +26,7 @@ pub enum Event {
     Gcmd(u32),
     Rtaddr(u64),
     Fectl(u32),
+    Pmen(u32),
     Ccmd(u64),
     Iva(u64),
     Iotlb(u64),
@@ -53,6 +53,9 @@ pub struct State {
     pub ccmd: u64,
     pub fsts: u32,
     pub fectl: u32,
+    pub pmen: u32,
+    /// PMEN.PRS never clears.
+    pub pmen_stuck: bool,
     pub iva: u64,
     pub iotlb: u64,
     pub iqa: u64,
@@ -74,6 +77,8 @@ pub struct State {
     pub queue_error: bool,
     /// The queue fetches nothing at all: IQH stays where it is.
     pub queue_stalled: bool,
+    /// The type of the last descriptor the queue ran (QEMU keeps it).
+    pub last_desc_type: u64,
 
     pub log: Vec<Event>,
 }
@@ -167,8 +172,9 @@ impl<'m> MockRegs<'m> {
             follow(&mut g, Gsts::QIES.bits(), true);
             st.iqh = 0;
         } else if !qie && was {
-            // QEMU refuses to turn the queue off while it is not empty.
-            if st.iqh == st.iqt {
+            // QEMU refuses to turn the queue off unless it is empty and the
+            // last descriptor it ran was a wait.
+            if st.iqh == st.iqt && st.last_desc_type == desc_type::WAIT {
                 follow(&mut g, Gsts::QIES.bits(), false);
                 st.iqh = 0;
             }
@@ -192,6 +198,7 @@ impl<'m> MockRegs<'m> {
             let at = Hpa(base + head * 16);
             let d = InvDesc { lo: self.mem.read_u64(at), hi: self.mem.read_u64(Hpa(at.0 + 8)) };
             st.log.push(Event::Desc(d));
+            st.last_desc_type = d.kind();
             if d.kind() == desc_type::WAIT && d.lo & InvDesc::WAIT_SW != 0 && !st.queue_silent {
                 self.mem.write(Hpa(d.hi & !3), &((d.lo >> 32) as u32).to_le_bytes());
             }
@@ -210,6 +217,7 @@ impl VtdRegs for MockRegs<'_> {
             off::GSTS => st.gsts,
             off::FSTS => Self::fsts(&st),
             off::FECTL => st.fectl,
+            off::PMEN => st.pmen,
             _ => panic!("mock VT-d: unexpected 32-bit read at {o:#x}"),
         }
     }
@@ -247,6 +255,11 @@ impl VtdRegs for MockRegs<'_> {
             off::FECTL => {
                 st.log.push(Event::Fectl(v));
                 st.fectl = v & (1 << 31);
+            }
+            off::PMEN => {
+                st.log.push(Event::Pmen(v));
+                let epm = v & (1 << 31);
+                st.pmen = epm | if epm != 0 || st.pmen_stuck { 1 } else { 0 };
             }
             off::FSTS => {
                 st.log.push(Event::FstsWrite(v));

@@ -121,11 +121,9 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Error::InUse { unit, gsts } => write!(
-                f,
-                "VT-d unit at {:#x} is already in use (GSTS {gsts:#x}); boot the host with intel_iommu=off",
-                unit.0
-            ),
+            Error::InUse { unit, gsts } => {
+                write!(f, "VT-d unit at {:#x} is already in use (GSTS {gsts:#x}); boot the host with intel_iommu=off", unit.0)
+            }
             Error::Timeout { unit, wait } => write!(f, "VT-d unit at {:#x} timed out waiting for {wait:?}", unit.0),
             Error::AddressWidth { end, bits } => write!(f, "memory up to {end:#x} does not fit {bits}-bit DMA tables"),
             Error::Unsupported(what) => write!(f, "VT-d: {what}"),
@@ -243,7 +241,7 @@ impl<R: VtdRegs> Vtd<R> {
         for i in 0..self.units.len() {
             if let Err(e) = self.units[i].enable(mem, alloc, root, &config) {
                 for u in &mut self.units[..i] {
-                    let _ = u.disable(alloc);
+                    let _ = u.disable(mem, alloc);
                 }
                 return Err(e);
             }
@@ -253,10 +251,10 @@ impl<R: VtdRegs> Vtd<R> {
 
     /// Turns translation off in every unit (all are tried; the first error
     /// is returned).
-    pub fn disable(&mut self, alloc: &mut impl FrameAlloc) -> Result<()> {
+    pub fn disable(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc) -> Result<()> {
         let mut r = Ok(());
         for u in &mut self.units {
-            if let Err(e) = u.disable(alloc) {
+            if let Err(e) = u.disable(mem, alloc) {
                 r = r.and(Err(e));
             }
         }
@@ -281,7 +279,8 @@ impl<R: VtdRegs> Vtd<R> {
         self.sync_dirty();
         // After a split the IOTLB may hold the old large translation and the
         // paging-structure caches the old walk: flush the whole domain.
-        let what = if u.split { Invalidate::Domain(HOST_DOMAIN) } else { Invalidate::Page { domain: HOST_DOMAIN, addr: Iova(pa.0) } };
+        let what =
+            if u.split { Invalidate::Domain(HOST_DOMAIN) } else { Invalidate::Page { domain: HOST_DOMAIN, addr: Iova(pa.0) } };
         for unit in &mut self.units {
             unit.invalidate(mem, what)?;
         }

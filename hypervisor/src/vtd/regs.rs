@@ -101,6 +101,11 @@ impl Cap {
     pub const fn rwbf(self) -> bool {
         self.0 & (1 << 4) != 0
     }
+    /// PLMR / PHMR, bits 5 / 6: protected low / high memory regions, which
+    /// firmware (or tboot) may have turned on to block DMA during boot.
+    pub const fn protected_memory(self) -> bool {
+        self.0 & (3 << 5) != 0
+    }
     /// CM, bit 7: caching mode; not-present entries may be cached too, so
     /// not-present-to-present changes need an invalidation as well.
     pub const fn caching_mode(self) -> bool {
@@ -288,6 +293,17 @@ bitflags! {
         /// the fault records instead, since the host's interrupt set-up is
         /// not its own.
         const IM = 1 << 31;
+    }
+}
+
+bitflags! {
+    /// The protected memory enable register. See: VT-d spec, 10.4.16.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Pmen: u32 {
+        /// Protected region status: the regions still block DMA.
+        const PRS = 1 << 0;
+        /// Enable protected memory.
+        const EPM = 1 << 31;
     }
 }
 

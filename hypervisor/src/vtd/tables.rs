@@ -157,15 +157,8 @@ impl DmaTables {
                 return Err(Error::RmrrInHole { base: r.base });
             }
         }
-        let mut t = DmaTables {
-            root: Hpa(0),
-            context: Hpa(0),
-            slpt: Hpa(0),
-            config,
-            top,
-            rmrrs: map.rmrrs.to_vec(),
-            dirty: Vec::new(),
-        };
+        let mut t =
+            DmaTables { root: Hpa(0), context: Hpa(0), slpt: Hpa(0), config, top, rmrrs: map.rmrrs.to_vec(), dirty: Vec::new() };
         if let Err(e) = t.build_inner(mem, alloc, map) {
             t.free(mem, alloc);
             return Err(e);
@@ -233,7 +226,14 @@ impl DmaTables {
     /// The address of the entry for `addr` at `level`. With `create`, makes
     /// missing tables and splits larger leaves on the way (and says whether
     /// it split); without, returns `None` where the walk ends early.
-    fn entry_at(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, addr: u64, level: u32, create: bool) -> Result<Option<(Hpa, bool)>> {
+    fn entry_at(
+        &mut self,
+        mem: &impl PhysMem,
+        alloc: &mut impl FrameAlloc,
+        addr: u64,
+        level: u32,
+        create: bool,
+    ) -> Result<Option<(Hpa, bool)>> {
         let mut table = self.slpt;
         let mut split = false;
         for l in ((level + 1)..=self.config.levels.count()).rev() {
@@ -495,7 +495,9 @@ mod tests {
     fn hole_in_4k_granularity() {
         let holes = [PhysRange::new(0x20_3000, 0x1000), PhysRange::new(0x20_5000, 0x2000)];
         let (mem, _f, t) = build_with(cfg(Levels::Four, true), &holes, &[]);
-        for (a, mapped) in [(0x20_2000, true), (0x20_3000, false), (0x20_4000, true), (0x20_5000, false), (0x20_6fff, false), (0x20_7000, true)] {
+        for (a, mapped) in
+            [(0x20_2000, true), (0x20_3000, false), (0x20_4000, true), (0x20_5000, false), (0x20_6fff, false), (0x20_7000, true)]
+        {
             assert_eq!(t.translate(&mem, Iova(a)).is_some(), mapped, "{a:#x}");
             if mapped {
                 assert_eq!(level_of(&t, &mem, a), Some(1));
@@ -686,7 +688,8 @@ mod tests {
         let mem = MockMem::new();
         let mut frames = MockFrames::new(0x70_0000_0000, 64);
         let ram = [MemRange { base: 0, size: 256 * HUGE_PAGE_SIZE }];
-        let t = DmaTables::build(&mem, &mut frames, cfg(Levels::Three, true), &DmaMap { ram: &ram, holes: &[], rmrrs: &[] }).unwrap();
+        let t =
+            DmaTables::build(&mem, &mut frames, cfg(Levels::Three, true), &DmaMap { ram: &ram, holes: &[], rmrrs: &[] }).unwrap();
         assert_eq!(t.counts(&mem), LeafCounts { huge: 256, large: 0, small: 0, tables: 1 });
         assert_eq!(frames.live.len(), 3);
     }

@@ -215,6 +215,42 @@ fn a_failing_unit_rolls_back_the_others() {
 }
 
 #[test]
+fn protected_memory_regions_go_after_translation_is_on() {
+    let mem = MockMem::new();
+    let mut f = frames();
+    // Firmware left the low protected region on.
+    let regs = MockRegs::registers_only(&mem).with(|s| {
+        s.cap |= 1 << 5;
+        s.pmen = (1 << 31) | 1;
+    });
+    let mut v = built(&mem, &mut f, vec![regs]);
+    v.enable(&mem, &mut f).unwrap();
+    let l = without_syncs(&log(&v, 0));
+    let te = l.iter().position(|e| *e == Event::Gcmd(Gcmd::TE.bits())).unwrap();
+    assert_eq!(l[te + 1], Event::Pmen(0));
+    assert_eq!(v.units()[0].regs().st.borrow().pmen, 0);
+
+    // A region that will not turn off fails the load, translation off again.
+    let mem = MockMem::new();
+    let mut f = frames();
+    let regs = MockRegs::registers_only(&mem).with(|s| {
+        s.cap |= 1 << 6;
+        s.pmen = (1 << 31) | 1;
+        s.pmen_stuck = true;
+    });
+    let mut v = built(&mem, &mut f, vec![regs]);
+    assert_eq!(v.enable(&mem, &mut f), Err(timeout(Wait::ProtectedMemory)));
+    assert!(!v.units()[0].regs().gsts().contains(Gsts::TES));
+
+    // Without PLMR/PHMR the register is left alone (QEMU has neither).
+    let mem = MockMem::new();
+    let mut f = frames();
+    let mut v = built(&mem, &mut f, vec![MockRegs::qemu(&mem)]);
+    v.enable(&mem, &mut f).unwrap();
+    assert!(!log(&v, 0).iter().any(|e| matches!(e, Event::Pmen(_))));
+}
+
+#[test]
 fn write_buffer_flush_where_required() {
     let mem = MockMem::new();
     let mut f = frames();
@@ -351,7 +387,7 @@ fn register_invalidation_is_never_used_with_the_queue_on() {
         v.remove_page(&mem, &mut f, Hpa(0x5000_0000 + i * LARGE_PAGE_SIZE)).unwrap();
         v.restore_page(&mem, &mut f, Hpa(0x5000_0000 + i * LARGE_PAGE_SIZE)).unwrap();
     }
-    v.disable(&mut f).unwrap();
+    v.disable(&mem, &mut f).unwrap();
     assert!(!log(&v, 0).contains(&Event::RegisterInvalidationWithQueue));
 }
 
@@ -398,7 +434,13 @@ fn faults_are_decoded_cleared_and_counted() {
     let mut v = enabled(&mem, &mut f, vec![MockRegs::qemu(&mem)]);
     assert!(v.poll_faults().is_empty());
     // The edu device (00:03.0) wrote to a hypervisor page.
-    let rec = FaultRecord { index: 0, source: SourceId::new(0, 3, 0), addr: HV.base.0 + 0x3000, reason: FaultReason(5), kind: RequestKind::Write };
+    let rec = FaultRecord {
+        index: 0,
+        source: SourceId::new(0, 3, 0),
+        addr: HV.base.0 + 0x3000,
+        reason: FaultReason(5),
+        kind: RequestKind::Write,
+    };
     v.units()[0].regs().inject_fault(0, rec);
     let got = v.poll_faults();
     assert_eq!(got, vec![UnitFault { unit: 0, segment: 0, record: rec }]);
@@ -445,7 +487,13 @@ fn a_full_ring_of_faults_is_bounded() {
     let cap = (QEMU_CAP & !(0xff << 40)) | (7 << 40);
     let mut v = enabled(&mem, &mut f, vec![MockRegs::new(&mem, cap, QEMU_ECAP)]);
     for i in 0..8 {
-        let rec = FaultRecord { index: i, source: SourceId(i as u16), addr: 0x1000 * i as u64, reason: FaultReason(2), kind: RequestKind::Read };
+        let rec = FaultRecord {
+            index: i,
+            source: SourceId(i as u16),
+            addr: 0x1000 * i as u64,
+            reason: FaultReason(2),
+            kind: RequestKind::Read,
+        };
         v.units()[0].regs().inject_fault(i as usize, rec);
     }
     assert_eq!(v.poll_faults().len(), 8);
@@ -459,16 +507,19 @@ fn disable_and_free() {
     let mut v = enabled(&mem, &mut f, vec![MockRegs::qemu(&mem), MockRegs::registers_only(&mem)]);
     v.remove_page(&mem, &mut f, PAGE).unwrap();
     assert_eq!(v.free_tables(&mem, &mut f), Err(Error::StillEnabled));
-    v.disable(&mut f).unwrap();
+    v.disable(&mem, &mut f).unwrap();
     for i in 0..2 {
         let u = &v.units()[i];
         assert!(!u.is_enabled() && !u.uses_queue());
         assert!(!u.regs().gsts().intersects(Gsts::TES | Gsts::QIES));
     }
-    // TE goes first, then the queue.
+    // TE goes first; then a last wait drains the queue, and the queue goes.
     let l = without_syncs(&log(&v, 0));
-    let tail = &l[l.len() - 2..];
-    assert_eq!(tail, &[Event::Gcmd(Gcmd::QIE.bits()), Event::Gcmd(0)]);
+    let tail = &l[l.len() - 4..];
+    assert_eq!(tail[0], Event::Gcmd(Gcmd::QIE.bits()));
+    assert!(matches!(tail[1], Event::Iqt(_)));
+    assert!(matches!(tail[2], Event::Desc(d) if d.kind() == desc_type::WAIT));
+    assert_eq!(tail[3], Event::Gcmd(0));
     v.free_tables(&mem, &mut f).unwrap();
     assert!(f.live.is_empty(), "leaked {:?}", f.live);
     assert!(v.tables().is_none());
@@ -477,7 +528,7 @@ fn disable_and_free() {
     v.build(&mem, &mut f, &DmaMap { ram: &ram, holes: &[HV], rmrrs: &[] }).unwrap();
     v.enable(&mem, &mut f).unwrap();
     assert!(v.enabled());
-    v.disable(&mut f).unwrap();
+    v.disable(&mem, &mut f).unwrap();
     v.free_tables(&mem, &mut f).unwrap();
     assert!(f.live.is_empty());
 }
@@ -488,9 +539,9 @@ fn disable_timeouts_keep_the_queue() {
     let mut f = frames();
     let mut v = enabled(&mem, &mut f, vec![MockRegs::qemu(&mem)]);
     v.units()[0].regs().st.borrow_mut().stuck = Gsts::TES.bits();
-    assert_eq!(v.disable(&mut f), Err(timeout(Wait::TranslationOff)));
+    assert_eq!(v.disable(&mem, &mut f), Err(timeout(Wait::TranslationOff)));
     v.units()[0].regs().st.borrow_mut().stuck = Gsts::QIES.bits();
-    assert_eq!(v.disable(&mut f), Err(timeout(Wait::QueueOff)));
+    assert_eq!(v.disable(&mem, &mut f), Err(timeout(Wait::QueueOff)));
     // The unit may still read the queue: its frames are not freed, and the
     // tables cannot go.
     assert!(v.units()[0].uses_queue());
@@ -498,13 +549,30 @@ fn disable_timeouts_keep_the_queue() {
 }
 
 #[test]
-fn queue_must_drain_before_it_is_turned_off() {
+fn a_stopped_queue_is_not_turned_off() {
     let mem = MockMem::new();
     let mut f = frames();
     let mut v = enabled(&mem, &mut f, vec![MockRegs::qemu(&mem)]);
-    // A tail the unit never caught up with.
-    v.units()[0].regs().st.borrow_mut().iqt = 0x40;
-    assert_eq!(v.disable(&mut f), Err(timeout(Wait::QueueDrain)));
+    v.units()[0].regs().st.borrow_mut().queue_stalled = true;
+    assert_eq!(v.disable(&mem, &mut f), Err(timeout(Wait::QueueWait)));
+    assert!(v.units()[0].uses_queue());
+    assert!(v.units()[0].regs().gsts().contains(Gsts::QIES));
+}
+
+#[test]
+fn an_unused_queue_can_be_turned_off() {
+    // QEMU turns the queue off only after a wait descriptor; a load and
+    // unload with no donation in between never submitted one.
+    let mem = MockMem::new();
+    let mut f = frames();
+    let mut v = enabled(&mem, &mut f, vec![MockRegs::qemu(&mem)]);
+    v.disable(&mem, &mut f).unwrap();
+    assert!(!v.units()[0].regs().gsts().intersects(Gsts::TES | Gsts::QIES));
+    let d = descs(&log(&v, 0));
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].kind(), desc_type::WAIT);
+    v.free_tables(&mem, &mut f).unwrap();
+    assert!(f.live.is_empty());
 }
 
 #[test]

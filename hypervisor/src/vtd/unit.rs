@@ -9,7 +9,7 @@
 
 use super::entry::{FaultRecord, InvDesc};
 use super::regs::{
-    iqa, off, queue_index, rtaddr_legacy, Cap, Ccmd, Ecap, Fectl, Fsts, Gcmd, Granularity, Gsts, IotlbCmd, Ver, VtdRegs,
+    iqa, off, queue_index, rtaddr_legacy, Cap, Ccmd, Ecap, Fectl, Fsts, Gcmd, Granularity, Gsts, IotlbCmd, Pmen, Ver, VtdRegs,
     QUEUE_ENTRIES,
 };
 use super::tables::TableConfig;
@@ -48,6 +48,8 @@ pub enum Wait {
     /// GSTS.QIES after setting / clearing GCMD.QIE.
     QueueOn,
     QueueOff,
+    /// PMEN.PRS clearing after the protected memory regions are turned off.
+    ProtectedMemory,
     /// IQH reaching IQT before queued invalidation is turned off.
     QueueDrain,
     /// The status write of an invalidation wait descriptor.
@@ -195,7 +197,7 @@ impl<R: VtdRegs> Unit<R> {
         self.check_config(config)?;
         let r = self.enable_inner(mem, alloc, root);
         if r.is_err() {
-            let _ = self.disable(alloc);
+            let _ = self.disable(mem, alloc);
         }
         r
     }
@@ -211,6 +213,7 @@ impl<R: VtdRegs> Unit<R> {
         self.invalidate_registers(Invalidate::Global)?;
         self.set_enable(Gcmd::TE, true, Wait::TranslationOn)?;
         self.enabled = true;
+        self.disable_protected_memory()?;
         if self.ecap.queued_invalidation() {
             self.enable_queue(mem, alloc)?;
         }
@@ -222,13 +225,19 @@ impl<R: VtdRegs> Unit<R> {
     ///
     /// If the unit does not answer, the queue frames are kept (the unit may
     /// still read them) and the error is returned.
-    pub fn disable(&mut self, alloc: &mut impl FrameAlloc) -> Result<()> {
+    pub fn disable(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc) -> Result<()> {
         if self.gsts().contains(Gsts::TES) {
             self.set_enable(Gcmd::TE, false, Wait::TranslationOff)?;
         }
         self.enabled = false;
         if self.gsts().contains(Gsts::QIES) {
-            // The queue must be empty before QIE is cleared (10.4.4, QIE).
+            // The queue must be empty, and idle, before QIE is cleared
+            // (10.4.4, QIE). A last wait descriptor proves it; QEMU also
+            // refuses to turn the queue off unless the last descriptor it
+            // ran was a wait, which a queue never used would not satisfy.
+            if self.queue.is_some() {
+                self.submit(mem, &[])?;
+            }
             self.wait(Wait::QueueDrain, |r| queue_index(r.read64(off::IQH)) == queue_index(r.read64(off::IQT)))?;
             self.set_enable(Gcmd::QIE, false, Wait::QueueOff)?;
         }
@@ -237,6 +246,23 @@ impl<R: VtdRegs> Unit<R> {
             alloc.free_frame(q.status);
         }
         Ok(())
+    }
+
+    /// Turns off the protected memory regions firmware may have left on: with
+    /// translation on, the tables protect memory, and a stale region would
+    /// block DMA the tables allow. As Linux does, only after TE is set, so
+    /// that there is no window without protection. See: VT-d spec, 10.4.16
+    /// (PMEN).
+    fn disable_protected_memory(&self) -> Result<()> {
+        if !self.cap.protected_memory() {
+            return Ok(());
+        }
+        let pmen = Pmen::from_bits_retain(self.regs.read32(off::PMEN));
+        if !pmen.intersects(Pmen::EPM | Pmen::PRS) {
+            return Ok(());
+        }
+        self.regs.write32(off::PMEN, (pmen - Pmen::EPM - Pmen::PRS).bits());
+        self.wait(Wait::ProtectedMemory, |r| !Pmen::from_bits_retain(r.read32(off::PMEN)).contains(Pmen::PRS))
     }
 
     /// Flushes the write buffer where CAP.RWBF asks for it, so that table

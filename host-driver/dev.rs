@@ -257,6 +257,7 @@ extern "C" fn uxen_vm_ioctl(private: *mut c_void, cmd: u32, arg: usize) -> core:
         ioctl::VM_GET_REGS => vm_regs(drv, h, arg, false),
         ioctl::VM_SET_REGS => vm_regs(drv, h, arg, true),
         ioctl::VM_RUN => vm_run(drv, h, arg),
+        ioctl::VM_FORK => vm_fork(drv, h, arg),
         ioctl::VM_ID => write_user(arg, &abi::VmId { id: h.id, reserved0: 0 }).map(|_| 0),
         _ => Err(ENOTTY),
     })
@@ -294,6 +295,22 @@ fn vm_regs(drv: &crate::Driver, h: &VmHandle, arg: usize, set: bool) -> Result<i
     Ok(0)
 }
 
+/// FORK: a copy-on-write clone of the VM (its vCPUs must be out of RUN);
+/// returns the child's descriptor.
+fn vm_fork(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
+    let mut b = HcBuf::new(abi::VmFork { vm: h.id, child: 0 })?;
+    let child = b.call_donating(drv, abi::hc::VM_FORK)? as u32;
+    let fd = match vm_fd(child) {
+        Ok(fd) => fd,
+        Err(e) => {
+            destroy_id(drv, child);
+            return Err(e);
+        }
+    };
+    write_user(arg, &abi::VmFork { vm: h.id, child })?;
+    Ok(fd as i64)
+}
+
 /// Longest sleep of a halted vCPU before RUN looks again (a destroy from
 /// elsewhere is noticed then).
 const HALT_POLL_MS: u32 = 100;
@@ -312,6 +329,11 @@ fn vm_run(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
         if s == abi::HC_NEED_PAGES {
             drv.hv.donate(aux)?;
             continue;
+        }
+        if s == -(abi::errno::ENOENT) {
+            // Destroyed through /dev/uxen while this descriptor lived.
+            b.value.exit = abi::ExitRecord { kind: abi::exit::SHUTDOWN, reason: abi::stop::DESTROYED, ..Default::default() };
+            break;
         }
         crate::hv::status(s)?;
         match b.value.exit.kind {
@@ -337,6 +359,19 @@ fn vm_run(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
                 if crate::shim::signal_pending() {
                     return Err(EINTR);
                 }
+            }
+            abi::exit::HYPERCALL if b.value.exit.hc_nr == abi::ghc::FORK => {
+                // The guest forked itself: the child needs a descriptor in
+                // this process before RUN returns, or nothing would own it.
+                let child = b.value.exit.hc_args[0] as u32;
+                b.value.exit.hc_args[1] = match vm_fd(child) {
+                    Ok(fd) => fd as u64,
+                    Err(e) => {
+                        destroy_id(drv, child);
+                        e.to_errno() as i64 as u64
+                    }
+                };
+                break;
             }
             _ => break,
         }

@@ -90,3 +90,36 @@ signature() {
 stats_json() {
     uxenctl stats --json
 }
+
+# wait_console VM REGEX [TRIES]: waits until the VM's console matches.
+wait_console() {
+    _n=${3:-2000}
+    while [ "$_n" -gt 0 ]; do
+        if grep -qE "$2" "/run/uxen/vm-$1.console" 2>/dev/null; then
+            return 0
+        fi
+        usleep 20000
+        _n=$((_n - 1))
+    done
+    return 1
+}
+
+# wait_gone VM [TRIES]: waits until the VM's VMM has ended.
+wait_gone() {
+    _n=${2:-2000}
+    while [ "$_n" -gt 0 ]; do
+        [ -e "/run/uxen/vm-$1.status" ] && return 0
+        usleep 20000
+        _n=$((_n - 1))
+    done
+    return 1
+}
+
+# pool_free: pool.frames_free from the stats.
+pool_free() {
+    uxenctl stats --json | sed -n 's/.*"pool":{"frames_total":[0-9]*,"frames_free":\([0-9]*\)}.*/\1/p'
+}
+
+pool_total() {
+    uxenctl stats --json | sed -n 's/.*"pool":{"frames_total":\([0-9]*\),.*/\1/p'
+}

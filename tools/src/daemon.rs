@@ -24,6 +24,10 @@ pub fn pid_path(id: u32) -> PathBuf {
     run_dir().join(format!("vm-{id}.pid"))
 }
 
+pub fn socket_path(id: u32) -> PathBuf {
+    run_dir().join(format!("vm-{id}.sock"))
+}
+
 /// Creates a VM run by a detached VMM process; returns its id.
 pub fn create(image: &Path, name: &str, mem_mib: u64, vcpus: u32) -> Result<u32> {
     std::fs::create_dir_all(run_dir()).with_context(|| format!("cannot create {}", run_dir().display()))?;
@@ -86,15 +90,6 @@ fn vmm_process(image: &Path, name: &str, mem_mib: u64, vcpus: u32, wfd: i32) -> 
             return 1;
         }
     };
-    let console = match std::fs::File::create(console_path(vm.id)) {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = write!(reply, "err cannot create {}: {e}", console_path(vm.id).display());
-            return 1;
-        }
-    };
-    let _ = std::fs::write(pid_path(vm.id), std::process::id().to_string());
-    let _ = std::fs::remove_file(status_path(vm.id));
     let _ = write!(reply, "ok {}", vm.id);
     drop(reply);
     // SAFETY: detach from the terminal: stdio to /dev/null.
@@ -105,9 +100,7 @@ fn vmm_process(image: &Path, name: &str, mem_mib: u64, vcpus: u32, wfd: i32) -> 
         }
     }
     vmm::install_signal_handlers();
-    let end = vmm::run(&vm, vcpus, Box::new(console)).unwrap_or_else(|e| vmm::End::Killed(format!("{e:#}")));
-    let _ = std::fs::write(status_path(vm.id), end.describe() + "\n");
-    let _ = std::fs::remove_file(pid_path(vm.id));
+    vmm::serve(vm, vcpus, vmm::Mode::Detached);
     0
 }
 

@@ -135,6 +135,15 @@ impl Vm {
         Ok(())
     }
 
+    /// A copy-on-write clone; its vCPUs must be out of RUN.
+    pub fn fork(&self) -> std::result::Result<Vm, IoctlError> {
+        let mut f = abi::VmFork { vm: self.id, child: 0 };
+        // SAFETY: FORK takes a `VmFork`.
+        let fd = unsafe { ioctl_ptr(self.fd(), "fork", abi::ioctl::VM_FORK, &mut f) }?;
+        // SAFETY: the driver installed `fd` for this process.
+        Ok(Vm { fd: unsafe { OwnedFd::from_raw_fd(fd as i32) }, id: f.child })
+    }
+
     /// A raw descriptor for sharing across threads.
     pub fn raw_fd(&self) -> i32 {
         self.fd()

@@ -95,6 +95,13 @@ enum Cmd {
     },
     /// Destroy a VM.
     Destroy { vm: u32 },
+    /// Fork a running VM started with `create`: copy-on-write clones, run
+    /// by their own VMMs. Prints the children's ids.
+    Fork {
+        vm: u32,
+        #[arg(long, default_value = "1", value_parser = clap::value_parser!(u32).range(1..=64))]
+        count: u32,
+    },
     /// The host frame behind a guest page (module parameter debug=1; tests).
     Translate { vm: u32, gpa: String },
 }
@@ -127,9 +134,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let vm = d.create_vm(mem << 20, vcpus, &name).map_err(|e| anyhow!("{e}"))?;
             boot::load(&vm, &image, mem << 20, vcpus)?;
             vmm::install_signal_handlers();
-            let end = vmm::run(&vm, vcpus, Box::new(std::io::stdout()))?;
+            let id = vm.id;
+            let end = vmm::serve(vm, vcpus, vmm::Mode::Foreground);
             if !matches!(end, vmm::End::Exited(_)) {
-                eprintln!("uxenctl: vm {} {}", vm.id, end.describe());
+                eprintln!("uxenctl: vm {id} {}", end.describe());
+            }
+            // Forked children run in child processes: wait for them all.
+            let mut failed = 0;
+            loop {
+                let mut st = 0;
+                // SAFETY: reaping our own children.
+                let pid = unsafe { libc::wait(&mut st) };
+                if pid < 0 {
+                    break;
+                }
+                if !(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0) {
+                    failed += 1;
+                }
+            }
+            if failed > 0 {
+                eprintln!("uxenctl: {failed} forked VMs did not exit with code 0");
+                return Ok(ExitCode::from(if end.status() == 0 { 1 } else { end.status() }));
             }
             Ok(ExitCode::from(end.status()))
         }
@@ -159,6 +184,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     anyhow!("{e}")
                 }
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fork { vm, count } => {
+            for id in vmm::request_fork(vm, count)? {
+                println!("{id}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Translate { vm, gpa } => {

@@ -1,12 +1,14 @@
-//! The VMM: runs a VM's vCPUs, emulates its console UART, and reports how
-//! the VM ended.
+//! The VMM: runs a VM's vCPUs, emulates its console UART, answers fork
+//! requests, and reports how the VM ended.
 
+use crate::daemon;
 use crate::dev::{self, Vm};
-use anyhow::Result;
 use shared_abi::{self as abi, exit, ghc, guest, stop};
-use std::io::Write;
+use std::io::{BufRead, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
 /// The UART raises no interrupts: guests poll.
@@ -18,6 +20,8 @@ impl Trigger for NoIrq {
         Ok(())
     }
 }
+
+type Uart = Serial<NoIrq, NoEvents, Box<dyn Write + Send>>;
 
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,17 +52,32 @@ impl End {
     }
 }
 
+/// Where the console goes and whether the VM takes fork requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `uxenctl run`: the console is stdout; forked children share it.
+    Foreground,
+    /// `uxenctl create`: console, status and control socket in the run
+    /// directory.
+    Detached,
+}
+
 /// Set by SIGINT/SIGTERM: the VM is torn down.
 pub static TERMINATE: AtomicBool = AtomicBool::new(false);
+/// Set by the control thread: vCPU 0 has fork requests to serve.
+static REQUESTS: Mutex<Vec<(u32, std::os::unix::net::UnixStream)>> = Mutex::new(Vec::new());
 
 extern "C" fn on_signal(_: libc::c_int) {
     TERMINATE.store(true, Ordering::Release);
 }
 
-/// Makes SIGINT/SIGTERM interrupt RUN (no SA_RESTART) and request the end.
+extern "C" fn noop(_: libc::c_int) {}
+
+/// Makes SIGINT/SIGTERM end the VM and SIGUSR1 interrupt RUN (no
+/// SA_RESTART), to serve requests.
 pub fn install_signal_handlers() {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
-        // SAFETY: a plain handler that only stores to an atomic.
+        // SAFETY: plain handlers that only store to an atomic.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = if sig == libc::SIGUSR1 { noop as *const () as usize } else { on_signal as *const () as usize };
@@ -69,24 +88,39 @@ pub fn install_signal_handlers() {
     }
 }
 
-extern "C" fn noop(_: libc::c_int) {}
-
-/// Runs every vCPU of `vm` until the VM ends; console output goes to `out`.
-pub fn run(vm: &Vm, vcpus: u32, out: Box<dyn Write + Send>) -> Result<End> {
-    let serial = Arc::new(Mutex::new(Serial::new(NoIrq, out)));
+/// Runs `vm` until it ends. In detached mode this also writes the console,
+/// status and pid files and serves the control socket.
+pub fn serve(vm: Vm, vcpus: u32, mode: Mode) -> End {
+    let out: Box<dyn Write + Send> = match mode {
+        Mode::Foreground => Box::new(std::io::stdout()),
+        Mode::Detached => match std::fs::File::create(daemon::console_path(vm.id)) {
+            Ok(f) => Box::new(f),
+            Err(e) => return End::Killed(format!("cannot create the console file: {e}")),
+        },
+    };
+    if mode == Mode::Detached {
+        let _ = std::fs::write(daemon::pid_path(vm.id), std::process::id().to_string());
+        let _ = std::fs::remove_file(daemon::status_path(vm.id));
+        start_control(vm.id);
+    }
+    let uart = Arc::new(Mutex::new(Serial::new(NoIrq, out)));
     let end: Arc<Mutex<Option<End>>> = Arc::new(Mutex::new(None));
-    let fd = vm.raw_fd();
+    let vm = &vm;
     std::thread::scope(|s| {
         for cpu in 1..vcpus {
-            let serial = serial.clone();
-            let end = end.clone();
-            s.spawn(move || vcpu_loop(fd, cpu, &serial, &end));
+            let (uart, end) = (uart.clone(), end.clone());
+            s.spawn(move || vcpu_loop(vm, cpu, vcpus, mode, &uart, &end));
         }
-        vcpu_loop(fd, 0, &serial, &end);
+        vcpu_loop(vm, 0, vcpus, mode, &uart, &end);
     });
-    serial.lock().unwrap().writer_mut().flush().ok();
-    let e = end.lock().unwrap().clone();
-    Ok(e.unwrap_or(End::Killed("no vCPU ended".into())))
+    uart.lock().unwrap().writer_mut().flush().ok();
+    let e = end.lock().unwrap().clone().unwrap_or(End::Killed("no vCPU ended".into()));
+    if mode == Mode::Detached {
+        let _ = std::fs::write(daemon::status_path(vm.id), e.describe() + "\n");
+        let _ = std::fs::remove_file(daemon::pid_path(vm.id));
+        let _ = std::fs::remove_file(daemon::socket_path(vm.id));
+    }
+    e
 }
 
 fn finish(end: &Mutex<Option<End>>, e: End) {
@@ -96,16 +130,19 @@ fn finish(end: &Mutex<Option<End>>, e: End) {
     }
 }
 
-fn vcpu_loop(fd: i32, cpu: u32, serial: &Mutex<Serial<NoIrq, vm_superio::serial::NoEvents, Box<dyn Write + Send>>>, end: &Mutex<Option<End>>) {
+fn vcpu_loop(vm: &Vm, cpu: u32, vcpus: u32, mode: Mode, uart: &Mutex<Uart>, end: &Mutex<Option<End>>) {
     let mut run = abi::VmRun { vcpu: cpu, ..Default::default() };
     loop {
         if end.lock().unwrap().is_some() {
             return;
         }
-        match dev::run_fd(fd, &mut run) {
+        match dev::run_fd(vm.raw_fd(), &mut run) {
             Err(e) if e.errno == libc::EINTR => {
                 if TERMINATE.load(Ordering::Acquire) {
                     return finish(end, End::Killed("terminated by a signal".into()));
+                }
+                if cpu == 0 && vcpus == 1 {
+                    serve_requests(vm, mode);
                 }
                 continue;
             }
@@ -119,7 +156,7 @@ fn vcpu_loop(fd: i32, cpu: u32, serial: &Mutex<Serial<NoIrq, vm_superio::serial:
                 let port = x.port;
                 if (guest::UART_PORT..guest::UART_PORT + 8).contains(&port) {
                     let off = (port - guest::UART_PORT) as u8;
-                    let mut s = serial.lock().unwrap();
+                    let mut s = uart.lock().unwrap();
                     if x.is_write != 0 {
                         let _ = s.write(off, x.data as u8);
                     } else {
@@ -141,9 +178,11 @@ fn vcpu_loop(fd: i32, cpu: u32, serial: &Mutex<Serial<NoIrq, vm_superio::serial:
                     )),
                 );
             }
-            exit::HYPERCALL => {
-                run.exit.hc_ret = vmm_hypercall(x.hc_nr, x.hc_args) as u64;
+            exit::HYPERCALL if x.hc_nr == ghc::FORK => {
+                uart.lock().unwrap().writer_mut().flush().ok();
+                run.exit.hc_ret = take_child(x.hc_args[0] as u32, x.hc_args[1] as i64, mode) as u64;
             }
+            exit::HYPERCALL => run.exit.hc_ret = vmm_hypercall(x.hc_nr, x.hc_args) as u64,
             exit::GUEST_EXIT => return finish(end, End::Exited(x.data as u8)),
             exit::SHUTDOWN => return finish(end, End::Stopped(x.reason)),
             exit::HLT | exit::INTR | exit::NONE => {}
@@ -152,11 +191,124 @@ fn vcpu_loop(fd: i32, cpu: u32, serial: &Mutex<Serial<NoIrq, vm_superio::serial:
     }
 }
 
+/// Gives a forked child VM (descriptor `fd`, or `-errno`) its own VMM
+/// process. Returns the child's id, or `-errno`.
+fn take_child(id: u32, fd: i64, mode: Mode) -> i64 {
+    if fd < 0 {
+        return fd;
+    }
+    // SAFETY: the driver installed `fd` in this process for the child.
+    let child = Vm { fd: unsafe { OwnedFd::from_raw_fd(fd as i32) }, id };
+    match spawn_vmm(child, mode) {
+        Ok(()) => id as i64,
+        Err(e) => -(e.raw_os_error().unwrap_or(libc::EAGAIN) as i64),
+    }
+}
+
+/// Forks this process; the child process runs `vm` and exits.
+pub fn spawn_vmm(vm: Vm, mode: Mode) -> std::io::Result<()> {
+    // SAFETY: the only other threads are vCPU threads of single-vCPU VMs
+    // (none) or the control thread, which holds no lock across fork; the
+    // child only runs `serve` and exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let id = vm.id;
+        let e = serve(vm, 1, mode);
+        if mode == Mode::Foreground && !matches!(e, End::Exited(_)) {
+            eprintln!("uxenctl: vm {id} {}", e.describe());
+        }
+        std::io::stdout().flush().ok();
+        // SAFETY: ends the child process without running the parent's
+        // destructors.
+        unsafe { libc::_exit(e.status() as i32) };
+    }
+    // The parent keeps running its own VM; the child's descriptor closes
+    // here with `vm`.
+    drop(vm);
+    Ok(())
+}
+
+/// The control socket of a detached VM: `fork N` requests.
+fn start_control(id: u32) {
+    let path = daemon::socket_path(id);
+    let _ = std::fs::remove_file(&path);
+    let Ok(listener) = std::os::unix::net::UnixListener::bind(&path) else { return };
+    // SAFETY: pthread_self of the vCPU 0 thread, signalled by the control
+    // thread to interrupt RUN.
+    let main = unsafe { libc::pthread_self() } as usize;
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut line = String::new();
+            let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            let n = line.trim().strip_prefix("fork ").and_then(|n| n.parse::<u32>().ok());
+            match n {
+                Some(n) if (1..=abi::VM_MAX_CHILDREN).contains(&n) => {
+                    REQUESTS.lock().unwrap().push((n, conn));
+                    // SAFETY: interrupting vCPU 0's RUN.
+                    unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
+                }
+                _ => {
+                    let _ = writeln!(&conn, "err bad request: {}", line.trim());
+                }
+            }
+        }
+    });
+}
+
+/// Serves queued fork requests while the vCPU is out of RUN.
+fn serve_requests(vm: &Vm, mode: Mode) {
+    let reqs: Vec<_> = std::mem::take(&mut *REQUESTS.lock().unwrap());
+    for (n, conn) in reqs {
+        let mut ids = Vec::new();
+        let mut err = None;
+        for _ in 0..n {
+            match vm.fork() {
+                Ok(child) => {
+                    let id = child.id;
+                    if let Err(e) = spawn_vmm(child, mode) {
+                        err = Some(format!("cannot start a VMM for vm {id}: {e}"));
+                        break;
+                    }
+                    ids.push(id.to_string());
+                }
+                Err(e) => {
+                    err = Some(format!("{e}"));
+                    break;
+                }
+            }
+        }
+        let _ = match err {
+            None => writeln!(&conn, "ok {}", ids.join(" ")),
+            Some(e) => writeln!(&conn, "err {e} (forked: {})", ids.join(" ")),
+        };
+    }
+}
+
 /// Hypercalls addressed to the VMM (docs/guest-abi.md).
 fn vmm_hypercall(nr: u64, _args: [u64; 3]) -> i64 {
     match nr {
-        // VMM version: the uxenctl ABI revision.
+        // The VMM's ABI revision.
         ghc::VMM_FIRST => abi::ABI_REVISION as i64,
         _ => -abi::errno::ENOSYS,
+    }
+}
+
+/// Asks the VMM of detached VM `id` for `n` forks; returns the children.
+pub fn request_fork(id: u32, n: u32) -> anyhow::Result<Vec<u32>> {
+    let path = daemon::socket_path(id);
+    let conn = std::os::unix::net::UnixStream::connect(&path)
+        .map_err(|e| anyhow::anyhow!("cannot reach the VMM of vm {id} ({}: {e}); only VMs started with `uxenctl create` can be forked from outside", path.display()))?;
+    writeln!(&conn, "fork {n}")?;
+    let mut line = String::new();
+    std::io::BufReader::new(&conn).read_line(&mut line)?;
+    match line.trim().split_once(' ') {
+        Some(("ok", ids)) => Ok(ids.split_whitespace().filter_map(|s| s.parse().ok()).collect()),
+        _ => Err(anyhow::anyhow!("fork of vm {id} failed: {}", line.trim().trim_start_matches("err "))),
     }
 }

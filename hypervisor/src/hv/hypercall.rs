@@ -14,7 +14,7 @@ use super::run::{self, Switch};
 use super::vm::{self, VmError};
 use crate::guestmem::MemError;
 use crate::mem::PhysMem;
-use shared_abi::{DebugTranslate, MemRange, VmCreate, VmId, VmInfo, VmLoad, VmRegs, HC_NEED_PAGES, VM_NAME_LEN};
+use shared_abi::{DebugTranslate, MemRange, VmCreate, VmFork, VmId, VmInfo, VmLoad, VmRegs, HC_NEED_PAGES, VM_NAME_LEN};
 use shared_abi::{errno::*, hc, HvStats, ReturnState, HvVersion, ABI_REVISION, EXIT_REASON_SLOTS, HV_FEATURE_EPT, HV_FEATURE_UNRESTRICTED, HV_FEATURE_VMX, HV_FEATURE_VPID, VERSION};
 
 /// Host hypercall errors, turned into `-errno` here and nowhere else.
@@ -65,6 +65,7 @@ pub fn dispatch(nr: u64, arg: u64, len: u64, regs: &mut GuestRegs) -> Switch {
         hc::VM_SET_REGS => vm_regs(arg, len, true),
         hc::VM_RUN => return run::run(regs, arg, len),
         hc::VM_LIST => vm_list(arg, len),
+        hc::VM_FORK => vm_fork(arg, len),
         hc::DEBUG_TRANSLATE => debug_translate(arg, len),
         _ => Err(HcError::NoSys),
     };
@@ -271,6 +272,24 @@ fn vm_regs(arg: u64, len: u64, set: bool) -> Result<i64, HcError> {
     drop(st);
     copy_out(arg, len, &r)?;
     Ok(0)
+}
+
+/// FORK from the host: the VM's vCPUs must be out of the guest.
+fn vm_fork(arg: u64, len: u64) -> Result<i64, HcError> {
+    let mut f: VmFork = copy_in(arg, len)?;
+    let vm = vm::get(f.vm)?;
+    if vm.is_stopped() || vm.dying.load(Ordering::Acquire) {
+        return Err(HcError::Vm(VmError::Invalid));
+    }
+    if vm.vcpus.iter().any(|v| v.running.load(Ordering::Acquire)) {
+        return Err(HcError::Busy);
+    }
+    let states = vm.vcpus.iter().map(vm::capture_idle).collect();
+    let child = vm::fork(&vm, states)?;
+    log::info!("vm{}: forked vm{}", vm.id, child.id);
+    f.child = child.id;
+    copy_out(arg, len, &f)?;
+    Ok(child.id as i64)
 }
 
 fn vm_list(arg: u64, len: u64) -> Result<i64, HcError> {

@@ -118,6 +118,10 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
         for (i, v) in [st.init.r8, st.init.r9, st.init.r10, st.init.r11, st.init.r12, st.init.r13, st.init.r14, st.init.r15].into_iter().enumerate() {
             st.gpr[8 + i] = v;
         }
+        if let Some(snap) = st.snapshot.take() {
+            // A forked vCPU continues exactly where its parent was.
+            vmx::restore(&snap);
+        }
         st.ready = true;
     }
     let _ = vmx::write_host_state(pc, h.cr3, &pc.linux);
@@ -460,6 +464,9 @@ fn hypercall(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>, idx: usize) {
     let nr = regs[RAX];
     let (a0, a1) = (regs[RDI], regs[RSI]);
     skip_instruction();
+    if nr == ghc::FORK {
+        return guest_fork(pc, regs, vm);
+    }
     let ret: i64 = match nr {
         ghc::VERSION => shared_abi::ABI_REVISION as i64,
         ghc::VM_ID => vm.id as i64,
@@ -486,6 +493,46 @@ fn hypercall(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>, idx: usize) {
         }
     };
     regs[RAX] = ret as u64;
+}
+
+/// The fork hypercall: the child is created here; the VMM takes it (the
+/// driver gives it a descriptor) and answers with the child's id, which
+/// becomes the parent's RAX. The child starts with RAX = 0.
+fn guest_fork(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
+    if vm.vcpus.len() != 1 {
+        regs[RAX] = -EINVAL as u64;
+        return;
+    }
+    if vm.children.load(Ordering::Acquire) >= shared_abi::VM_MAX_CHILDREN {
+        log::info!("vm{}: fork refused: {} children is the limit", vm.id, shared_abi::VM_MAX_CHILDREN);
+        regs[RAX] = -EAGAIN as u64;
+        return;
+    }
+    let mut st = *vm.vcpus[0].state.lock();
+    st.gpr = *regs;
+    st.gpr[RAX] = 0;
+    let state = vm::child_state(&st, Some(vmx::capture()));
+    match vm::fork(vm, alloc::vec![state]) {
+        Ok(child) => {
+            log::info!("vm{}: forked vm{} (guest request)", vm.id, child.id);
+            // This CPU runs the parent on: its write access is gone.
+            // SAFETY: INVEPT of the parent's EPT.
+            unsafe {
+                let _ = instr::invept(1, vm.eptp);
+            }
+            let mut rec = record(exit::HYPERCALL);
+            rec.hc_nr = ghc::FORK;
+            rec.hc_args = [child.id as u64, 0, 0];
+            leave(pc, regs, rec, Pending::Hypercall, 0, 0)
+        }
+        Err(vm::VmError::Mem(MemError::NeedPages(n))) => {
+            // Retry the VMCALL once the host has donated.
+            let len = vmx::read(EXIT_INSTRUCTION_LENGTH);
+            vmx::set(GUEST_RIP, vmx::read(GUEST_RIP).wrapping_sub(len));
+            leave(pc, regs, record(exit::NONE), Pending::None, HC_NEED_PAGES, n)
+        }
+        Err(e) => regs[RAX] = e.errno() as u64,
+    }
 }
 
 /// A guest VM entry failed (VMLAUNCH/VMRESUME): the VM stops.

@@ -64,6 +64,8 @@ pub struct VcpuState {
     /// Halt-wake timer: TSC deadline (0: none) and vector.
     pub timer_deadline: u64,
     pub timer_vector: u8,
+    /// A forked vCPU's VMCS state, applied at its first run.
+    pub snapshot: Option<crate::arch::x86::vmx::Snapshot>,
 }
 
 /// What the next RUN must complete before entering the guest.
@@ -191,6 +193,18 @@ pub fn boot_regs(mem_bytes: u64) -> Regs {
 
 /// Creates a VM. Needs pool frames for its EPT root and VMCS pages.
 pub fn create(mem_bytes: u64, vcpus: u32, name: [u8; VM_NAME_LEN], parent: u32) -> Result<Arc<Vm>, VmError> {
+    create_with(mem_bytes, vcpus, name, parent, None, None)
+}
+
+/// Creates a VM, with its memory and vCPU states given (a fork) or new.
+fn create_with(
+    mem_bytes: u64,
+    vcpus: u32,
+    name: [u8; VM_NAME_LEN],
+    parent: u32,
+    memory: Option<GuestMem>,
+    states: Option<Vec<VcpuState>>,
+) -> Result<Arc<Vm>, VmError> {
     if mem_bytes == 0
         || mem_bytes % shared_abi::VM_MEM_ALIGN != 0
         || mem_bytes > shared_abi::VM_MAX_MEM
@@ -206,11 +220,17 @@ pub fn create(mem_bytes: u64, vcpus: u32, name: [u8; VM_NAME_LEN], parent: u32) 
     let mut pool = POOL.lock();
     let need = 1 + vcpus as u64 + 4;
     if pool.frames_free() < need {
+        if let Some(m) = memory {
+            m.destroy(&mem, &mut pool);
+        }
         return Err(VmError::Mem(MemError::NeedPages(need - pool.frames_free())));
     }
-    let g = GuestMem::new(&mem, &mut pool, mem_bytes)?;
+    let g = match memory {
+        Some(m) => m,
+        None => GuestMem::new(&mem, &mut pool, mem_bytes)?,
+    };
     let mut list = Vec::new();
-    for _ in 0..vcpus {
+    for i in 0..vcpus {
         let vmcs = pool.alloc().ok_or(VmError::Mem(MemError::NeedPages(1)))?;
         // A VMCS region starts with the revision identifier; VMCLEAR makes
         // it ready for its first VMPTRLD on any CPU.
@@ -223,13 +243,17 @@ pub fn create(mem_bytes: u64, vcpus: u32, name: [u8; VM_NAME_LEN], parent: u32) 
             vmcs,
             running: AtomicBool::new(false),
             cpu: AtomicU32::new(0),
-            state: spin::Mutex::new(VcpuState {
-                gpr: [0; 16],
-                init: boot_regs(mem_bytes),
-                ready: false,
-                pending: Pending::None,
-                timer_deadline: 0,
-                timer_vector: 0,
+            state: spin::Mutex::new(match &states {
+                Some(s) => s[i as usize],
+                None => VcpuState {
+                    gpr: [0; 16],
+                    init: boot_regs(mem_bytes),
+                    ready: false,
+                    pending: Pending::None,
+                    timer_deadline: 0,
+                    timer_vector: 0,
+                    snapshot: None,
+                },
             }),
         });
     }
@@ -248,7 +272,7 @@ pub fn create(mem_bytes: u64, vcpus: u32, name: [u8; VM_NAME_LEN], parent: u32) 
         mem: spin::Mutex::new(Some(g)),
         eptp,
         vcpus: list,
-        state: AtomicU32::new(vm_state::CREATED),
+        state: AtomicU32::new(if parent != 0 { vm_state::PAUSED } else { vm_state::CREATED }),
         stop_reason: AtomicU32::new(stop::NONE),
         exit_code: AtomicU64::new(0),
         dying: AtomicBool::new(false),
@@ -346,4 +370,51 @@ pub fn info(vm: &Vm) -> VmInfo {
 pub fn list() -> Vec<VmInfo> {
     let vms: Vec<Arc<Vm>> = VMS.lock().values().cloned().collect();
     vms.iter().map(|v| info(v)).collect()
+}
+
+/// A vCPU's state for a fork's child: its registers and VMCS contents.
+pub fn child_state(st: &VcpuState, snapshot: Option<crate::arch::x86::vmx::Snapshot>) -> VcpuState {
+    VcpuState { ready: false, pending: Pending::None, snapshot: snapshot.or(st.snapshot), ..*st }
+}
+
+/// Forks `parent`: the child shares every frame copy-on-write and starts
+/// from `states`. The parent's vCPUs must not run on other CPUs.
+pub fn fork(parent: &Arc<Vm>, states: Vec<VcpuState>) -> Result<Arc<Vm>, VmError> {
+    let mem = DirectMap;
+    let child_mem = {
+        let mut pm = parent.mem.lock();
+        let g = pm.as_mut().ok_or(VmError::NoSuchVm)?;
+        let mut pool = POOL.lock();
+        let need = g.table_frames(&mem) + parent.vcpus.len() as u64 + 8;
+        if pool.frames_free() < need {
+            return Err(VmError::Mem(MemError::NeedPages(need - pool.frames_free())));
+        }
+        g.fork(&mem, &mut pool)?
+    };
+    // The parent's mappings became read-only: no CPU may keep a writable
+    // translation.
+    parent.mark_tlbs_stale();
+    let child = create_with(parent.mem_bytes, parent.vcpus.len() as u32, parent.name, parent.id, Some(child_mem), Some(states))?;
+    parent.children.fetch_add(1, Ordering::AcqRel);
+    Ok(child)
+}
+
+/// The state of a vCPU that is not running, with its VMCS contents.
+pub fn capture_idle(v: &Vcpu) -> VcpuState {
+    let st = *v.state.lock();
+    if !st.ready {
+        return st;
+    }
+    let pc = crate::arch::x86::cpu::this_cpu();
+    let mut snap = None;
+    // SAFETY: the vCPU is not running, so its VMCS is clear in memory: load
+    // it, read it, clear it, and make the host VM's VMCS current again.
+    unsafe {
+        if crate::arch::x86::instr::vmptrld(v.vmcs.0).is_ok() {
+            snap = Some(crate::arch::x86::vmx::capture());
+            let _ = crate::arch::x86::instr::vmclear(v.vmcs.0);
+        }
+        let _ = crate::arch::x86::instr::vmptrld(pc.vmcs_pa);
+    }
+    child_state(&st, snap)
 }

@@ -548,3 +548,40 @@ pub unsafe fn setup_guest_vm(caps: &VmxCaps, g: &GuestInit) -> Result<(), VmxErr
     write(GUEST_PENDING_DBG_EXCEPTIONS, 0)?;
     Ok(())
 }
+
+/// The guest-state fields a fork copies from parent to child (everything
+/// the VMCS holds of a vCPU but its GPRs).
+pub const SNAPSHOT_FIELDS: [u32; 52] = [
+    GUEST_ES_SELECTOR, GUEST_CS_SELECTOR, GUEST_SS_SELECTOR, GUEST_DS_SELECTOR, GUEST_FS_SELECTOR,
+    GUEST_GS_SELECTOR, GUEST_LDTR_SELECTOR, GUEST_TR_SELECTOR, GUEST_ES_LIMIT, GUEST_CS_LIMIT,
+    GUEST_SS_LIMIT, GUEST_DS_LIMIT, GUEST_FS_LIMIT, GUEST_GS_LIMIT, GUEST_LDTR_LIMIT, GUEST_TR_LIMIT,
+    GUEST_GDTR_LIMIT, GUEST_IDTR_LIMIT, GUEST_ES_AR, GUEST_CS_AR, GUEST_SS_AR, GUEST_DS_AR, GUEST_FS_AR,
+    GUEST_GS_AR, GUEST_LDTR_AR, GUEST_TR_AR, GUEST_INTERRUPTIBILITY, GUEST_ACTIVITY_STATE,
+    GUEST_IA32_SYSENTER_CS, GUEST_IA32_DEBUGCTL, GUEST_IA32_PAT, GUEST_IA32_EFER, GUEST_CR0, GUEST_CR3,
+    GUEST_CR4, GUEST_ES_BASE, GUEST_CS_BASE, GUEST_SS_BASE, GUEST_DS_BASE, GUEST_FS_BASE, GUEST_GS_BASE,
+    GUEST_LDTR_BASE, GUEST_TR_BASE, GUEST_GDTR_BASE, GUEST_IDTR_BASE, GUEST_DR7, GUEST_RSP, GUEST_RIP,
+    GUEST_RFLAGS, GUEST_PENDING_DBG_EXCEPTIONS, CR0_READ_SHADOW, CR4_READ_SHADOW,
+];
+
+/// A vCPU's VMCS guest state, as values of [`SNAPSHOT_FIELDS`], plus the
+/// IA-32e entry control.
+pub type Snapshot = [u64; 53];
+
+/// Reads the current VMCS's guest state.
+pub fn capture() -> Snapshot {
+    let mut s = [0u64; 53];
+    for (i, f) in SNAPSHOT_FIELDS.iter().enumerate() {
+        s[i] = read(*f);
+    }
+    s[52] = read(ENTRY_CONTROLS) & entry_ctl::IA32E_MODE_GUEST as u64;
+    s
+}
+
+/// Writes a captured guest state into the current VMCS.
+pub fn restore(s: &Snapshot) {
+    for (i, f) in SNAPSHOT_FIELDS.iter().enumerate() {
+        set(*f, s[i]);
+    }
+    let e = (read(ENTRY_CONTROLS) & !(entry_ctl::IA32E_MODE_GUEST as u64)) | s[52];
+    set(ENTRY_CONTROLS, e);
+}

@@ -1,16 +1,25 @@
 //! Guest memory: a guest's EPT over pool frames, with reference-counted
-//! copy-on-write sharing between forked VMs.
+//! copy-on-write sharing of frames *and of page-table subtrees* between
+//! forked VMs.
 //!
-//! Frames appear on first touch. A fork shares every frame: both sides map
-//! it read-only with `SW_COW` and the frame's count goes up; the first write
-//! from either side faults, and the writer gets its own copy (or, when it
-//! holds the last reference, simply its write access back).
+//! A fork costs one table frame, whatever the VM's size: the child gets a
+//! copy of the parent's root table, and both roots point, read-only, to the
+//! same lower tables, whose reference counts go up. EPT permissions are the
+//! AND of every level's, so a write anywhere under a shared subtree faults;
+//! the fault clones the tables on its path (each clone shares its own
+//! children the same way) and finally copies the data frame. Frames and
+//! tables appear on first touch.
+//!
+//! The invariant that keeps this sound: an entry that grants write access
+//! points to a table or frame with exactly one reference. When a shared
+//! table is cloned, the entries in both the clone and the original lose
+//! their write access, since their children are now shared.
 
 use crate::addr::{Gpa, Hpa, PAGE_SIZE};
 use crate::arch::x86::ept_entry::{EptEntry, EptFlags, MT_WB};
 use crate::ept::Ept;
 use crate::mem::PhysMem;
-use crate::pool::{FramePool, PoolError, PoolFrames};
+use crate::pool::{FramePool, PoolError};
 
 /// Why a guest-memory operation could not complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,10 +52,20 @@ pub struct GuestMem {
 pub struct MemStats {
     /// Mapped frames this guest alone references.
     pub private: u64,
-    /// Mapped frames shared with other mappings.
+    /// Mapped frames shared with other guests (or other mappings).
     pub shared: u64,
-    /// EPT table frames.
+    /// EPT table frames this guest alone references.
     pub tables: u64,
+}
+
+/// What [`GuestMem::ensure_writable`] had to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Touch {
+    /// The page was already writable, or became so in place.
+    InPlace,
+    /// A new frame now backs the page (first touch or a copy): other CPUs
+    /// running this VM may still translate to the old one.
+    NewFrame,
 }
 
 fn leaf(pa: Hpa, writable: bool) -> EptEntry {
@@ -62,12 +81,64 @@ fn need(pool: &FramePool, n: u64) -> Result<(), MemError> {
     Ok(())
 }
 
+const fn index(gpa: u64, level: u32) -> u64 {
+    (gpa >> (12 + 9 * (level - 1))) & 0x1ff
+}
+
+fn writable(e: EptEntry) -> bool {
+    e.flags().contains(EptFlags::WRITE)
+}
+
+/// `e` without write access.
+fn read_only(e: EptEntry) -> EptEntry {
+    e.with_flags(EptFlags::empty(), EptFlags::WRITE)
+}
+
+/// Copies the shared table `src` into a new table: both now share every
+/// child, so every entry in both loses write access.
+fn clone_table(mem: &impl PhysMem, pool: &mut FramePool, src: Hpa) -> Result<Hpa, MemError> {
+    let dst = pool.alloc().ok_or(MemError::NeedPages(1))?;
+    for i in 0..512u64 {
+        let at = Hpa(src.0 + i * 8);
+        let e = EptEntry(mem.read_u64(at));
+        if !e.present() {
+            continue;
+        }
+        pool.get(Hpa(e.addr()))?;
+        let ro = read_only(e);
+        mem.write_u64(at, ro.0);
+        mem.write_u64(Hpa(dst.0 + i * 8), ro.0);
+    }
+    Ok(dst)
+}
+
+/// Drops one reference to the table `t` at `level`; the last reference
+/// releases its children and frees it.
+fn release(mem: &impl PhysMem, pool: &mut FramePool, t: Hpa, level: u32) {
+    if pool.refs(t) != Some(1) {
+        let _ = pool.put(mem, t);
+        return;
+    }
+    for i in 0..512u64 {
+        let e = EptEntry(mem.read_u64(Hpa(t.0 + i * 8)));
+        if !e.present() {
+            continue;
+        }
+        if level > 1 {
+            release(mem, pool, Hpa(e.addr()), level - 1);
+        } else {
+            let _ = pool.put(mem, Hpa(e.addr()));
+        }
+    }
+    let _ = pool.put(mem, t);
+}
+
 impl GuestMem {
     /// Empty memory of `size` bytes.
-    pub fn new(mem: &impl PhysMem, pool: &mut FramePool, size: u64) -> Result<Self, MemError> {
+    pub fn new(_mem: &impl PhysMem, pool: &mut FramePool, size: u64) -> Result<Self, MemError> {
         need(pool, 1)?;
-        let ept = Ept::new(mem, &mut PoolFrames { pool, mem }).ok_or(MemError::NeedPages(1))?;
-        Ok(GuestMem { ept, size })
+        let root = pool.alloc().ok_or(MemError::NeedPages(1))?;
+        Ok(GuestMem { ept: Ept { root }, size })
     }
 
     fn check(&self, gpa: Gpa) -> Result<Gpa, MemError> {
@@ -77,11 +148,49 @@ impl GuestMem {
         Ok(gpa.page_base())
     }
 
-    /// The frame behind `gpa`, and whether the guest may write it.
+    /// The frame behind `gpa`, and whether the guest may write it (through
+    /// every level).
     pub fn lookup(&self, mem: &impl PhysMem, gpa: Gpa) -> Option<(Hpa, bool)> {
-        let (_, e, level) = self.ept.lookup(mem, gpa.page_base())?;
-        debug_assert_eq!(level, 1);
-        Some((Hpa(e.addr()), e.flags().contains(EptFlags::WRITE)))
+        let mut t = self.ept.root;
+        let mut w = true;
+        for level in (2..=4).rev() {
+            let e = EptEntry(mem.read_u64(Hpa(t.0 + index(gpa.0, level) * 8)));
+            if !e.present() {
+                return None;
+            }
+            w &= writable(e);
+            t = Hpa(e.addr());
+        }
+        let e = EptEntry(mem.read_u64(Hpa(t.0 + index(gpa.0, 1) * 8)));
+        e.present().then(|| (Hpa(e.addr()), w && writable(e)))
+    }
+
+    /// Makes every table on `gpa`'s path private and writable (creating
+    /// missing ones); returns the leaf table.
+    fn private_path(&mut self, mem: &impl PhysMem, pool: &mut FramePool, gpa: Gpa) -> Result<Hpa, MemError> {
+        let mut t = self.ept.root;
+        for level in (2..=4).rev() {
+            let at = Hpa(t.0 + index(gpa.0, level) * 8);
+            let e = EptEntry(mem.read_u64(at));
+            let next = if !e.present() {
+                let n = pool.alloc().ok_or(MemError::NeedPages(1))?;
+                mem.write_u64(at, EptEntry::table(n.0).0);
+                n
+            } else if writable(e) {
+                Hpa(e.addr())
+            } else if pool.refs(Hpa(e.addr())) == Some(1) {
+                // The other sharers are gone: take the table back.
+                mem.write_u64(at, EptEntry::table(e.addr()).0);
+                Hpa(e.addr())
+            } else {
+                let n = clone_table(mem, pool, Hpa(e.addr()))?;
+                pool.put(mem, Hpa(e.addr()))?;
+                mem.write_u64(at, EptEntry::table(n.0).0);
+                n
+            };
+            t = next;
+        }
+        Ok(t)
     }
 
     /// Makes the page at `gpa` present (a fresh zeroed frame if untouched).
@@ -90,57 +199,62 @@ impl GuestMem {
         if let Some((pa, _)) = self.lookup(mem, gpa) {
             return Ok(pa);
         }
-        self.ensure_writable(mem, pool, gpa)
+        self.ensure_writable(mem, pool, gpa)?;
+        Ok(self.lookup(mem, gpa).unwrap().0)
     }
 
-    /// Makes the page at `gpa` present and writable: allocates it, or
-    /// breaks copy-on-write sharing.
-    pub fn ensure_writable(&mut self, mem: &impl PhysMem, pool: &mut FramePool, gpa: Gpa) -> Result<Hpa, MemError> {
+    /// Makes the page at `gpa` present and writable: allocates it, takes it
+    /// back, or copies it (breaking copy-on-write sharing).
+    pub fn ensure_writable(&mut self, mem: &impl PhysMem, pool: &mut FramePool, gpa: Gpa) -> Result<Touch, MemError> {
         let gpa = self.check(gpa)?;
-        match self.lookup(mem, gpa) {
-            Some((pa, true)) => Ok(pa),
-            Some((pa, false)) if pool.refs(pa) == Some(1) => {
-                // The last reference: take write access back, no copy.
-                self.set(mem, pool, gpa, leaf(pa, true))?;
-                Ok(pa)
-            }
-            Some((old, false)) => {
-                need(pool, PAGE_OP_FRAMES)?;
-                let new = pool.alloc().ok_or(MemError::NeedPages(1))?;
-                mem.copy_page(new, old);
-                self.set(mem, pool, gpa, leaf(new, true))?;
-                pool.put(mem, old)?;
-                Ok(new)
-            }
-            None => {
-                need(pool, PAGE_OP_FRAMES)?;
-                let new = pool.alloc().ok_or(MemError::NeedPages(1))?;
-                self.set(mem, pool, gpa, leaf(new, true))?;
-                Ok(new)
-            }
+        if let Some((_, true)) = self.lookup(mem, gpa) {
+            return Ok(Touch::InPlace);
         }
+        need(pool, PAGE_OP_FRAMES)?;
+        let table = self.private_path(mem, pool, gpa)?;
+        let at = Hpa(table.0 + index(gpa.0, 1) * 8);
+        let e = EptEntry(mem.read_u64(at));
+        if !e.present() {
+            let new = pool.alloc().ok_or(MemError::NeedPages(1))?;
+            mem.write_u64(at, leaf(new, true).0);
+            return Ok(Touch::NewFrame);
+        }
+        let old = Hpa(e.addr());
+        if pool.refs(old) == Some(1) {
+            mem.write_u64(at, leaf(old, true).0);
+            return Ok(Touch::InPlace);
+        }
+        let new = pool.alloc().ok_or(MemError::NeedPages(1))?;
+        mem.copy_page(new, old);
+        mem.write_u64(at, leaf(new, true).0);
+        pool.put(mem, old)?;
+        Ok(Touch::NewFrame)
     }
 
-    /// Maps `gpa` to pool frame `pa`, which already carries the reference
-    /// for this mapping, read-only and shared (re-merging).
+    /// Maps `gpa` read-only to pool frame `pa`, which already carries the
+    /// reference for this mapping (re-merging). Returns the frame it
+    /// replaced, whose reference the caller must drop.
     pub fn map_shared(&mut self, mem: &impl PhysMem, pool: &mut FramePool, gpa: Gpa, pa: Hpa) -> Result<Option<Hpa>, MemError> {
         let gpa = self.check(gpa)?;
-        let old = self.lookup(mem, gpa).map(|(p, _)| p);
-        self.set(mem, pool, gpa, leaf(pa, false))?;
-        Ok(old)
+        let table = self.private_path(mem, pool, gpa)?;
+        let at = Hpa(table.0 + index(gpa.0, 1) * 8);
+        let e = EptEntry(mem.read_u64(at));
+        mem.write_u64(at, leaf(pa, false).0);
+        Ok(e.present().then(|| Hpa(e.addr())))
     }
 
-    /// Marks the page at `gpa` read-only and shared, without changing the
-    /// frame (the first step of a merge: the write-protect).
-    pub fn write_protect(&mut self, mem: &impl PhysMem, gpa: Gpa) -> Option<Hpa> {
-        let (at, e, _) = self.ept.lookup(mem, gpa.page_base())?;
-        let ro = e.with_flags(EptFlags::SW_COW, EptFlags::WRITE);
-        mem.write_u64(at, ro.0);
-        Some(Hpa(e.addr()))
-    }
-
-    fn set(&mut self, mem: &impl PhysMem, pool: &mut FramePool, gpa: Gpa, e: EptEntry) -> Result<(), MemError> {
-        self.ept.set(mem, &mut PoolFrames { pool, mem }, gpa, 1, e).ok_or(MemError::NeedPages(PAGE_OP_FRAMES))
+    /// Takes write access to the page at `gpa` away, without changing the
+    /// frame (the first step of a merge). The page's path becomes private.
+    pub fn write_protect(&mut self, mem: &impl PhysMem, pool: &mut FramePool, gpa: Gpa) -> Result<Option<Hpa>, MemError> {
+        let gpa = self.check(gpa)?;
+        if self.lookup(mem, gpa).is_none() {
+            return Ok(None);
+        }
+        let table = self.private_path(mem, pool, gpa)?;
+        let at = Hpa(table.0 + index(gpa.0, 1) * 8);
+        let e = EptEntry(mem.read_u64(at));
+        mem.write_u64(at, read_only(e).with_flags(EptFlags::SW_COW, EptFlags::empty()).0);
+        Ok(Some(Hpa(e.addr())))
     }
 
     /// Copies `data` into guest memory at `gpa` (the LOAD path).
@@ -153,7 +267,8 @@ impl GuestMem {
         while done < data.len() {
             let a = gpa.0 + done as u64;
             let n = ((PAGE_SIZE - (a & (PAGE_SIZE - 1))) as usize).min(data.len() - done);
-            let pa = self.ensure_writable(mem, pool, Gpa(a))?;
+            self.ensure_writable(mem, pool, Gpa(a))?;
+            let pa = self.lookup(mem, Gpa(a)).unwrap().0;
             mem.write(Hpa(pa.0 + (a & (PAGE_SIZE - 1))), &data[done..done + n]);
             done += n;
         }
@@ -179,68 +294,54 @@ impl GuestMem {
         Ok(())
     }
 
-    /// Table frames this memory uses.
+    /// Table frames reachable from this memory's root (shared ones too).
     pub fn table_frames(&self, mem: &impl PhysMem) -> u64 {
         self.ept.counts(mem).tables
     }
 
-    /// A copy-on-write clone: every frame becomes shared read-only by both.
+    /// A copy-on-write clone sharing every table below the root: one frame.
     /// The caller must flush the parent's TLBs before it runs again.
     pub fn fork(&mut self, mem: &impl PhysMem, pool: &mut FramePool) -> Result<GuestMem, MemError> {
-        need(pool, self.table_frames(mem))?;
-        let root = pool.alloc().ok_or(MemError::NeedPages(1))?;
-        fork_table(mem, pool, self.ept.root, root, 4)?;
+        need(pool, 1)?;
+        let root = clone_table(mem, pool, self.ept.root)?;
         Ok(GuestMem { ept: Ept { root }, size: self.size })
     }
 
-    /// Drops every frame reference and frees the tables.
+    /// Drops every reference this memory holds.
     pub fn destroy(self, mem: &impl PhysMem, pool: &mut FramePool) {
-        let mut frames = alloc::vec::Vec::new();
-        self.ept.for_each_leaf(mem, |_, _, e, _| frames.push(Hpa(e.addr())));
-        for f in frames {
-            let _ = pool.put(mem, f);
-        }
-        self.ept.free_tables(mem, &mut PoolFrames { pool, mem });
+        release(mem, pool, self.ept.root, 4);
     }
 
-    /// Private and shared frames, and tables.
+    /// Private and shared frames, and private tables.
     pub fn stats(&self, mem: &impl PhysMem, pool: &FramePool) -> MemStats {
-        let mut s = MemStats { tables: self.table_frames(mem), ..Default::default() };
-        self.ept.for_each_leaf(mem, |_, _, e, _| match pool.refs(Hpa(e.addr())) {
-            Some(1) => s.private += 1,
-            Some(_) => s.shared += 1,
-            None => {}
-        });
+        fn walk(mem: &impl PhysMem, pool: &FramePool, t: Hpa, level: u32, shared_above: bool, s: &mut MemStats) {
+            let shared = shared_above || pool.refs(t).map(|r| r > 1).unwrap_or(false);
+            if !shared {
+                s.tables += 1;
+            }
+            for i in 0..512u64 {
+                let e = EptEntry(mem.read_u64(Hpa(t.0 + i * 8)));
+                if !e.present() {
+                    continue;
+                }
+                if level > 1 {
+                    walk(mem, pool, Hpa(e.addr()), level - 1, shared, s);
+                } else if shared || pool.refs(Hpa(e.addr())).map(|r| r > 1).unwrap_or(false) {
+                    s.shared += 1;
+                } else {
+                    s.private += 1;
+                }
+            }
+        }
+        let mut s = MemStats::default();
+        walk(mem, pool, self.ept.root, 4, false, &mut s);
         s
     }
 
-    /// Visits every mapped page: `(gpa, frame, writable)`.
+    /// Visits every mapped page: `(gpa, frame, writable at the leaf)`.
     pub fn for_each_page(&self, mem: &impl PhysMem, mut f: impl FnMut(Gpa, Hpa, bool)) {
-        self.ept.for_each_leaf(mem, |gpa, _, e, _| f(gpa, Hpa(e.addr()), e.flags().contains(EptFlags::WRITE)));
+        self.ept.for_each_leaf(mem, |gpa, _, e, _| f(gpa, Hpa(e.addr()), writable(e)));
     }
-}
-
-/// Copies the table `src` at `level` into the fresh frame `dst`, sharing
-/// every leaf frame copy-on-write.
-fn fork_table(mem: &impl PhysMem, pool: &mut FramePool, src: Hpa, dst: Hpa, level: u32) -> Result<(), MemError> {
-    for i in 0..512u64 {
-        let at = Hpa(src.0 + i * 8);
-        let e = EptEntry(mem.read_u64(at));
-        if !e.present() {
-            continue;
-        }
-        if level == 1 {
-            let shared = e.with_flags(EptFlags::SW_COW, EptFlags::WRITE);
-            pool.get(Hpa(e.addr()))?;
-            mem.write_u64(at, shared.0);
-            mem.write_u64(Hpa(dst.0 + i * 8), shared.0);
-        } else {
-            let t = pool.alloc().ok_or(MemError::NeedPages(1))?;
-            fork_table(mem, pool, Hpa(e.addr()), t, level - 1)?;
-            mem.write_u64(Hpa(dst.0 + i * 8), EptEntry::table(t.0).0);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -254,16 +355,23 @@ mod tests {
         (MockMem::new(), pool)
     }
 
+    fn used(pool: &FramePool) -> u64 {
+        pool.frames_total() - pool.frames_free()
+    }
+
     #[test]
     fn demand_allocation_and_bounds() {
         let (mem, mut pool) = setup(64);
         let mut g = GuestMem::new(&mem, &mut pool, 16 << 20).unwrap();
         assert_eq!(g.lookup(&mem, Gpa(0x5000)), None);
-        let pa = g.ensure_writable(&mem, &mut pool, Gpa(0x5123)).unwrap();
-        assert_eq!(g.lookup(&mem, Gpa(0x5000)), Some((pa, true)));
+        assert_eq!(g.ensure_writable(&mem, &mut pool, Gpa(0x5123)).unwrap(), Touch::NewFrame);
+        assert!(g.lookup(&mem, Gpa(0x5000)).unwrap().1);
+        assert_eq!(g.ensure_writable(&mem, &mut pool, Gpa(0x5000)).unwrap(), Touch::InPlace);
         assert_eq!(g.ensure_writable(&mem, &mut pool, Gpa(16 << 20)), Err(MemError::OutOfRange));
         let s = g.stats(&mem, &pool);
         assert_eq!((s.private, s.shared, s.tables), (1, 0, 4));
+        g.destroy(&mem, &mut pool);
+        assert_eq!(used(&pool), 0);
     }
 
     #[test]
@@ -282,35 +390,57 @@ mod tests {
     }
 
     #[test]
-    fn fork_shares_then_copies_on_write() {
-        let (mem, mut pool) = setup(256);
-        let mut p = GuestMem::new(&mem, &mut pool, 4 << 20).unwrap();
-        for i in 0..8u64 {
-            p.write(&mem, &mut pool, Gpa(i * 4096), &[i as u8 + 1; 4096]).unwrap();
+    fn fork_costs_one_frame_and_copies_on_write() {
+        let (mem, mut pool) = setup(4096);
+        let mut p = GuestMem::new(&mem, &mut pool, 64 << 20).unwrap();
+        for i in 0..1024u64 {
+            p.write(&mem, &mut pool, Gpa(i * 16384), &[(i % 250) as u8 + 1; 64]).unwrap();
         }
-        let used_before = pool.frames_total() - pool.frames_free();
+        let before = used(&pool);
         let mut c = p.fork(&mem, &mut pool).unwrap();
-        let used_after = pool.frames_total() - pool.frames_free();
-        assert_eq!(used_after - used_before, 4, "a fork costs tables, not data frames");
-        assert_eq!(c.stats(&mem, &pool).shared, 8);
-        assert_eq!(p.lookup(&mem, Gpa(0)).unwrap().1, false, "the parent is write-protected too");
-        // The child writes page 0: it gets a copy; the parent keeps its data.
+        assert_eq!(used(&pool) - before, 1, "a fork costs its root table, whatever the size");
+        assert_eq!(c.stats(&mem, &pool).shared, 1024);
+        assert!(!p.lookup(&mem, Gpa(0)).unwrap().1, "the parent is write-protected too");
+        // The child writes page 0: its path is cloned, the frame copied.
         c.write(&mem, &mut pool, Gpa(0), &[0xee; 16]).unwrap();
         let mut b = [0u8; 16];
         p.read(&mem, Gpa(0), &mut b).unwrap();
-        assert_eq!(b, [1; 16]);
+        assert_eq!(b[..4], [1; 4]);
         c.read(&mem, Gpa(0), &mut b).unwrap();
         assert_eq!(b, [0xee; 16]);
+        assert_eq!(used(&pool) - before, 1 + 3 + 1, "root, three tables on the path, one data frame");
         // The parent writes page 0: it holds the last reference, no copy.
         let before = pool.frames_free();
         let pa = p.lookup(&mem, Gpa(0)).unwrap().0;
-        assert_eq!(p.ensure_writable(&mem, &mut pool, Gpa(0)).unwrap(), pa);
-        assert_eq!(pool.frames_free(), before);
-        // Destroy both in either order: everything comes back.
+        assert_eq!(p.ensure_writable(&mem, &mut pool, Gpa(0)).unwrap(), Touch::InPlace);
+        assert_eq!(p.lookup(&mem, Gpa(0)).unwrap().0, pa);
+        assert!(pool.frames_free() + 3 >= before);
         c.destroy(&mem, &mut pool);
         assert_eq!(p.stats(&mem, &pool).shared, 0);
         p.destroy(&mem, &mut pool);
-        assert_eq!(pool.frames_free(), pool.frames_total());
+        assert_eq!(used(&pool), 0);
+    }
+
+    #[test]
+    fn merge_primitives() {
+        let (mem, mut pool) = setup(64);
+        let mut g = GuestMem::new(&mem, &mut pool, 4 << 20).unwrap();
+        g.write(&mem, &mut pool, Gpa(0), &[7; 4096]).unwrap();
+        g.write(&mem, &mut pool, Gpa(0x1000), &[7; 4096]).unwrap();
+        let a = g.write_protect(&mem, &mut pool, Gpa(0)).unwrap().unwrap();
+        let b = g.write_protect(&mem, &mut pool, Gpa(0x1000)).unwrap().unwrap();
+        assert!(mem.pages_equal(a, b));
+        pool.get(a).unwrap();
+        let old = g.map_shared(&mem, &mut pool, Gpa(0x1000), a).unwrap().unwrap();
+        assert_eq!(old, b);
+        assert!(pool.put(&mem, b).unwrap());
+        assert_eq!(g.stats(&mem, &pool).shared, 2);
+        g.write(&mem, &mut pool, Gpa(0x1000), &[9]).unwrap();
+        let mut x = [0u8; 2];
+        g.read(&mem, Gpa(0), &mut x).unwrap();
+        assert_eq!(x, [7, 7]);
+        g.read(&mem, Gpa(0x1000), &mut x).unwrap();
+        assert_eq!(x, [9, 7]);
     }
 
     #[test]
@@ -322,5 +452,92 @@ mod tests {
         assert!(matches!(g.ensure_writable(&mem, &mut pool, Gpa(0x1000)), Err(MemError::NeedPages(_))));
         pool.donate(Hpa(0x2_0000_0000), 8).unwrap();
         g.ensure_writable(&mem, &mut pool, Gpa(0x1000)).unwrap();
+    }
+
+    mod model {
+        //! Copy-on-write over fork chains, against a reference model: each
+        //! VM is a map page -> byte; random writes, forks and destroys in any
+        //! order; every read must match the model, and destroying every VM
+        //! must free every frame.
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::HashMap;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Write { vm: usize, page: u64, byte: u8 },
+            Fork { vm: usize },
+            Destroy { vm: usize },
+            Check { vm: usize, page: u64 },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (0..6usize, 0..40u64, any::<u8>()).prop_map(|(vm, page, byte)| Op::Write { vm, page, byte }),
+                1 => (0..6usize).prop_map(|vm| Op::Fork { vm }),
+                1 => (0..6usize).prop_map(|vm| Op::Destroy { vm }),
+                3 => (0..6usize, 0..40u64).prop_map(|(vm, page)| Op::Check { vm, page }),
+            ]
+        }
+
+        /// Pages spread over several tables at every level.
+        fn gpa(page: u64) -> Gpa {
+            Gpa((page % 8) * 4096 + (page / 8) * (2 << 20) * 37 % (1 << 30))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+            #[test]
+            fn cow_matches_model(ops in proptest::collection::vec(op(), 1..120)) {
+                let (mem, mut pool) = setup(20000);
+                let mut vms: Vec<Option<(GuestMem, HashMap<u64, u8>)>> = Vec::new();
+                vms.push(Some((GuestMem::new(&mem, &mut pool, 1 << 30).unwrap(), HashMap::new())));
+                for o in ops {
+                    let live: Vec<usize> = (0..vms.len()).filter(|&i| vms[i].is_some()).collect();
+                    if live.is_empty() {
+                        break;
+                    }
+                    match o {
+                        Op::Write { vm, page, byte } => {
+                            let i = live[vm % live.len()];
+                            let (g, m) = vms[i].as_mut().unwrap();
+                            g.write(&mem, &mut pool, gpa(page), &[byte; 8]).unwrap();
+                            m.insert(page, byte);
+                        }
+                        Op::Fork { vm } => {
+                            let i = live[vm % live.len()];
+                            let (g, m) = vms[i].as_mut().unwrap();
+                            let child = g.fork(&mem, &mut pool).unwrap();
+                            let model = m.clone();
+                            vms.push(Some((child, model)));
+                        }
+                        Op::Destroy { vm } => {
+                            let i = live[vm % live.len()];
+                            let (g, _) = vms[i].take().unwrap();
+                            g.destroy(&mem, &mut pool);
+                        }
+                        Op::Check { vm, page } => {
+                            let i = live[vm % live.len()];
+                            let (g, m) = vms[i].as_ref().unwrap();
+                            let mut b = [0u8; 8];
+                            g.read(&mem, gpa(page), &mut b).unwrap();
+                            prop_assert_eq!(b, [*m.get(&page).unwrap_or(&0); 8]);
+                        }
+                    }
+                }
+                // Every VM sees exactly its own history.
+                for (g, m) in vms.iter().flatten() {
+                    for page in 0..40u64 {
+                        let mut b = [0u8; 8];
+                        g.read(&mem, gpa(page), &mut b).unwrap();
+                        prop_assert_eq!(b, [*m.get(&page).unwrap_or(&0); 8]);
+                    }
+                }
+                for v in vms.into_iter().flatten() {
+                    v.0.destroy(&mem, &mut pool);
+                }
+                prop_assert_eq!(pool.frames_free(), pool.frames_total(), "frames leaked");
+            }
+        }
     }
 }

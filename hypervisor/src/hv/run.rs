@@ -14,7 +14,7 @@ use crate::arch::x86::instr;
 use crate::arch::x86::vmcs_fields::*;
 use crate::arch::x86::vmx;
 use crate::emulate::{complete_mmio_read, decode_mmio, EmuRegs, MmioOp};
-use crate::guestmem::MemError;
+use crate::guestmem::{MemError, Touch};
 use crate::mem::PhysMem;
 use crate::policy::{guest_cpuid, guest_efer_ok, guest_msr, Cpuid, GuestMsr};
 use alloc::boxed::Box;
@@ -383,6 +383,16 @@ fn port_io(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
     leave(pc, regs, rec, pending, 0, 0)
 }
 
+/// Drops this CPU's cached translations of `vm`'s memory, after a change
+/// that an EPT violation alone need not have flushed (a table clone above
+/// the faulting entry).
+fn flush_local(vm: &Vm) {
+    // SAFETY: INVEPT of this guest's EPT.
+    unsafe {
+        let _ = instr::invept(1, vm.eptp);
+    }
+}
+
 fn ept_violation(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
     let gpa = vmx::read(GUEST_PHYSICAL_ADDRESS);
     let q = EptViolation::from_qualification(vmx::read(EXIT_QUALIFICATION));
@@ -396,11 +406,18 @@ fn ept_violation(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
             if q.write {
                 g.ensure_writable(&DirectMap, &mut pool, Gpa(gpa))
             } else {
-                g.ensure_present(&DirectMap, &mut pool, Gpa(gpa))
+                g.ensure_present(&DirectMap, &mut pool, Gpa(gpa)).map(|_| Touch::NewFrame)
             }
         };
         return match r {
-            Ok(_) => {}
+            Ok(Touch::InPlace) => flush_local(vm),
+            Ok(Touch::NewFrame) => {
+                flush_local(vm);
+                if vm.vcpus.len() > 1 {
+                    // Another vCPU of this VM may still read the old frame.
+                    tlb::shootdown();
+                }
+            }
             // The instruction is retried once the host has donated.
             Err(MemError::NeedPages(n)) => leave(pc, regs, record(exit::NONE), Pending::None, HC_NEED_PAGES, n),
             Err(_) => stop_vm(pc, regs, stop::OUT_OF_MEMORY),

@@ -385,7 +385,7 @@ pub fn fork(parent: &Arc<Vm>, states: Vec<VcpuState>) -> Result<Arc<Vm>, VmError
         let mut pm = parent.mem.lock();
         let g = pm.as_mut().ok_or(VmError::NoSuchVm)?;
         let mut pool = POOL.lock();
-        let need = g.table_frames(&mem) + parent.vcpus.len() as u64 + 8;
+        let need = parent.vcpus.len() as u64 + 8;
         if pool.frames_free() < need {
             return Err(VmError::Mem(MemError::NeedPages(need - pool.frames_free())));
         }

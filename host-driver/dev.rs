@@ -7,6 +7,7 @@
 use crate::abi::{self, ioctl};
 use crate::driver;
 use core::ffi::c_void;
+use core::sync::atomic::Ordering;
 use kernel::prelude::*;
 use kernel::uaccess::UserSlice;
 
@@ -127,12 +128,20 @@ fn vm_fd(id: u32) -> Result<i32> {
     }
 }
 
+/// After a destroy: wake halted vCPUs (theirs may be gone) and give the
+/// pool back if no VM is left.
+fn destroyed(drv: &crate::Driver) {
+    drv.destroy_gen.fetch_add(1, Ordering::AcqRel);
+    drv.halt_wq.wake();
+    drv.hv.reclaim_if_idle();
+}
+
 fn destroy_id(drv: &crate::Driver, id: u32) -> i64 {
     let Ok(mut b) = HcBuf::new(abi::VmId { id, reserved0: 0 }) else {
         return -(abi::errno::ENOMEM);
     };
     let r = b.call(drv, abi::hc::VM_DESTROY).err().map(|e| e.to_errno() as i64).unwrap_or(0);
-    drv.hv.reclaim_if_idle();
+    destroyed(drv);
     r
 }
 
@@ -141,7 +150,7 @@ fn destroy(drv: &crate::Driver, arg: usize) -> Result<i64> {
     let v: abi::VmId = read_user(arg)?;
     let mut b = HcBuf::new(v)?;
     b.call(drv, abi::hc::VM_DESTROY)?;
-    drv.hv.reclaim_if_idle();
+    destroyed(drv);
     Ok(0)
 }
 
@@ -298,7 +307,11 @@ fn vm_regs(drv: &crate::Driver, h: &VmHandle, arg: usize, set: bool) -> Result<i
 /// FORK: a copy-on-write clone of the VM (its vCPUs must be out of RUN);
 /// returns the child's descriptor.
 fn vm_fork(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
-    let mut b = HcBuf::new(abi::VmFork { vm: h.id, child: 0 })?;
+    let req: abi::VmFork = read_user(arg)?;
+    if req.flags & !abi::FORK_COPY != 0 || req.reserved0 != 0 {
+        return Err(EINVAL);
+    }
+    let mut b = HcBuf::new(abi::VmFork { vm: h.id, child: 0, flags: req.flags, reserved0: 0, tsc: 0 })?;
     let child = b.call_donating(drv, abi::hc::VM_FORK)? as u32;
     let fd = match vm_fd(child) {
         Ok(fd) => fd,
@@ -307,13 +320,13 @@ fn vm_fork(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
             return Err(e);
         }
     };
-    write_user(arg, &abi::VmFork { vm: h.id, child })?;
+    write_user(arg, &abi::VmFork { vm: h.id, child, flags: req.flags, reserved0: 0, tsc: b.value.tsc })?;
     Ok(fd as i64)
 }
 
-/// Longest sleep of a halted vCPU before RUN looks again (a destroy from
-/// elsewhere is noticed then).
-const HALT_POLL_MS: u32 = 100;
+/// Longest sleep of a halted vCPU before RUN looks again. A destroy wakes
+/// it at once; so does a signal.
+const HALT_POLL_MS: u32 = 1000;
 
 fn vm_run(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
     let mut req: abi::VmRun = read_user(arg)?;
@@ -354,7 +367,8 @@ fn vm_run(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
                     _ => HALT_POLL_MS,
                 };
                 if ms > 0 {
-                    crate::shim::msleep_interruptible(ms);
+                    let gen = drv.destroy_gen.load(Ordering::Acquire);
+                    drv.halt_wq.wait(&drv.destroy_gen, gen, ms);
                 }
                 if crate::shim::signal_pending() {
                     return Err(EINTR);

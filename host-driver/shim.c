@@ -210,13 +210,11 @@ void *uxen_shim_waitq_new(void)
 }
 void uxen_shim_waitq_free(void *wq) { kfree(wq); }
 void uxen_shim_waitq_wake(void *wq) { wake_up_interruptible_all((wait_queue_head_t *)wq); }
-/* Sleeps until *flag != 0, a signal, or the timeout (jiffies; <0: none). */
-long uxen_shim_waitq_wait(void *wq, const int *flag, long timeout)
+/* Sleeps until *word != old, a signal, or timeout_ms. */
+long uxen_shim_waitq_wait(void *wq, const int *word, int old, unsigned int timeout_ms)
 {
-	if (timeout < 0)
-		return wait_event_interruptible(*(wait_queue_head_t *)wq, READ_ONCE(*flag) != 0);
-	return wait_event_interruptible_timeout(*(wait_queue_head_t *)wq, READ_ONCE(*flag) != 0,
-						timeout);
+	return wait_event_interruptible_timeout(*(wait_queue_head_t *)wq, READ_ONCE(*word) != old,
+						msecs_to_jiffies(timeout_ms));
 }
 
 /* Physical address of a page of module memory (the trampoline page). */

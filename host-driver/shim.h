@@ -41,7 +41,7 @@ unsigned long uxen_shim_usecs_to_jiffies(unsigned int us);
 void *uxen_shim_waitq_new(void);
 void uxen_shim_waitq_free(void *wq);
 void uxen_shim_waitq_wake(void *wq);
-long uxen_shim_waitq_wait(void *wq, const int *flag, long timeout);
+long uxen_shim_waitq_wait(void *wq, const int *word, int old, unsigned int timeout_ms);
 u64 uxen_shim_vmalloc_to_phys(const void *addr);
 int uxen_shim_add_cpu(int cpu);
 void *uxen_shim_alloc_split(unsigned int order);

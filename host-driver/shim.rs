@@ -41,7 +41,7 @@ extern "C" {
     fn uxen_shim_waitq_new() -> *mut c_void;
     fn uxen_shim_waitq_free(wq: *mut c_void);
     fn uxen_shim_waitq_wake(wq: *mut c_void);
-    fn uxen_shim_waitq_wait(wq: *mut c_void, flag: *const i32, timeout: i64) -> i64;
+    fn uxen_shim_waitq_wait(wq: *mut c_void, word: *const i32, old: i32, timeout_ms: u32) -> i64;
     fn uxen_shim_usecs_to_jiffies(us: u32) -> core::ffi::c_ulong;
     fn uxen_shim_vmalloc_to_phys(addr: *const c_void) -> u64;
     fn uxen_shim_add_cpu(cpu: i32) -> i32;
@@ -325,11 +325,11 @@ impl WaitQueue {
         unsafe { uxen_shim_waitq_wake(self.0) }
     }
 
-    /// Sleeps until `*flag != 0`, a signal, or `timeout` jiffies (`< 0`:
-    /// none). Returns the kernel's result (negative on a signal).
-    pub(crate) fn wait(&self, flag: &core::sync::atomic::AtomicI32, timeout: i64) -> i64 {
-        // SAFETY: `self.0` is live and `flag` outlives the wait.
-        unsafe { uxen_shim_waitq_wait(self.0, flag.as_ptr(), timeout) }
+    /// Sleeps until `*word != old`, a signal, or `timeout_ms`. Returns the
+    /// kernel's result (negative on a signal).
+    pub(crate) fn wait(&self, word: &core::sync::atomic::AtomicI32, old: i32, timeout_ms: u32) -> i64 {
+        // SAFETY: `self.0` is live and `word` outlives the wait.
+        unsafe { uxen_shim_waitq_wait(self.0, word.as_ptr(), old, timeout_ms) }
     }
 }
 

@@ -734,8 +734,18 @@ pub struct VmFork {
     pub vm: u32,
     /// Out: the child's id.
     pub child: u32,
+    /// `FORK_*` flags.
+    pub flags: u32,
+    pub reserved0: u32,
+    /// Out: the hypervisor's cost of the fork, in TSC ticks (taking the
+    /// vCPU state, sharing or copying the memory, creating the child).
+    pub tsc: u64,
 }
-const _: () = assert_size(core::mem::size_of::<VmFork>(), 8);
+const _: () = assert_size(core::mem::size_of::<VmFork>(), 24);
+
+/// [`VmFork::flags`]: copy every frame now instead of sharing it
+/// copy-on-write (the baseline of the fork benchmark).
+pub const FORK_COPY: u32 = 1;
 
 /// VM states in [`VmInfo`].
 pub mod vm_state {
@@ -893,6 +903,11 @@ pub mod guest {
     pub const PDPT_GPA: u64 = 0x3000;
     /// First of up to four page directories.
     pub const PD_GPA: u64 = 0x4000;
+    /// The guest's command line (`uxenctl run --cmdline`), NUL-terminated;
+    /// RDX points here at entry.
+    pub const CMDLINE_GPA: u64 = 0x8000;
+    /// Longest command line, without its NUL.
+    pub const CMDLINE_MAX: usize = 4095;
     /// Images load at or above this address.
     pub const IMAGE_MIN_GPA: u64 = 0x10_0000;
     pub const CODE_SELECTOR: u16 = 0x08;
@@ -922,7 +937,8 @@ pub mod ghc {
     pub const VMM_LAST: u64 = 0x1fff;
 }
 
-/// Most children a VM may fork through the hypercall (the fork-bomb limit).
+/// Most live children a VM may have, however forked (the fork-bomb limit):
+/// a further fork fails with EAGAIN until one is destroyed.
 pub const VM_MAX_CHILDREN: u32 = 64;
 
 // ---------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 . /tests/lib.sh
 check insmod insmod /lib/modules/uxen.ko debug=1
 
-out=$(uxenctl run /guests/hello | tr -d '\r')
-expect_eq hello-exit-0 "$?" 0
+out=$(uxenctl run /guests/hello); rc=$?
+out=$(printf "%s\n" "$out" | tr -d "\r")
+expect_eq hello-exit-0 "$rc" 0
 expect_match hello-prints "$out" "^hello from uxen-rs guest vm[0-9]+ \(16 MiB\)$"
 uxenctl run /guests/exitcode >/dev/null
 expect_eq exitcode-7 "$?" 7

@@ -8,9 +8,9 @@ use linux_loader::loader::{elf::Elf, KernelLoader};
 use shared_abi::{guest, Regs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Loads `image` into `vm` (of `mem_bytes` bytes) and sets vCPU registers;
-/// returns how many bytes went into guest memory.
-pub fn load(vm: &Vm, image: &std::path::Path, mem_bytes: u64, vcpus: u32) -> Result<u64> {
+/// Loads `image` into `vm` (of `mem_bytes` bytes) with its command line and
+/// sets vCPU registers; returns how many bytes went into guest memory.
+pub fn load(vm: &Vm, image: &std::path::Path, mem_bytes: u64, vcpus: u32, cmdline: &str) -> Result<u64> {
     let mut f = std::fs::File::open(image).with_context(|| format!("cannot open {}", image.display()))?;
     // The image goes into a staging copy of guest memory first (the host
     // never maps the guest's own frames), then through the hypervisor.
@@ -33,6 +33,8 @@ pub fn load(vm: &Vm, image: &std::path::Path, mem_bytes: u64, vcpus: u32) -> Res
         bail!("{} loads below {:#x}, where the boot page tables live", image.display(), guest::IMAGE_MIN_GPA);
     }
     write_boot_structures(&staging, mem_bytes)?;
+    check_cmdline(cmdline)?;
+    staging.write_slice(cmdline.as_bytes(), GuestAddress(guest::CMDLINE_GPA)).context("staging write")?;
     // Upload every page that is not all zeros (guest memory starts zeroed).
     let mut uploaded = 0;
     let mut page = vec![0u8; 4096];
@@ -52,6 +54,7 @@ pub fn load(vm: &Vm, image: &std::path::Path, mem_bytes: u64, vcpus: u32) -> Res
             rsp: mem_bytes,
             rdi: mem_bytes,
             rsi: cpu as u64,
+            rdx: guest::CMDLINE_GPA,
             rflags: 2,
             cr3: guest::PML4_GPA,
             ..Default::default()
@@ -59,6 +62,17 @@ pub fn load(vm: &Vm, image: &std::path::Path, mem_bytes: u64, vcpus: u32) -> Res
         vm.set_regs(cpu, &regs).map_err(|e| anyhow::anyhow!("cannot set vCPU {cpu}'s registers: {e}"))?;
     }
     Ok(uploaded)
+}
+
+/// A guest command line: printable ASCII, at most `CMDLINE_MAX` bytes.
+pub fn check_cmdline(s: &str) -> Result<()> {
+    if s.len() > guest::CMDLINE_MAX {
+        bail!("the command line is {} bytes; at most {}", s.len(), guest::CMDLINE_MAX);
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
+        bail!("the command line may hold printable ASCII only, not {c:?}");
+    }
+    Ok(())
 }
 
 /// The GDT and page tables that identity-map guest memory with 2 MiB pages.

@@ -29,7 +29,7 @@ pub fn socket_path(id: u32) -> PathBuf {
 }
 
 /// Creates a VM run by a detached VMM process; returns its id.
-pub fn create(image: &Path, name: &str, mem_mib: u64, vcpus: u32) -> Result<u32> {
+pub fn create(image: &Path, name: &str, mem_mib: u64, vcpus: u32, cmdline: &str) -> Result<u32> {
     std::fs::create_dir_all(run_dir()).with_context(|| format!("cannot create {}", run_dir().display()))?;
     let mut fds = [0i32; 2];
     // SAFETY: creating a pipe.
@@ -50,7 +50,7 @@ pub fn create(image: &Path, name: &str, mem_mib: u64, vcpus: u32) -> Result<u32>
             libc::close(rfd);
             libc::setsid();
             if libc::fork() == 0 {
-                let code = vmm_process(image, name, mem_mib, vcpus, wfd);
+                let code = vmm_process(image, name, mem_mib, vcpus, cmdline, wfd);
                 libc::_exit(code);
             }
             libc::_exit(0);
@@ -74,13 +74,13 @@ pub fn create(image: &Path, name: &str, mem_mib: u64, vcpus: u32) -> Result<u32>
 
 /// The detached VMM: creates and loads the VM, reports its id on `wfd`,
 /// then runs it until it ends.
-fn vmm_process(image: &Path, name: &str, mem_mib: u64, vcpus: u32, wfd: i32) -> i32 {
+fn vmm_process(image: &Path, name: &str, mem_mib: u64, vcpus: u32, cmdline: &str, wfd: i32) -> i32 {
     // SAFETY: `wfd` is this process's write end of the pipe.
     let mut reply = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(wfd) };
     let setup = || -> Result<dev::Vm> {
         let d = dev::Device::open()?;
         let vm = d.create_vm(mem_mib << 20, vcpus, name).map_err(|e| anyhow!("{e}"))?;
-        boot::load(&vm, image, mem_mib << 20, vcpus)?;
+        boot::load(&vm, image, mem_mib << 20, vcpus, cmdline)?;
         Ok(vm)
     };
     let vm = match setup() {

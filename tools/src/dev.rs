@@ -136,12 +136,14 @@ impl Vm {
     }
 
     /// A copy-on-write clone; its vCPUs must be out of RUN.
-    pub fn fork(&self) -> std::result::Result<Vm, IoctlError> {
-        let mut f = abi::VmFork { vm: self.id, child: 0 };
+    /// FORK with `FORK_*` flags; also returns the hypervisor's cost in TSC
+    /// ticks.
+    pub fn fork_with(&self, flags: u32) -> std::result::Result<(Vm, u64), IoctlError> {
+        let mut f = abi::VmFork { vm: self.id, flags, ..Default::default() };
         // SAFETY: FORK takes a `VmFork`.
         let fd = unsafe { ioctl_ptr(self.fd(), "fork", abi::ioctl::VM_FORK, &mut f) }?;
         // SAFETY: the driver installed `fd` for this process.
-        Ok(Vm { fd: unsafe { OwnedFd::from_raw_fd(fd as i32) }, id: f.child })
+        Ok((Vm { fd: unsafe { OwnedFd::from_raw_fd(fd as i32) }, id: f.child }, f.tsc))
     }
 
     /// A raw descriptor for sharing across threads.

@@ -69,6 +69,9 @@ enum Cmd {
         vcpus: u32,
         #[arg(long, default_value = "run", value_parser = parse_name)]
         name: String,
+        /// The guest's command line (docs/guest-abi.md).
+        #[arg(long, default_value = "")]
+        cmdline: String,
     },
     /// Start a guest image in the background; print its VM id.
     Create {
@@ -80,6 +83,9 @@ enum Cmd {
         mem: u64,
         #[arg(long, default_value = "1", value_parser = parse_vcpus)]
         vcpus: u32,
+        /// The guest's command line (docs/guest-abi.md).
+        #[arg(long, default_value = "")]
+        cmdline: String,
     },
     /// List the VMs.
     List {
@@ -101,6 +107,14 @@ enum Cmd {
         vm: u32,
         #[arg(long, default_value = "1", value_parser = clap::value_parser!(u32).range(1..=64))]
         count: u32,
+        /// Copy every frame now instead of sharing it (a baseline to compare
+        /// against).
+        #[arg(long)]
+        copy: bool,
+        /// Print a JSON array of {"id", "tsc"}: each child and the
+        /// hypervisor's cost of making it in TSC ticks.
+        #[arg(long)]
+        json: bool,
     },
     /// The host frame behind a guest page (module parameter debug=1; tests).
     Translate { vm: u32, gpa: String },
@@ -129,10 +143,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { image, mem, vcpus, name } => {
+        Cmd::Run { image, mem, vcpus, name, cmdline } => {
+            boot::check_cmdline(&cmdline)?;
             let d = dev::Device::open()?;
             let vm = d.create_vm(mem << 20, vcpus, &name).map_err(|e| anyhow!("{e}"))?;
-            boot::load(&vm, &image, mem << 20, vcpus)?;
+            boot::load(&vm, &image, mem << 20, vcpus, &cmdline)?;
             vmm::install_signal_handlers();
             let id = vm.id;
             let end = vmm::serve(vm, vcpus, vmm::Mode::Foreground);
@@ -158,15 +173,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::from(end.status()))
         }
-        Cmd::Create { image, name, mem, vcpus } => {
+        Cmd::Create { image, name, mem, vcpus, cmdline } => {
             if !image.exists() {
                 return Err(anyhow!("{}: no such file", image.display()));
             }
+            boot::check_cmdline(&cmdline)?;
             dev::Device::open()?;
             let name = name.unwrap_or_else(|| {
                 image.file_name().and_then(|n| n.to_str()).unwrap_or("vm").chars().take(abi::VM_NAME_LEN - 1).collect()
             });
-            let id = daemon::create(&image, &name, mem, vcpus)?;
+            let id = daemon::create(&image, &name, mem, vcpus, &cmdline)?;
             println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
@@ -186,9 +202,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Fork { vm, count } => {
-            for id in vmm::request_fork(vm, count)? {
-                println!("{id}");
+        Cmd::Fork { vm, count, copy, json } => {
+            let children = vmm::request_fork(vm, count, copy)?;
+            if json {
+                println!("{}", serde_json::to_string(&children)?);
+            } else {
+                for c in children {
+                    println!("{}", c.id);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

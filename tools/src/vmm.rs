@@ -21,7 +21,48 @@ impl Trigger for NoIrq {
     }
 }
 
-type Uart = Serial<NoIrq, NoEvents, Box<dyn Write + Send>>;
+type Uart = Serial<NoIrq, NoEvents, Lines>;
+
+/// The console sink: whole lines, each in one write, so that the consoles
+/// of VMs sharing a terminal (a guest and the children it forks) do not
+/// interleave mid-line. The UART flushes after every byte; only a newline,
+/// a long line or the end of the VM writes.
+pub struct Lines {
+    out: Box<dyn Write + Send>,
+    line: Vec<u8>,
+}
+
+impl Lines {
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Lines { out, line: Vec::new() }
+    }
+
+    /// Writes what is pending, newline or not (the VM ended).
+    pub fn finish(&mut self) -> std::io::Result<()> {
+        if !self.line.is_empty() {
+            self.out.write_all(&self.line)?;
+            self.line.clear();
+        }
+        self.out.flush()
+    }
+}
+
+impl Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        if self.line.contains(&b'\n') || self.line.len() >= 4096 {
+            let cut = self.line.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(self.line.len());
+            self.out.write_all(&self.line[..cut])?;
+            self.out.flush()?;
+            self.line.drain(..cut);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,8 +105,15 @@ pub enum Mode {
 
 /// Set by SIGINT/SIGTERM: the VM is torn down.
 pub static TERMINATE: AtomicBool = AtomicBool::new(false);
+/// A fork request from the control socket: how many, full copies or not.
+struct Request {
+    count: u32,
+    copy: bool,
+    conn: std::os::unix::net::UnixStream,
+}
+
 /// Set by the control thread: vCPU 0 has fork requests to serve.
-static REQUESTS: Mutex<Vec<(u32, std::os::unix::net::UnixStream)>> = Mutex::new(Vec::new());
+static REQUESTS: Mutex<Vec<Request>> = Mutex::new(Vec::new());
 
 extern "C" fn on_signal(_: libc::c_int) {
     TERMINATE.store(true, Ordering::Release);
@@ -103,7 +151,7 @@ pub fn serve(vm: Vm, vcpus: u32, mode: Mode) -> End {
         let _ = std::fs::remove_file(daemon::status_path(vm.id));
         start_control(vm.id);
     }
-    let uart = Arc::new(Mutex::new(Serial::new(NoIrq, out)));
+    let uart = Arc::new(Mutex::new(Serial::new(NoIrq, Lines::new(out))));
     let end: Arc<Mutex<Option<End>>> = Arc::new(Mutex::new(None));
     let vm = &vm;
     std::thread::scope(|s| {
@@ -113,7 +161,7 @@ pub fn serve(vm: Vm, vcpus: u32, mode: Mode) -> End {
         }
         vcpu_loop(vm, 0, vcpus, mode, &uart, &end);
     });
-    uart.lock().unwrap().writer_mut().flush().ok();
+    uart.lock().unwrap().writer_mut().finish().ok();
     let e = end.lock().unwrap().clone().unwrap_or(End::Killed("no vCPU ended".into()));
     if mode == Mode::Detached {
         let _ = std::fs::write(daemon::status_path(vm.id), e.describe() + "\n");
@@ -179,7 +227,7 @@ fn vcpu_loop(vm: &Vm, cpu: u32, vcpus: u32, mode: Mode, uart: &Mutex<Uart>, end:
                 );
             }
             exit::HYPERCALL if x.hc_nr == ghc::FORK => {
-                uart.lock().unwrap().writer_mut().flush().ok();
+                uart.lock().unwrap().writer_mut().finish().ok();
                 run.exit.hc_ret = take_child(x.hc_args[0] as u32, x.hc_args[1] as i64, mode) as u64;
             }
             exit::HYPERCALL => run.exit.hc_ret = vmm_hypercall(x.hc_nr, x.hc_args) as u64,
@@ -231,7 +279,9 @@ pub fn spawn_vmm(vm: Vm, mode: Mode) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The control socket of a detached VM: `fork N` requests.
+/// The control socket of a detached VM: one request per connection,
+/// `fork N` or `fork N copy`; the answer is one line, `ok ID:TSC ...` or
+/// `err WHY`.
 fn start_control(id: u32) {
     let path = daemon::socket_path(id);
     let _ = std::fs::remove_file(&path);
@@ -242,18 +292,17 @@ fn start_control(id: u32) {
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
             let mut line = String::new();
-            let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
-            if r.read_line(&mut line).is_err() {
+            let Ok(c) = conn.try_clone() else { continue };
+            if std::io::BufReader::new(c).read_line(&mut line).is_err() {
                 continue;
             }
-            let n = line.trim().strip_prefix("fork ").and_then(|n| n.parse::<u32>().ok());
-            match n {
-                Some(n) if (1..=abi::VM_MAX_CHILDREN).contains(&n) => {
-                    REQUESTS.lock().unwrap().push((n, conn));
+            match parse_request(&line) {
+                Some((count, copy)) => {
+                    REQUESTS.lock().unwrap().push(Request { count, copy, conn });
                     // SAFETY: interrupting vCPU 0's RUN.
                     unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
                 }
-                _ => {
+                None => {
                     let _ = writeln!(&conn, "err bad request: {}", line.trim());
                 }
             }
@@ -261,21 +310,36 @@ fn start_control(id: u32) {
     });
 }
 
+/// `fork N [copy]`, with N in 1..=VM_MAX_CHILDREN.
+fn parse_request(line: &str) -> Option<(u32, bool)> {
+    let mut w = line.split_whitespace();
+    if w.next()? != "fork" {
+        return None;
+    }
+    let n: u32 = w.next()?.parse().ok()?;
+    let copy = match w.next() {
+        None => false,
+        Some("copy") => true,
+        Some(_) => return None,
+    };
+    (w.next().is_none() && (1..=abi::VM_MAX_CHILDREN).contains(&n)).then_some((n, copy))
+}
+
 /// Serves queued fork requests while the vCPU is out of RUN.
 fn serve_requests(vm: &Vm, mode: Mode) {
     let reqs: Vec<_> = std::mem::take(&mut *REQUESTS.lock().unwrap());
-    for (n, conn) in reqs {
-        let mut ids = Vec::new();
+    for r in reqs {
+        let mut done = Vec::new();
         let mut err = None;
-        for _ in 0..n {
-            match vm.fork() {
-                Ok(child) => {
+        for _ in 0..r.count {
+            match vm.fork_with(if r.copy { abi::FORK_COPY } else { 0 }) {
+                Ok((child, tsc)) => {
                     let id = child.id;
                     if let Err(e) = spawn_vmm(child, mode) {
                         err = Some(format!("cannot start a VMM for vm {id}: {e}"));
                         break;
                     }
-                    ids.push(id.to_string());
+                    done.push(format!("{id}:{tsc}"));
                 }
                 Err(e) => {
                     err = Some(format!("{e}"));
@@ -284,8 +348,8 @@ fn serve_requests(vm: &Vm, mode: Mode) {
             }
         }
         let _ = match err {
-            None => writeln!(&conn, "ok {}", ids.join(" ")),
-            Some(e) => writeln!(&conn, "err {e} (forked: {})", ids.join(" ")),
+            None => writeln!(&r.conn, "ok {}", done.join(" ")),
+            Some(e) => writeln!(&r.conn, "err {e} (forked: {})", done.join(" ")),
         };
     }
 }
@@ -299,16 +363,29 @@ fn vmm_hypercall(nr: u64, _args: [u64; 3]) -> i64 {
     }
 }
 
-/// Asks the VMM of detached VM `id` for `n` forks; returns the children.
-pub fn request_fork(id: u32, n: u32) -> anyhow::Result<Vec<u32>> {
+/// A child made by [`request_fork`], and the hypervisor's cost of making it.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Forked {
+    pub id: u32,
+    pub tsc: u64,
+}
+
+/// Asks the VMM of detached VM `id` for `n` forks (full copies with
+/// `copy`); returns the children.
+pub fn request_fork(id: u32, n: u32, copy: bool) -> anyhow::Result<Vec<Forked>> {
     let path = daemon::socket_path(id);
     let conn = std::os::unix::net::UnixStream::connect(&path)
         .map_err(|e| anyhow::anyhow!("cannot reach the VMM of vm {id} ({}: {e}); only VMs started with `uxenctl create` can be forked from outside", path.display()))?;
-    writeln!(&conn, "fork {n}")?;
+    writeln!(&conn, "fork {n}{}", if copy { " copy" } else { "" })?;
     let mut line = String::new();
     std::io::BufReader::new(&conn).read_line(&mut line)?;
+    let parse = |w: &str| -> Option<Forked> {
+        let (i, t) = w.split_once(':')?;
+        Some(Forked { id: i.parse().ok()?, tsc: t.parse().ok()? })
+    };
     match line.trim().split_once(' ') {
-        Some(("ok", ids)) => Ok(ids.split_whitespace().filter_map(|s| s.parse().ok()).collect()),
+        Some(("ok", list)) => list.split_whitespace().map(|w| parse(w).ok_or_else(|| anyhow::anyhow!("bad reply from the VMM: {}", line.trim()))).collect(),
+        _ if line.is_empty() => Err(anyhow::anyhow!("fork of vm {id} failed: the VMM closed the connection")),
         _ => Err(anyhow::anyhow!("fork of vm {id} failed: {}", line.trim().trim_start_matches("err "))),
     }
 }

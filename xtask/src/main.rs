@@ -4,6 +4,7 @@
 //! `cargo xtask test` runs every test. Both install what they need first.
 
 mod artifacts;
+mod bench;
 mod image;
 mod kernel;
 mod runner;
@@ -26,6 +27,8 @@ commands:
   build                     build every artifact into target/uxen/
   run BACKEND SUITE [--timeout S] [--live] [--no-build]
                             boot one suite (BACKEND: bochs, qemu, kvm)
+  bench [fork|all] [--no-build]
+                            measure in Bochs against same-run baselines
   unit                      run the host unit tests
   kernel-key                print the kernel build's cache key
 ";
@@ -63,6 +66,7 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
         "run" => run_one(rest),
         "test" => test(rest),
         "demo" => demo(),
+        "bench" => bench::bench(rest).map(|_| ExitCode::SUCCESS),
         "" | "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)

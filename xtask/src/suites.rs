@@ -36,6 +36,7 @@ pub fn all() -> Vec<Suite> {
         suite("foundation", Backend::Bochs, 600, "module load, /dev/uxen, version ioctl, refusal of a corrupt image"),
         suite("latelaunch", Backend::Bochs, 1200, "late launch, protection, hotplug, VMX from the host, reloads, roll-back"),
         suite("guests", Backend::Bochs, 1800, "guest VMs: run, exit codes, isolation from the host, faulty guests, no leaks"),
+        suite("fork", Backend::Bochs, 1800, "vmfork: guest and outside forks, exact memory, accounting, destroy orders"),
         suite("qemu-novmx", Backend::QemuTcg, 300, "no VT-x: the load fails cleanly"),
         suite("latelaunch", Backend::QemuKvm, 600, "late launch on nested VT-x"),
     ]

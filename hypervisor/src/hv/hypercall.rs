@@ -281,13 +281,31 @@ fn vm_fork(arg: u64, len: u64) -> Result<i64, HcError> {
     if vm.is_stopped() || vm.dying.load(Ordering::Acquire) {
         return Err(HcError::Vm(VmError::Invalid));
     }
-    if vm.vcpus.iter().any(|v| v.running.load(Ordering::Acquire)) {
-        return Err(HcError::Busy);
+    if f.flags & !shared_abi::FORK_COPY != 0 || f.reserved0 != 0 {
+        return Err(HcError::Invalid);
     }
-    let states = vm.vcpus.iter().map(vm::capture_idle).collect();
-    let child = vm::fork(&vm, states)?;
-    log::info!("vm{}: forked vm{}", vm.id, child.id);
+    // Hold every vCPU as if running it, so that none starts meanwhile.
+    let mut held = 0;
+    for v in vm.vcpus.iter() {
+        if v.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            break;
+        }
+        held += 1;
+    }
+    let r = if held < vm.vcpus.len() {
+        Err(HcError::Busy)
+    } else {
+        let t0 = instr::rdtsc();
+        let states = vm.vcpus.iter().map(vm::capture_idle).collect();
+        vm::fork(&vm, states, f.flags & shared_abi::FORK_COPY != 0).map(|c| (c, instr::rdtsc() - t0)).map_err(HcError::from)
+    };
+    for v in vm.vcpus.iter().take(held) {
+        v.running.store(false, Ordering::Release);
+    }
+    let (child, tsc) = r?;
+    log::info!("vm{}: forked vm{}{}", vm.id, child.id, if f.flags & shared_abi::FORK_COPY != 0 { " (full copy)" } else { "" });
     f.child = child.id;
+    f.tsc = tsc;
     copy_out(arg, len, &f)?;
     Ok(child.id as i64)
 }

@@ -107,20 +107,22 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
             log::error!("vm{}: cannot set up vCPU {idx}: {e}", vm.id);
             vm.stop(vm_state::STOPPED, stop::ENTRY_FAILED, 0);
         }
-        st.gpr = [0; 16];
-        st.gpr[RDI] = st.init.rdi;
-        st.gpr[RSI] = st.init.rsi;
-        st.gpr[RDX] = st.init.rdx;
-        st.gpr[RCX] = st.init.rcx;
-        st.gpr[RAX] = st.init.rax;
-        st.gpr[3] = st.init.rbx;
-        st.gpr[5] = st.init.rbp;
-        for (i, v) in [st.init.r8, st.init.r9, st.init.r10, st.init.r11, st.init.r12, st.init.r13, st.init.r14, st.init.r15].into_iter().enumerate() {
-            st.gpr[8 + i] = v;
-        }
         if let Some(snap) = st.snapshot.take() {
-            // A forked vCPU continues exactly where its parent was.
+            // A forked vCPU continues exactly where its parent was: its
+            // VMCS state, and the registers it was forked with.
             vmx::restore(&snap);
+        } else {
+            st.gpr = [0; 16];
+            st.gpr[RDI] = st.init.rdi;
+            st.gpr[RSI] = st.init.rsi;
+            st.gpr[RDX] = st.init.rdx;
+            st.gpr[RCX] = st.init.rcx;
+            st.gpr[RAX] = st.init.rax;
+            st.gpr[3] = st.init.rbx;
+            st.gpr[5] = st.init.rbp;
+            for (i, v) in [st.init.r8, st.init.r9, st.init.r10, st.init.r11, st.init.r12, st.init.r13, st.init.r14, st.init.r15].into_iter().enumerate() {
+                st.gpr[8 + i] = v;
+            }
         }
         st.ready = true;
     }
@@ -166,6 +168,14 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
         }
     }
     deliver_timer(&vm, idx);
+    // The guest's own x87/SSE registers and CR2: the driver saved the
+    // host's (kernel_fpu_begin) and the host's CR2 is dead.
+    // SAFETY: the area was saved by FXSAVE or is the reset state; writing
+    // CR2 affects nothing in the hypervisor, which takes no page faults.
+    unsafe {
+        instr::fxrstor(&st.fx);
+        instr::write_cr2(st.cr2);
+    }
     if vm.state.load(Ordering::Acquire) == vm_state::CREATED || vm.state.load(Ordering::Acquire) == vm_state::PAUSED {
         vm.state.store(vm_state::RUNNING, Ordering::Release);
     }
@@ -212,6 +222,8 @@ fn leave(pc: &mut PerCpu, regs: &mut GuestRegs, mut rec: ExitRecord, pending: Pe
         let mut st = vcpu.state.lock();
         st.gpr = *regs;
         st.pending = pending;
+        instr::fxsave(&mut st.fx);
+        st.cr2 = instr::read_cr2();
     }
     // SAFETY: the guest's VMCS goes back to memory (so that any CPU can
     // load it next) and the host VM's becomes current again.
@@ -520,16 +532,13 @@ fn guest_fork(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
         regs[RAX] = -EINVAL as u64;
         return;
     }
-    if vm.children.load(Ordering::Acquire) >= shared_abi::VM_MAX_CHILDREN {
-        log::info!("vm{}: fork refused: {} children is the limit", vm.id, shared_abi::VM_MAX_CHILDREN);
-        regs[RAX] = -EAGAIN as u64;
-        return;
-    }
     let mut st = *vm.vcpus[0].state.lock();
     st.gpr = *regs;
     st.gpr[RAX] = 0;
+    instr::fxsave(&mut st.fx);
+    st.cr2 = instr::read_cr2();
     let state = vm::child_state(&st, Some(vmx::capture()));
-    match vm::fork(vm, alloc::vec![state]) {
+    match vm::fork(vm, alloc::vec![state], false) {
         Ok(child) => {
             log::info!("vm{}: forked vm{} (guest request)", vm.id, child.id);
             // This CPU runs the parent on: its write access is gone.

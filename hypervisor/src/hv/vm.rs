@@ -25,6 +25,8 @@ pub enum VmError {
     Busy,
     Invalid,
     TooMany,
+    /// The parent has [`shared_abi::VM_MAX_CHILDREN`] live children.
+    Limit,
     /// Guest memory operation failed.
     Mem(MemError),
 }
@@ -36,6 +38,7 @@ impl VmError {
             VmError::Busy => EBUSY,
             VmError::Invalid => EINVAL,
             VmError::TooMany => ENOSPC,
+            VmError::Limit => EAGAIN,
             VmError::Mem(MemError::OutOfRange) => EFAULT,
             VmError::Mem(MemError::Pool(_)) => EOVERFLOW,
             VmError::Mem(MemError::NeedPages(_)) => ENOMEM,
@@ -66,6 +69,10 @@ pub struct VcpuState {
     pub timer_vector: u8,
     /// A forked vCPU's VMCS state, applied at its first run.
     pub snapshot: Option<crate::arch::x86::vmx::Snapshot>,
+    /// State the VMCS does not hold, kept across RUNs (the host uses the
+    /// registers in between): x87/SSE and CR2.
+    pub fx: crate::arch::x86::instr::FxArea,
+    pub cr2: u64,
 }
 
 /// What the next RUN must complete before entering the guest.
@@ -253,6 +260,8 @@ fn create_with(
                     timer_deadline: 0,
                     timer_vector: 0,
                     snapshot: None,
+                    fx: crate::arch::x86::instr::FxArea::reset(),
+                    cr2: 0,
                 },
             }),
         });
@@ -286,7 +295,14 @@ fn create_with(
 /// Destroys a VM: stops its running vCPUs, frees its frames (scrubbed) and
 /// its VPID. Its children keep their shared frames.
 pub fn destroy(id: u32) -> Result<(), VmError> {
-    let vm = VMS.lock().remove(&id).ok_or(VmError::NoSuchVm)?;
+    let vm = {
+        let mut vms = VMS.lock();
+        let vm = vms.remove(&id).ok_or(VmError::NoSuchVm)?;
+        if let Some(p) = vms.get(&vm.parent) {
+            let _ = p.children.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_sub(1));
+        }
+        vm
+    };
     vm.dying.store(true, Ordering::Release);
     if !vm.is_stopped() {
         vm.stop(vm_state::STOPPED, stop::DESTROYED, 0);
@@ -377,9 +393,14 @@ pub fn child_state(st: &VcpuState, snapshot: Option<crate::arch::x86::vmx::Snaps
     VcpuState { ready: false, pending: Pending::None, snapshot: snapshot.or(st.snapshot), ..*st }
 }
 
-/// Forks `parent`: the child shares every frame copy-on-write and starts
-/// from `states`. The parent's vCPUs must not run on other CPUs.
-pub fn fork(parent: &Arc<Vm>, states: Vec<VcpuState>) -> Result<Arc<Vm>, VmError> {
+/// Forks `parent`: the child shares every frame copy-on-write (or, with
+/// `copy`, gets its own copy of every frame) and starts from `states`. The
+/// parent's vCPUs must not run on other CPUs.
+pub fn fork(parent: &Arc<Vm>, states: Vec<VcpuState>, copy: bool) -> Result<Arc<Vm>, VmError> {
+    if parent.children.load(Ordering::Acquire) >= shared_abi::VM_MAX_CHILDREN {
+        log::info!("vm{}: fork refused: {} live children is the limit", parent.id, shared_abi::VM_MAX_CHILDREN);
+        return Err(VmError::Limit);
+    }
     let mem = DirectMap;
     let child_mem = {
         let mut pm = parent.mem.lock();
@@ -389,11 +410,17 @@ pub fn fork(parent: &Arc<Vm>, states: Vec<VcpuState>) -> Result<Arc<Vm>, VmError
         if pool.frames_free() < need {
             return Err(VmError::Mem(MemError::NeedPages(need - pool.frames_free())));
         }
-        g.fork(&mem, &mut pool)?
+        if copy {
+            g.copy(&mem, &mut pool)?
+        } else {
+            g.fork(&mem, &mut pool)?
+        }
     };
     // The parent's mappings became read-only: no CPU may keep a writable
     // translation.
-    parent.mark_tlbs_stale();
+    if !copy {
+        parent.mark_tlbs_stale();
+    }
     let child = create_with(parent.mem_bytes, parent.vcpus.len() as u32, parent.name, parent.id, Some(child_mem), Some(states))?;
     parent.children.fetch_add(1, Ordering::AcqRel);
     Ok(child)

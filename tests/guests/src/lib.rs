@@ -7,7 +7,7 @@
 #![no_std]
 
 use core::fmt::{self, Write};
-use shared_abi::guest::{EXIT_PORT, UART_PORT};
+use shared_abi::guest::{CMDLINE_GPA, CMDLINE_MAX, EXIT_PORT, UART_PORT};
 
 core::arch::global_asm!(
     ".section .text._start, \"ax\"",
@@ -90,6 +90,86 @@ pub fn hypercall(nr: u64, a0: u64, a1: u64, a2: u64) -> i64 {
 /// This VM's id.
 pub fn vm_id() -> i64 {
     hypercall(shared_abi::ghc::VM_ID, 0, 0, 0)
+}
+
+/// fork(): the child's id in the parent, 0 in the child, or -errno.
+pub fn fork() -> i64 {
+    hypercall(shared_abi::ghc::FORK, 0, 0, 0)
+}
+
+/// Halts with interrupts enabled until the VMM or the hypervisor resumes
+/// this vCPU (no interrupt is ever delivered to these guests).
+pub fn halt() {
+    // SAFETY: HLT with IF=1; the next instruction disables them again.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+}
+
+/// The command line from `uxenctl --cmdline` (docs/guest-abi.md).
+pub fn cmdline() -> &'static str {
+    let p = CMDLINE_GPA as *const u8;
+    let mut n = 0;
+    // SAFETY: the command-line page is guest memory, identity-mapped.
+    while n < CMDLINE_MAX && unsafe { p.add(n).read_volatile() } != 0 {
+        n += 1;
+    }
+    // SAFETY: as above; `n` bytes were read.
+    let bytes = unsafe { core::slice::from_raw_parts(p, n) };
+    core::str::from_utf8(bytes).unwrap_or("")
+}
+
+/// The value of `name=VALUE` on the command line (decimal or 0x-hex), or
+/// `default`.
+pub fn arg(name: &str, default: u64) -> u64 {
+    for w in cmdline().split(' ') {
+        if let Some((k, v)) = w.split_once('=') {
+            if k == name {
+                let r = match v.strip_prefix("0x") {
+                    Some(h) => u64::from_str_radix(h, 16),
+                    None => v.parse(),
+                };
+                if let Ok(x) = r {
+                    return x;
+                }
+            }
+        }
+    }
+    default
+}
+
+/// Free memory: from the end of the image to `mem` less 64 KiB of stack.
+pub fn free_memory(mem: u64) -> (u64, u64) {
+    ((image_end() + 4095) & !4095, mem - (64 << 10))
+}
+
+/// Fills `[start, end)` with `pattern(addr, seed)` words.
+pub fn fill(start: u64, end: u64, seed: u64) {
+    let p = start as *mut u64;
+    for i in 0..(end - start) / 8 {
+        // SAFETY: the caller hands over its own free memory.
+        unsafe { p.add(i as usize).write_volatile(pattern(start + 8 * i, seed)) };
+    }
+}
+
+/// Checks `[start, end)` against `pattern(addr, seed)`, skipping the first
+/// `skip` bytes of every page; returns a checksum, or the first address
+/// that differs.
+pub fn verify(start: u64, end: u64, seed: u64, skip: u64) -> Result<u64, u64> {
+    let mut sum = 0u64;
+    let mut a = start;
+    while a < end {
+        if a & 4095 < skip {
+            a = (a & !4095) + skip;
+            continue;
+        }
+        // SAFETY: as in `fill`.
+        let v = unsafe { (a as *const u64).read_volatile() };
+        if v != pattern(a, seed) {
+            return Err(a);
+        }
+        sum = sum.rotate_left(5) ^ v;
+        a += 8;
+    }
+    Ok(sum)
 }
 
 pub fn rdtsc() -> u64 {

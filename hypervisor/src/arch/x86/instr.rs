@@ -153,6 +153,40 @@ cr!(read_cr2, write_cr2, "cr2");
 cr!(read_cr3, write_cr3, "cr3");
 cr!(read_cr4, write_cr4, "cr4");
 
+/// The legacy FXSAVE area: x87, MMX and SSE state.
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+pub struct FxArea(pub [u8; 512]);
+
+impl FxArea {
+    /// The state after reset: FCW 0x37f (all x87 exceptions masked), MXCSR
+    /// 0x1f80 (all SSE exceptions masked), every register zero.
+    pub const fn reset() -> Self {
+        let mut a = [0u8; 512];
+        a[0] = 0x7f;
+        a[1] = 0x03;
+        a[24] = 0x80;
+        a[25] = 0x1f;
+        FxArea(a)
+    }
+}
+
+/// Saves the x87/SSE registers.
+pub fn fxsave(area: &mut FxArea) {
+    // SAFETY: FXSAVE64 writes 512 bytes to a 16-byte-aligned area we own.
+    unsafe { asm!("fxsave64 [{}]", in(reg) area.0.as_mut_ptr(), options(nostack, preserves_flags)) };
+}
+
+/// Loads the x87/SSE registers.
+///
+/// # Safety
+/// `area` must hold a valid state (MXCSR without reserved bits), as one
+/// saved by [`fxsave`] or [`FxArea::reset`] does.
+pub unsafe fn fxrstor(area: &FxArea) {
+    // SAFETY: per the caller's contract; 16-byte-aligned, 512 bytes.
+    unsafe { asm!("fxrstor64 [{}]", in(reg) area.0.as_ptr(), options(nostack, preserves_flags, readonly)) };
+}
+
 pub fn read_dr7() -> u64 {
     let v: u64;
     // SAFETY: reading DR7 has no side effects.

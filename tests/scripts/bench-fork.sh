@@ -1,0 +1,32 @@
+# Fork cost against VM size: a copy-on-write fork and a full copy
+# (FORK_COPY) of the same running guest, three times each; the medians in
+# emulated TSC ticks as the hypervisor measured them.
+. /tests/lib.sh
+check insmod insmod /lib/modules/uxen.ko
+
+# median A B C
+median() {
+    printf '%s\n' "$@" | sort -n | sed -n 2p
+}
+
+# fork_tsc VM [--copy]: forks once, destroys the child, prints the cost.
+fork_tsc() {
+    j=$(uxenctl fork "$@" --json) || return 1
+    c=$(printf '%s' "$j" | sed -n 's/.*"id":\([0-9]*\).*/\1/p')
+    uxenctl destroy "$c"
+    wait_gone "$c" 3000
+    printf '%s' "$j" | sed -n 's/.*"tsc":\([0-9]*\).*/\1/p'
+}
+
+for mib in 16 64 256; do
+    v=$(uxenctl create /guests/forkee --mem $((mib + 8)) --cmdline "touch=$mib" --name "bench$mib")
+    check "bench-$mib-ready" wait_console "$v" "forkee: vm$v ready" 30000
+    cow=$(median "$(fork_tsc "$v")" "$(fork_tsc "$v")" "$(fork_tsc "$v")")
+    copy=$(median "$(fork_tsc "$v" --copy)" "$(fork_tsc "$v" --copy)" "$(fork_tsc "$v" --copy)")
+    if [ -n "$cow" ] && [ -n "$copy" ]; then pass "bench-$mib-measured"; else fail "bench-$mib-measured" "cow '$cow' copy '$copy'"; fi
+    echo "UXEN-BENCH: fork mib=$mib cow=$cow copy=$copy"
+    uxenctl destroy "$v"
+    wait_gone "$v" 3000
+done
+check rmmod rmmod uxen
+finish

@@ -1,0 +1,100 @@
+//! `cargo xtask bench`: figures measured inside Bochs, where the emulated
+//! TSC (`clock: sync=none`) advances with emulated instructions, so runs
+//! repeat. Each bench is a script, `tests/scripts/bench-<name>.sh`, that
+//! prints `UXEN-BENCH: <name> key=value ...` lines; every figure is set
+//! against a baseline measured in the same run.
+
+use crate::runner::{self, Backend, RunSpec};
+use crate::{artifacts, util};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+const MARK: &str = "UXEN-BENCH: ";
+
+/// One result line: the bench's name and its values.
+type Row = BTreeMap<String, String>;
+
+pub const NAMES: &[&str] = &["fork"];
+
+pub fn bench(args: &[String]) -> Result<()> {
+    let names: Vec<&str> = match args.first().map(String::as_str) {
+        None | Some("all") => NAMES.to_vec(),
+        Some(n) if NAMES.contains(&n) => vec![n],
+        Some(n) => bail!("unknown bench `{n}`; benches: {}", NAMES.join(", ")),
+    };
+    crate::setup::setup()?;
+    let a = if args.iter().any(|a| a == "--no-build") { artifacts::existing()? } else { artifacts::build_all()? };
+    let dir = util::out().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    for name in names {
+        let spec = RunSpec {
+            suite: format!("bench-{name}"),
+            timeout: Duration::from_secs(1800),
+            cmdline: String::new(),
+            cpus: 2,
+            mem_mib: 1536,
+            live: args.iter().any(|a| a == "--live"),
+        };
+        util::step(&format!("bench {name} in Bochs"));
+        let o = runner::run(Backend::Bochs.machine().as_ref(), &spec, &a)?;
+        let text = std::fs::read_to_string(&o.serial).with_context(|| format!("no serial log at {}", o.serial.display()))?;
+        let rows = rows(&text, name);
+        if !o.passed() || rows.is_empty() {
+            bail!("bench {name} failed (serial log: {}): {:?}", o.serial.display(), o.problems);
+        }
+        let table = match name {
+            "fork" => fork_table(&rows)?,
+            _ => unreachable!(),
+        };
+        print!("\n{table}");
+        let out = dir.join(format!("{name}.md"));
+        std::fs::write(&out, &table)?;
+        println!("written to {}", out.strip_prefix(util::root()).unwrap_or(&out).display());
+    }
+    Ok(())
+}
+
+/// The `UXEN-BENCH: <name> k=v ...` lines of `name`.
+fn rows(text: &str, name: &str) -> Vec<Row> {
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').split_once(MARK).map(|(_, r)| r))
+        .filter_map(|r| r.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .map(|r| r.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        .collect()
+}
+
+fn num(r: &Row, k: &str) -> Result<u64> {
+    r.get(k).and_then(|v| v.parse().ok()).with_context(|| format!("bench line without a number for `{k}`: {r:?}"))
+}
+
+/// Fork cost against VM size, against a full copy of the same memory.
+fn fork_table(rows: &[Row]) -> Result<String> {
+    let mut t = String::new();
+    writeln!(t, "fork: the hypervisor's cost of one fork, in emulated TSC ticks (median of the runs)")?;
+    writeln!(t, "baseline: the same VM copied in full (FORK_COPY), in the same run\n")?;
+    writeln!(t, "| touched | CoW fork | full copy | copy / fork | fork per MiB |")?;
+    writeln!(t, "|---:|---:|---:|---:|---:|")?;
+    for r in rows {
+        let (mib, cow, copy) = (num(r, "mib")?, num(r, "cow")?, num(r, "copy")?);
+        writeln!(t, "| {mib} MiB | {cow} | {copy} | {:.1}x | {} |", copy as f64 / cow.max(1) as f64, cow / mib.max(1))?;
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bench_lines() {
+        let text = "noise\r\nUXEN-BENCH: fork mib=16 cow=100 copy=5000\r\nUXEN-BENCH: forkx mib=1\n[  1.0] UXEN-BENCH: fork mib=64 cow=110 copy=20000\n";
+        let r = rows(text, "fork");
+        assert_eq!(r.len(), 2);
+        assert_eq!(num(&r[1], "copy").unwrap(), 20000);
+        let t = fork_table(&r).unwrap();
+        assert!(t.contains("| 16 MiB | 100 | 5000 | 50.0x | 6 |"), "{t}");
+        assert!(num(&r[0], "nope").is_err());
+    }
+}

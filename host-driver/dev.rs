@@ -68,6 +68,7 @@ extern "C" fn uxen_dev_ioctl(_private: *mut c_void, cmd: u32, arg: usize) -> cor
         ioctl::LIST => list(drv, arg),
         ioctl::DESTROY => destroy(drv, arg),
         ioctl::DEBUG_TRANSLATE => debug_translate(drv, arg),
+        ioctl::MERGE => merge(drv, arg),
         _ => Err(ENOTTY),
     })
 }
@@ -165,6 +166,36 @@ fn list(drv: &crate::Driver, arg: usize) -> Result<i64> {
     let total = crate::hv::status(s)? as usize;
     UserSlice::new(req.ptr as usize, n * size).writer().write_slice(&buf[..n.min(total) * size])?;
     Ok(total as i64)
+}
+
+/// One merge pass at a time.
+static MERGING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// MERGE: a whole re-merging pass, chunk by chunk; the frames it freed go
+/// back to the host.
+fn merge(drv: &crate::Driver, arg: usize) -> Result<i64> {
+    need_active(drv)?;
+    let req: abi::MergeScan = read_user(arg)?;
+    if req.flags != 0 {
+        return Err(EINVAL);
+    }
+    if MERGING.swap(true, Ordering::AcqRel) {
+        return Err(EBUSY);
+    }
+    let r = (|| -> Result<abi::MergeScan> {
+        let mut b = HcBuf::new(abi::MergeScan { vm: req.vm, ..Default::default() })?;
+        // Chunks until the pass is over; the host runs in between.
+        while b.call(drv, abi::hc::MERGE)? == 1 {
+            b.value.flags = abi::MERGE_CONTINUE;
+            crate::shim::cond_resched();
+        }
+        Ok(*b.value)
+    })();
+    MERGING.store(false, Ordering::Release);
+    let out = r?;
+    drv.hv.reclaim(out.frames_freed);
+    write_user(arg, &out)?;
+    Ok(0)
 }
 
 fn debug_translate(drv: &crate::Driver, arg: usize) -> Result<i64> {

@@ -611,13 +611,18 @@ impl Hypervisor {
 
     /// Takes back every free pool frame and frees it.
     pub(crate) fn reclaim_all(&self) -> u64 {
+        self.reclaim(u64::MAX)
+    }
+
+    /// Takes up to `max` free pool frames back for the host.
+    pub(crate) fn reclaim(&self, max: u64) -> u64 {
         let Ok(buf) = KVec::<u64>::from_elem(0, 512, GFP_KERNEL) else {
             return 0;
         };
         let mut total = 0;
-        loop {
+        while total < max {
             let pa = shim::virt_to_phys(buf.as_ptr().cast());
-            let (n, _) = self.call(abi::hc::RECLAIM, pa, 512 * 8);
+            let (n, _) = self.call(abi::hc::RECLAIM, pa, (max - total).min(512) * 8);
             if n <= 0 {
                 break;
             }

@@ -63,12 +63,15 @@ pub struct MemStats {
 pub enum Touch {
     /// The page was already writable, or became so in place.
     InPlace,
-    /// A new frame now backs the page (first touch or a copy): other CPUs
-    /// running this VM may still translate to the old one.
-    NewFrame,
+    /// A fresh zeroed frame now backs the page (first touch).
+    Fresh,
+    /// A copy of a shared frame now backs the page: other CPUs running this
+    /// VM may still translate to the old one.
+    Copied,
 }
 
-fn leaf(pa: Hpa, writable: bool) -> EptEntry {
+/// A pool frame's leaf entry.
+pub fn leaf(pa: Hpa, writable: bool) -> EptEntry {
     let perms = if writable { EptFlags::RWX } else { EptFlags::RX | EptFlags::SW_COW };
     EptEntry::leaf(pa.0, perms | EptFlags::SW_POOL, MT_WB, false)
 }
@@ -85,12 +88,12 @@ const fn index(gpa: u64, level: u32) -> u64 {
     (gpa >> (12 + 9 * (level - 1))) & 0x1ff
 }
 
-fn writable(e: EptEntry) -> bool {
+pub fn writable(e: EptEntry) -> bool {
     e.flags().contains(EptFlags::WRITE)
 }
 
 /// `e` without write access.
-fn read_only(e: EptEntry) -> EptEntry {
+pub fn read_only(e: EptEntry) -> EptEntry {
     e.with_flags(EptFlags::empty(), EptFlags::WRITE)
 }
 
@@ -217,7 +220,7 @@ impl GuestMem {
         if !e.present() {
             let new = pool.alloc().ok_or(MemError::NeedPages(1))?;
             mem.write_u64(at, leaf(new, true).0);
-            return Ok(Touch::NewFrame);
+            return Ok(Touch::Fresh);
         }
         let old = Hpa(e.addr());
         if pool.refs(old) == Some(1) {
@@ -228,7 +231,7 @@ impl GuestMem {
         mem.copy_page(new, old);
         mem.write_u64(at, leaf(new, true).0);
         pool.put(mem, old)?;
-        Ok(Touch::NewFrame)
+        Ok(Touch::Copied)
     }
 
     /// Maps `gpa` read-only to pool frame `pa`, which already carries the
@@ -370,6 +373,53 @@ impl GuestMem {
         s
     }
 
+    /// Up to `max` leaves at or above `from` that this memory reaches
+    /// through tables it alone holds: `(where the entry is, gpa, entry)`.
+    /// Leaves under shared tables are left out: they are shared already.
+    /// Also returns where to go on, if the walk stopped early.
+    pub fn private_leaves(&self, mem: &impl PhysMem, pool: &FramePool, from: Gpa, max: usize) -> (alloc::vec::Vec<(Hpa, Gpa, EptEntry)>, Option<Gpa>) {
+        fn walk(
+            mem: &impl PhysMem,
+            pool: &FramePool,
+            t: Hpa,
+            level: u32,
+            base: u64,
+            from: u64,
+            max: usize,
+            out: &mut alloc::vec::Vec<(Hpa, Gpa, EptEntry)>,
+        ) -> Option<u64> {
+            let span = 1u64 << (12 + 9 * (level - 1));
+            for i in 0..512u64 {
+                let gpa = base + i * span;
+                if gpa + span <= from {
+                    continue;
+                }
+                let at = Hpa(t.0 + i * 8);
+                let e = EptEntry(mem.read_u64(at));
+                if !e.present() {
+                    continue;
+                }
+                if level > 1 {
+                    if pool.refs(Hpa(e.addr())) != Some(1) {
+                        continue;
+                    }
+                    if let Some(next) = walk(mem, pool, Hpa(e.addr()), level - 1, gpa, from, max, out) {
+                        return Some(next);
+                    }
+                } else {
+                    if out.len() == max {
+                        return Some(gpa);
+                    }
+                    out.push((at, Gpa(gpa), e));
+                }
+            }
+            None
+        }
+        let mut out = alloc::vec::Vec::new();
+        let next = walk(mem, pool, self.ept.root, 4, 0, from.0, max, &mut out);
+        (out, next.map(Gpa))
+    }
+
     /// Visits every mapped page: `(gpa, frame, writable at the leaf)`.
     pub fn for_each_page(&self, mem: &impl PhysMem, mut f: impl FnMut(Gpa, Hpa, bool)) {
         self.ept.for_each_leaf(mem, |gpa, _, e, _| f(gpa, Hpa(e.addr()), writable(e)));
@@ -396,7 +446,7 @@ mod tests {
         let (mem, mut pool) = setup(64);
         let mut g = GuestMem::new(&mem, &mut pool, 16 << 20).unwrap();
         assert_eq!(g.lookup(&mem, Gpa(0x5000)), None);
-        assert_eq!(g.ensure_writable(&mem, &mut pool, Gpa(0x5123)).unwrap(), Touch::NewFrame);
+        assert_eq!(g.ensure_writable(&mem, &mut pool, Gpa(0x5123)).unwrap(), Touch::Fresh);
         assert!(g.lookup(&mem, Gpa(0x5000)).unwrap().1);
         assert_eq!(g.ensure_writable(&mem, &mut pool, Gpa(0x5000)).unwrap(), Touch::InPlace);
         assert_eq!(g.ensure_writable(&mem, &mut pool, Gpa(16 << 20)), Err(MemError::OutOfRange));
@@ -519,8 +569,8 @@ mod tests {
 
     mod model {
         //! Copy-on-write over fork chains, against a reference model: each
-        //! VM is a map page -> byte; random writes, forks and destroys in any
-        //! order; every read must match the model, and destroying every VM
+        //! VM is a map page -> byte; random writes, forks, merges and
+        //! destroys in any order; every read must match the model, and destroying every VM
         //! must free every frame.
         use super::*;
         use proptest::prelude::*;
@@ -531,6 +581,7 @@ mod tests {
             Write { vm: usize, page: u64, byte: u8 },
             Fork { vm: usize },
             Destroy { vm: usize },
+            Merge,
             Check { vm: usize, page: u64 },
         }
 
@@ -540,6 +591,7 @@ mod tests {
                 1 => (0..6usize).prop_map(|vm| Op::Fork { vm }),
                 1 => (0..6usize).prop_map(|vm| Op::Destroy { vm }),
                 3 => (0..6usize, 0..40u64).prop_map(|(vm, page)| Op::Check { vm, page }),
+                1 => Just(Op::Merge),
             ]
         }
 
@@ -578,6 +630,10 @@ mod tests {
                             let i = live[vm % live.len()];
                             let (g, _) = vms[i].take().unwrap();
                             g.destroy(&mem, &mut pool);
+                        }
+                        Op::Merge => {
+                            let mut all: Vec<&mut GuestMem> = vms.iter_mut().flatten().map(|(g, _)| g).collect();
+                            crate::merge::merge_all(&mem, &mut pool, &mut all);
                         }
                         Op::Check { vm, page } => {
                             let i = live[vm % live.len()];

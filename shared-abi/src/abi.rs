@@ -790,19 +790,30 @@ pub struct VmInfo {
 }
 const _: () = assert_size(core::mem::size_of::<VmInfo>(), 88);
 
-/// [`hc::MERGE`] and the MERGE ioctl.
+/// [`hc::MERGE`] and the MERGE ioctl: one re-merging pass.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MergeScan {
-    /// Guest pages to examine at most.
-    pub budget: u64,
-    /// Out.
+    /// The VM whose pages to fold (onto each other and onto frames already
+    /// shared); 0: every VM, across VMs.
+    pub vm: u32,
+    /// `MERGE_*` flags. The ioctl takes 0.
+    pub flags: u32,
+    /// Out: pages examined, pages folded onto an identical frame, all-zero
+    /// pages unmapped, frames given back to the pool.
     pub scanned: u64,
     pub merged: u64,
     pub zero: u64,
     pub frames_freed: u64,
+    /// Out: the hypervisor's time for the pass, in TSC ticks.
+    pub tsc: u64,
 }
-const _: () = assert_size(core::mem::size_of::<MergeScan>(), 40);
+const _: () = assert_size(core::mem::size_of::<MergeScan>(), 48);
+
+/// [`MergeScan::flags`] of the hypercall: go on with the pass that the
+/// previous MERGE started (the hypercall works in bounded chunks; it
+/// returns 1 while there is more to do, 0 when the pass is over).
+pub const MERGE_CONTINUE: u32 = 1;
 
 /// [`hc::DEBUG_TRANSLATE`]: the host frame behind a guest page (tests).
 #[repr(C)]

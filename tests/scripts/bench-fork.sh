@@ -21,8 +21,11 @@ fork_tsc() {
 for mib in 16 64 256; do
     v=$(uxenctl create /guests/forkee --mem $((mib + 8)) --cmdline "touch=$mib" --name "bench$mib")
     check "bench-$mib-ready" wait_console "$v" "forkee: vm$v ready" 30000
-    cow=$(median "$(fork_tsc "$v")" "$(fork_tsc "$v")" "$(fork_tsc "$v")")
-    copy=$(median "$(fork_tsc "$v" --copy)" "$(fork_tsc "$v" --copy)" "$(fork_tsc "$v" --copy)")
+    c1=$(fork_tsc "$v"); c2=$(fork_tsc "$v"); c3=$(fork_tsc "$v")
+    f1=$(fork_tsc "$v" --copy); f2=$(fork_tsc "$v" --copy); f3=$(fork_tsc "$v" --copy)
+    info "fork $mib MiB: cow $c1 $c2 $c3; copy $f1 $f2 $f3"
+    cow=$(median "$c1" "$c2" "$c3")
+    copy=$(median "$f1" "$f2" "$f3")
     if [ -n "$cow" ] && [ -n "$copy" ]; then pass "bench-$mib-measured"; else fail "bench-$mib-measured" "cow '$cow' copy '$copy'"; fi
     echo "UXEN-BENCH: fork mib=$mib cow=$cow copy=$copy"
     uxenctl destroy "$v"

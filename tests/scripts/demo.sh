@@ -1,30 +1,80 @@
-# The first end-to-end path: load, /dev/uxen, version ioctl, unload, and the
-# refusal of a module whose embedded image header is corrupt.
+# The demo: the whole stack on a running Linux with two CPUs.
+# Load the hypervisor, see that every CPU runs under it, start a guest,
+# fork it, merge what the forks wrote alike, read the counters, and give
+# the machine back.
 . /tests/lib.sh
+SIG=uXenRsUXenRs
 
-out=$(uxenctl version 2>&1)
-rc=$?
-expect_eq uxenctl-without-device-exits-1 "$rc" 1
-expect_match uxenctl-without-device-message "$out" "/dev/uxen"
+say() {
+    echo
+    echo "=== $*"
+}
 
-dmesg -c >/dev/null
-out=$(uxtest modload /lib/modules/uxen-corrupt.ko 2>&1)
-rc=$?
-if [ $rc -ne 0 ]; then pass corrupt-image-refused; else fail corrupt-image-refused "insmod succeeded"; rmmod uxen; fi
-expect_match corrupt-image-errno "$out" "errno=8 \(Exec format error"
-expect_match corrupt-image-logged "$(dmesg)" "uxen: refusing the embedded hypervisor image: bad image signature"
-check_fails corrupt-image-no-device test -e /dev/uxen
+# run CMD...: shows a command and its output.
+run() {
+    echo "# $*"
+    "$@"
+}
 
+say "1. Load: insmod uxen.ko virtualizes every CPU and demotes Linux"
+run grep -c ^processor /proc/cpuinfo
 check insmod insmod /lib/modules/uxen.ko
-check dev-uxen-exists test -c /dev/uxen
-out=$(uxenctl version 2>&1)
-info "$out"
-expect_match version-driver "$out" "^driver +0\.1\.0 +\(ABI 1\)"
-expect_match version-image "$out" "^image +0\.1\.0 +\(ABI 1\)"
-json=$(uxenctl version --json 2>&1)
-expect_match version-json "$json" '"driver_abi":1'
+run uxenctl version
+for cpu in 0 1; do
+    sig=$(signature $cpu)
+    echo "CPU $cpu: CPUID 0x40000000 says '$sig'"
+    expect_eq "cpu$cpu-virtualized" "$sig" "$SIG"
+done
+hv=$(stats_json | sed -n 's/.*"hv_region":{"base":\([0-9]*\).*/\1/p')
+echo "# the host tries to read the hypervisor's own memory at $(printf '%#x' "$hv")"
+out=$(uxtest devmem read "$(printf '%#x' "$hv")" 4096)
+echo "$out"
+expect_match host-reads-zeros "$out" "nonzero=0 "
+
+say "2. Create: a guest VM that fills 24 MiB, then waits"
+p=$(uxenctl create /guests/forkee --mem 32 --cmdline "touch=24 same=4 zero=2" --name demo)
+check create wait_console "$p" "forkee: vm$p ready"
+run uxenctl console "$p"
+free0=$(pool_free)
+used0=$(($(pool_total) - free0))
+run uxenctl list
+
+say "3. Fork: 8 copy-on-write clones of the running guest"
+kids=$(uxenctl fork "$p" --count 8 --json)
+echo "$kids"
+ids=$(printf '%s' "$kids" | grep -o '"id":[0-9]*' | cut -d: -f2)
+ok=0
+for c in $ids; do
+    wait_console "$c" "forkee: vm$c wrote" && ok=$((ok + 1))
+done
+expect_eq forks-running "$ok" 8
+first=$(printf '%s\n' $ids | head -n1)
+run uxenctl console "$first"
+run uxenctl list
+used1=$(($(pool_total) - $(pool_free)))
+echo "frames in use: parent alone $used0; parent and 8 forks, each with 6 MiB written: $used1"
+
+say "4. Merge: the forks wrote the same 4 MiB and 2 MiB of zeros; fold them"
+m=$(uxenctl merge --json)
+run uxenctl merge
+used2=$(($(pool_total) - $(pool_free)))
+echo "frames in use after the merges: $used2 (was $used1)"
+if [ "$used2" -lt "$used1" ]; then pass merge-frees; else fail merge-frees "$used1 -> $used2"; fi
+g=$(uxenctl fork "$first")
+check merged-memory-intact wait_console "$g" "forkee: vm$g forked from vm$first: memory intact"
+run uxenctl list
+
+say "5. Stats: what the hypervisor counted"
+run uxenctl stats
+
+say "6. Unload: destroy the VMs, rmmod gives the machine back"
+for c in $ids $g $p; do uxenctl destroy "$c"; done
+for c in $ids $g $p; do wait_gone "$c"; done
+run uxenctl list
 check rmmod rmmod uxen
-check_fails dev-uxen-removed test -e /dev/uxen
-check insmod-again insmod /lib/modules/uxen.ko
-check rmmod-again rmmod uxen
+for cpu in 0 1; do
+    sig=$(signature $cpu)
+    echo "CPU $cpu: CPUID 0x40000000 says '$sig'"
+    if [ "$sig" = "$SIG" ]; then fail "cpu$cpu-native-again" "$sig"; else pass "cpu$cpu-native-again"; fi
+done
 finish

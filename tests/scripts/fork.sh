@@ -110,6 +110,48 @@ check destroy-last-child uxenctl destroy "$c"
 wait_gone "$p"; wait_gone "$c"
 expect_eq children-first-frees-everything "$(used)" "$base"
 
+# --- 4. Re-merging: children that wrote the same data fold back. ---
+p=$(uxenctl create /guests/forkee --mem 16 --cmdline "touch=4 same=2 zero=1" --name merger)
+check merger-ready wait_console "$p" "forkee: vm$p ready"
+kids=$(uxenctl fork "$p" --count 8)
+ok=0
+for c in $kids; do
+    wait_console "$c" "forkee: vm$c wrote 2048 KiB of shared data and 1024 KiB of zeros" && ok=$((ok + 1))
+done
+expect_eq merge-children-wrote "$ok" 8
+s0=$(stats_json)
+u1=$(used)
+m=$(uxenctl merge --json); rc=$?
+expect_eq merge-rc "$rc" 0
+u2=$(used)
+info "merge: $m; frames in use $u1 -> $u2"
+merged=$(jnum "$m" merged)
+zero=$(jnum "$m" zero)
+freed=$(jnum "$m" frames_freed)
+if [ "$merged" -ge $((7 * 512)) ]; then pass merge-folds-identical-pages; else fail merge-folds-identical-pages "merged $merged"; fi
+if [ "$zero" -ge $((8 * 256)) ]; then pass merge-drops-zero-pages; else fail merge-drops-zero-pages "zero $zero"; fi
+# The idle children wake now and then and write their stacks, which the
+# merge may have folded: a few copies are theirs.
+d=$((freed - (u1 - u2)))
+if [ "$d" -ge 0 ] && [ "$d" -le 64 ]; then pass merge-freed-what-it-says; else fail merge-freed-what-it-says "freed $freed, use fell by $((u1 - u2))"; fi
+if [ "$freed" -ge $((7 * 512 + 8 * 256)) ]; then pass merge-frees-frames; else fail merge-frees-frames "freed $freed"; fi
+s1=$(stats_json)
+expect_eq merge-counted-in-stats "$(($(jnum "$s1" merged) - $(jnum "$s0" merged)))" "$merged"
+first=$(printf '%s\n' $kids | head -n1)
+expect_match merged-child-shares "$(uxenctl list --json | tr '{' '\n' | grep "\"id\":$first,")" '"frames_private":[0-9],'
+# The merged memory reads as before, in a fork of a merged child and in
+# the child itself after more forks.
+g=$(uxenctl fork "$first")
+check merged-memory-intact wait_console "$g" "forkee: vm$g forked from vm$first: memory intact"
+g2=$(uxenctl fork "$g")
+check merged-memory-intact-again wait_console "$g2" "forkee: vm$g2 forked from vm$g: memory intact"
+out=$(uxenctl merge 9999 2>&1); rc=$?
+expect_eq merge-unknown-rc "$rc" 1
+expect_match merge-unknown-message "$out" "no VM with id 9999"
+for c in $kids $g $g2 $p; do uxenctl destroy "$c"; done
+for c in $kids $g $g2 $p; do wait_gone "$c"; done
+expect_eq merge-then-destroy-frees-everything "$(used)" "$base"
+
 # --- Bad requests: clear errors, nothing changes. ---
 before=$(uxenctl list --json)
 out=$(uxenctl fork 9999 2>&1); rc=$?

@@ -19,6 +19,7 @@ fn usage() -> ExitCode {
          \x20 checksum MIB                hash generated data\n\
          \x20 forkstorm N                 fork/exec /bin/true N times\n\
          \x20 cpuid-cost N                TSC per CPUID of the hypervisor leaf\n\
+         \x20 rdtsc                       print the TSC\n\
          \x20 edu info                    find QEMU's edu DMA device; print bdf=... id=...\n\
          \x20 edu dma-to PHYS LEN BYTE    DMA LEN bytes of BYTE to PHYS through edu; print done\n\
          \x20 edu dma-from PHYS LEN       DMA LEN bytes from PHYS through edu; print nonzero count and hash\n\
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
         "checksum" => probes::checksum(rest),
         "forkstorm" => probes::forkstorm(rest),
         "cpuid-cost" => probes::cpuid_cost(rest),
+        "rdtsc" => probes::rdtsc(),
         "edu" => edu::edu(rest),
         _ => return usage(),
     };

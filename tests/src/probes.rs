@@ -218,6 +218,13 @@ pub fn forkstorm(args: &[String]) -> Result {
 
 /// `cpuid-cost N`: TSC cycles per CPUID of the hypervisor leaf, against a
 /// loop of plain instructions (the baseline).
+/// Prints the TSC.
+pub fn rdtsc() -> Result {
+    // SAFETY: RDTSC has no side effects.
+    println!("{}", unsafe { core::arch::x86_64::_rdtsc() });
+    Ok(())
+}
+
 pub fn cpuid_cost(args: &[String]) -> Result {
     let n = parse_u64(args.first().map(String::as_str).unwrap_or("1000"))?;
     // SAFETY: RDTSC has no side effects.

@@ -100,6 +100,14 @@ impl Device {
         Ok(())
     }
 
+    /// One re-merging pass over VM `vm` (0: every VM).
+    pub fn merge(&self, vm: u32) -> std::result::Result<abi::MergeScan, IoctlError> {
+        let mut m = abi::MergeScan { vm, ..Default::default() };
+        // SAFETY: MERGE takes a `MergeScan`.
+        unsafe { ioctl_ptr(self.fd(), "merge", abi::ioctl::MERGE, &mut m) }?;
+        Ok(m)
+    }
+
     /// The host frame behind a guest page (needs the module's `debug=1`).
     pub fn translate(&self, vm: u32, gpa: u64) -> std::result::Result<u64, IoctlError> {
         let mut t = abi::DebugTranslate { vm, gpa, ..Default::default() };

@@ -116,6 +116,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Fold identical guest pages back onto one frame and drop all-zero
+    /// pages, across every VM or within one; the freed frames go back to
+    /// the host.
+    Merge {
+        /// Only this VM's pages (folded onto each other and onto frames it
+        /// already shares).
+        vm: Option<u32>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// The host frame behind a guest page (module parameter debug=1; tests).
     Translate { vm: u32, gpa: String },
 }
@@ -210,6 +221,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 for c in children {
                     println!("{}", c.id);
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Merge { vm, json } => {
+            let m = dev::Device::open()?.merge(vm.unwrap_or(0)).map_err(|e| match (vm, e.errno) {
+                (Some(id), libc::ENOENT) => anyhow!("no VM with id {id}"),
+                _ => anyhow!("{e}"),
+            })?;
+            if json {
+                let j = serde_json::json!({
+                    "scanned": m.scanned, "merged": m.merged, "zero": m.zero,
+                    "frames_freed": m.frames_freed, "tsc": m.tsc,
+                });
+                println!("{j}");
+            } else {
+                println!(
+                    "{} pages scanned: {} folded onto identical frames, {} zero pages dropped; {} frames freed",
+                    m.scanned, m.merged, m.zero, m.frames_freed
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

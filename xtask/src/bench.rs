@@ -16,7 +16,7 @@ const MARK: &str = "UXEN-BENCH: ";
 /// One result line: the bench's name and its values.
 type Row = BTreeMap<String, String>;
 
-pub const NAMES: &[&str] = &["fork"];
+pub const NAMES: &[&str] = &["exits", "fork"];
 
 pub fn bench(args: &[String]) -> Result<()> {
     let names: Vec<&str> = match args.first().map(String::as_str) {
@@ -40,12 +40,12 @@ pub fn bench(args: &[String]) -> Result<()> {
         util::step(&format!("bench {name} in Bochs"));
         let o = runner::run(Backend::Bochs.machine().as_ref(), &spec, &a)?;
         let text = std::fs::read_to_string(&o.serial).with_context(|| format!("no serial log at {}", o.serial.display()))?;
-        let rows = rows(&text, name);
-        if !o.passed() || rows.is_empty() {
+        if !o.passed() {
             bail!("bench {name} failed (serial log: {}): {:?}", o.serial.display(), o.problems);
         }
         let table = match name {
-            "fork" => fork_table(&rows)?,
+            "fork" => fork_table(&rows(&text, "fork"))?,
+            "exits" => exits_table(&rows(&text, "cpuid"), &rows(&text, "exits"))?,
             _ => unreachable!(),
         };
         print!("\n{table}");
@@ -83,6 +83,26 @@ fn fork_table(rows: &[Row]) -> Result<String> {
     Ok(t)
 }
 
+/// CPUID round trips against the bare machine; host exits per million TSC
+/// ticks while working against idle.
+fn exits_table(cpuid: &[Row], exits: &[Row]) -> Result<String> {
+    let (Some(c), Some(e)) = (cpuid.first(), exits.first()) else {
+        bail!("the exits bench printed no figures");
+    };
+    let (native, virt) = (num(c, "native")?, num(c, "virtualized")?);
+    let per_m = |n: u64, t: u64| n as f64 * 1e6 / t.max(1) as f64;
+    let idle = per_m(num(e, "idle_exits")?, num(e, "idle_tsc")?);
+    let work = per_m(num(e, "work_exits")?, num(e, "work_tsc")?);
+    let mut t = String::new();
+    writeln!(t, "exits: emulated TSC ticks (Bochs advances the TSC with emulated instructions)\n")?;
+    writeln!(t, "| figure | measured | baseline | ratio |")?;
+    writeln!(t, "|---|---:|---:|---:|")?;
+    writeln!(t, "| CPUID 0x40000000, ticks each (baseline: bare CPU) | {virt} | {native} | {:.1}x |", virt as f64 / native.max(1) as f64)?;
+    writeln!(t, "| exit round trip, ticks (virtualized - bare) | {} | | |", virt.saturating_sub(native))?;
+    writeln!(t, "| host exits per million ticks, workload (baseline: idle) | {work:.1} | {idle:.1} | {:.2}x |", work / idle.max(1e-9))?;
+    Ok(t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +116,15 @@ mod tests {
         let t = fork_table(&r).unwrap();
         assert!(t.contains("| 16 MiB | 100 | 5000 | 50.0x | 6 |"), "{t}");
         assert!(num(&r[0], "nope").is_err());
+    }
+
+    #[test]
+    fn exits_table_has_ratios() {
+        let text = "UXEN-BENCH: cpuid native=40 virtualized=4040\nUXEN-BENCH: exits idle_exits=10 idle_tsc=1000000 work_exits=300 work_tsc=2000000\n";
+        let t = exits_table(&rows(text, "cpuid"), &rows(text, "exits")).unwrap();
+        assert!(t.contains("| 4040 | 40 | 101.0x |"), "{t}");
+        assert!(t.contains("| 4000 |"), "{t}");
+        assert!(t.contains("| 150.0 | 10.0 | 15.00x |"), "{t}");
+        assert!(exits_table(&[], &[]).is_err());
     }
 }

@@ -66,6 +66,7 @@ pub fn dispatch(nr: u64, arg: u64, len: u64, regs: &mut GuestRegs) -> Switch {
         hc::VM_RUN => return run::run(regs, arg, len),
         hc::VM_LIST => vm_list(arg, len),
         hc::VM_FORK => vm_fork(arg, len),
+        hc::MERGE => merge(arg, len),
         hc::DEBUG_TRANSLATE => debug_translate(arg, len),
         _ => Err(HcError::NoSys),
     };
@@ -324,6 +325,27 @@ fn vm_list(arg: u64, len: u64) -> Result<i64, HcError> {
     Ok(list.len() as i64)
 }
 
+/// MERGE: one chunk of a re-merging pass; 1 while there is more to do.
+fn merge(arg: u64, len: u64) -> Result<i64, HcError> {
+    let mut m: shared_abi::MergeScan = copy_in(arg, len)?;
+    if m.flags & !shared_abi::MERGE_CONTINUE != 0 {
+        return Err(HcError::Invalid);
+    }
+    if m.flags & shared_abi::MERGE_CONTINUE == 0 {
+        super::merge::start(m.vm)?;
+    }
+    let Some(done) = super::merge::step()? else {
+        return Ok(1);
+    };
+    m.scanned = done.stats.scanned;
+    m.merged = done.stats.merged;
+    m.zero = done.stats.zero;
+    m.frames_freed = done.freed;
+    m.tsc = done.tsc;
+    copy_out(arg, len, &m)?;
+    Ok(0)
+}
+
 fn debug_translate(arg: u64, len: u64) -> Result<i64, HcError> {
     if hv().boot.flags & shared_abi::BOOT_FLAG_DEBUG == 0 {
         return Err(HcError::NoSys);
@@ -388,6 +410,10 @@ fn stats(arg: u64, len: u64) -> Result<i64, HcError> {
         s.frames_shared = pool.frames_shared();
     }
     s.vms = vm::count();
+    s.cow_copies = vm::COW_COPIES.load(Ordering::Relaxed);
+    s.merge_scanned = super::merge::SCANNED.load(Ordering::Relaxed);
+    s.merge_merged = super::merge::MERGED.load(Ordering::Relaxed);
+    s.merge_zero = super::merge::ZERO.load(Ordering::Relaxed);
     for i in 0..h.num_cpus() {
         let pc = h.percpu(i);
         let d = &mut s.cpus[i];

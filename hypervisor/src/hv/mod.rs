@@ -7,6 +7,7 @@ pub mod hypercall;
 pub mod ipi;
 pub mod logger;
 pub mod memory;
+pub mod merge;
 pub mod run;
 pub mod setup;
 pub mod tlb;

@@ -418,12 +418,13 @@ fn ept_violation(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
             if q.write {
                 g.ensure_writable(&DirectMap, &mut pool, Gpa(gpa))
             } else {
-                g.ensure_present(&DirectMap, &mut pool, Gpa(gpa)).map(|_| Touch::NewFrame)
+                g.ensure_present(&DirectMap, &mut pool, Gpa(gpa)).map(|_| Touch::Fresh)
             }
         };
         return match r {
-            Ok(Touch::InPlace) => flush_local(vm),
-            Ok(Touch::NewFrame) => {
+            Ok(Touch::InPlace | Touch::Fresh) => flush_local(vm),
+            Ok(Touch::Copied) => {
+                vm::COW_COPIES.fetch_add(1, Ordering::Relaxed);
                 flush_local(vm);
                 if vm.vcpus.len() > 1 {
                     // Another vCPU of this VM may still read the old frame.

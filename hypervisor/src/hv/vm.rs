@@ -155,6 +155,14 @@ pub fn get(id: u32) -> Result<Arc<Vm>, VmError> {
     VMS.lock().get(&id).cloned().ok_or(VmError::NoSuchVm)
 }
 
+/// Copy-on-write copies made on guest writes, for `stats`.
+pub static COW_COPIES: AtomicU64 = AtomicU64::new(0);
+
+/// The ids of every VM, in order.
+pub fn ids() -> Vec<u32> {
+    VMS.lock().keys().copied().collect()
+}
+
 pub fn count() -> u32 {
     VMS.lock().len() as u32
 }
@@ -266,10 +274,15 @@ fn create_with(
             }),
         });
     }
-    drop(pool);
     let Some(vpid) = alloc_vpid() else {
+        // Give back what was taken for it.
+        for v in &list {
+            let _ = pool.put(&mem, v.vmcs);
+        }
+        g.destroy(&mem, &mut pool);
         return Err(VmError::TooMany);
     };
+    drop(pool);
     let id = NEXT_ID.fetch_add(1, Ordering::AcqRel);
     let eptp = crate::arch::x86::ept_entry::eptp(g.ept.root.0, false);
     let vm = Arc::new(Vm {

@@ -5,6 +5,7 @@
 //! into a hypercall; failures become an errno at this one place.
 
 use crate::abi::{self, ioctl};
+use crate::validate;
 use crate::driver;
 use core::ffi::c_void;
 use core::sync::atomic::Ordering;
@@ -14,6 +15,12 @@ use kernel::uaccess::UserSlice;
 /// Text of a NUL-padded version field.
 pub(crate) fn version_str(v: &[u8]) -> &str {
     core::str::from_utf8(abi::cstr_bytes(v)).unwrap_or("?")
+}
+
+/// A refused argument: every rule of `shared-abi/src/validate.rs` is
+/// `EINVAL` here.
+fn invalid(_: validate::Invalid) -> Error {
+    EINVAL
 }
 
 fn to_ret(r: Result<i64>) -> core::ffi::c_long {
@@ -68,6 +75,7 @@ extern "C" fn uxen_dev_ioctl(_private: *mut c_void, cmd: u32, arg: usize) -> cor
         ioctl::LIST => list(drv, arg),
         ioctl::DESTROY => destroy(drv, arg),
         ioctl::DEBUG_TRANSLATE => debug_translate(drv, arg),
+        ioctl::DEBUG_POOL => debug_pool(drv, arg),
         ioctl::MERGE => merge(drv, arg),
         _ => Err(ENOTTY),
     })
@@ -84,15 +92,7 @@ fn need_active(drv: &crate::Driver) -> Result {
 fn create_vm(drv: &crate::Driver, arg: usize) -> Result<i64> {
     need_active(drv)?;
     let req: abi::VmCreate = read_user(arg)?;
-    if req.mem_bytes == 0
-        || req.mem_bytes % abi::VM_MEM_ALIGN != 0
-        || req.mem_bytes > abi::VM_MAX_MEM
-        || req.vcpus == 0
-        || req.vcpus > abi::VM_MAX_VCPUS
-        || req.flags != 0
-    {
-        return Err(EINVAL);
-    }
+    validate::vm_create(&req).map_err(invalid)?;
     let mut b = HcBuf::new(req)?;
     let id = b.call_donating(drv, abi::hc::VM_CREATE)? as u32;
     let fd = match vm_fd(id) {
@@ -149,6 +149,7 @@ fn destroy_id(drv: &crate::Driver, id: u32) -> i64 {
 fn destroy(drv: &crate::Driver, arg: usize) -> Result<i64> {
     need_active(drv)?;
     let v: abi::VmId = read_user(arg)?;
+    validate::vm_id(&v).map_err(invalid)?;
     let mut b = HcBuf::new(v)?;
     b.call(drv, abi::hc::VM_DESTROY)?;
     destroyed(drv);
@@ -159,7 +160,7 @@ fn list(drv: &crate::Driver, arg: usize) -> Result<i64> {
     need_active(drv)?;
     let req: abi::IocBuf = read_user(arg)?;
     let size = core::mem::size_of::<abi::VmInfo>();
-    let n = (req.len as usize / size).min(abi::MAX_VMS as usize);
+    let n = validate::list_records(req.len) as usize;
     let mut buf = KVec::<u8>::from_elem(0, n.max(1) * size, GFP_KERNEL)?;
     let pa = crate::shim::virt_to_phys(buf.as_mut_ptr());
     let (s, _) = drv.hv.call(abi::hc::VM_LIST, pa, (n * size) as u64);
@@ -192,9 +193,34 @@ fn merge(drv: &crate::Driver, arg: usize) -> Result<i64> {
         Ok(*b.value)
     })();
     MERGING.store(false, Ordering::Release);
-    let out = r?;
+    let mut out = r?;
+    out.flags = 0;
     drv.hv.reclaim(out.frames_freed);
     write_user(arg, &out)?;
+    Ok(0)
+}
+
+/// Donates pages to the hypervisor's pool, or takes the free ones back, on
+/// request: tests aim device DMA at donated pages with it.
+fn debug_pool(drv: &crate::Driver, arg: usize) -> Result<i64> {
+    need_active(drv)?;
+    if !crate::shim::params().debug {
+        return Err(EPERM);
+    }
+    let mut p: abi::DebugPool = read_user(arg)?;
+    match p.op {
+        abi::DEBUG_POOL_DONATE if (1..=512).contains(&p.pages) => {
+            let (base, pages) = drv.hv.donate(p.pages as u64)?;
+            p.base = base;
+            p.pages = pages as u32;
+        }
+        abi::DEBUG_POOL_RECLAIM if p.pages == 0 => {
+            p.base = 0;
+            p.pages = drv.hv.reclaim_all() as u32;
+        }
+        _ => return Err(EINVAL),
+    }
+    write_user(arg, &p)?;
     Ok(0)
 }
 
@@ -204,6 +230,7 @@ fn debug_translate(drv: &crate::Driver, arg: usize) -> Result<i64> {
         return Err(EPERM);
     }
     let t: abi::DebugTranslate = read_user(arg)?;
+    validate::debug_translate(&t).map_err(invalid)?;
     let mut b = HcBuf::new(t)?;
     b.call(drv, abi::hc::DEBUG_TRANSLATE)?;
     write_user(arg, &*b.value)?;
@@ -260,9 +287,7 @@ fn version(drv: &crate::Driver, arg: usize) -> Result<i64> {
 fn stats(drv: &crate::Driver, arg: usize) -> Result<i64> {
     let req: abi::IocBuf = read_user(arg)?;
     let size = core::mem::size_of::<abi::HvStats>();
-    if (req.len as usize) < size {
-        return Err(EINVAL);
-    }
+    validate::stats_buf(&req).map_err(invalid)?;
     if !drv.hv.active() {
         return Err(ENODEV);
     }
@@ -305,20 +330,15 @@ extern "C" fn uxen_vm_ioctl(private: *mut c_void, cmd: u32, arg: usize) -> core:
 
 fn vm_load(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
     let req: abi::IocLoad = read_user(arg)?;
-    if req.len == 0 || req.len > abi::VM_MAX_MEM || req.gpa.checked_add(req.len).is_none() {
-        return Err(EINVAL);
-    }
+    validate::ioc_load(&req).map_err(invalid)?;
     let page = crate::shim::Pages::alloc(0)?;
     let mut reader = UserSlice::new(req.data as usize, req.len as usize).reader();
-    let mut done = 0u64;
-    while done < req.len {
-        let n = (req.len - done).min(4096) as usize;
-        // SAFETY: our page, 4096 bytes.
-        let dst = unsafe { core::slice::from_raw_parts_mut(page.virt(), n) };
+    for c in validate::load_chunks(&req) {
+        // SAFETY: our page, 4096 bytes; a chunk is at most that.
+        let dst = unsafe { core::slice::from_raw_parts_mut(page.virt(), c.len as usize) };
         reader.read_slice(dst)?;
-        let mut b = HcBuf::new(abi::VmLoad { vm: h.id, reserved0: 0, gpa: req.gpa + done, src: page.phys(), len: n as u64 })?;
+        let mut b = HcBuf::new(abi::VmLoad { vm: h.id, reserved0: 0, gpa: c.gpa, src: page.phys(), len: c.len })?;
         b.call_donating(drv, abi::hc::VM_LOAD)?;
-        done += n as u64;
         crate::shim::cond_resched();
     }
     Ok(0)
@@ -327,6 +347,9 @@ fn vm_load(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
 fn vm_regs(drv: &crate::Driver, h: &VmHandle, arg: usize, set: bool) -> Result<i64> {
     let mut r: abi::VmRegs = read_user(arg)?;
     r.vm = h.id;
+    if set {
+        validate::regs(&r.regs).map_err(invalid)?;
+    }
     let mut b = HcBuf::new(r)?;
     b.call(drv, if set { abi::hc::VM_SET_REGS } else { abi::hc::VM_GET_REGS })?;
     if !set {
@@ -339,9 +362,7 @@ fn vm_regs(drv: &crate::Driver, h: &VmHandle, arg: usize, set: bool) -> Result<i
 /// returns the child's descriptor.
 fn vm_fork(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
     let req: abi::VmFork = read_user(arg)?;
-    if req.flags & !abi::FORK_COPY != 0 || req.reserved0 != 0 {
-        return Err(EINVAL);
-    }
+    validate::vm_fork(&req).map_err(invalid)?;
     let mut b = HcBuf::new(abi::VmFork { vm: h.id, child: 0, flags: req.flags, reserved0: 0, tsc: 0 })?;
     let child = b.call_donating(drv, abi::hc::VM_FORK)? as u32;
     let fd = match vm_fd(child) {
@@ -362,9 +383,7 @@ const HALT_POLL_MS: u32 = 1000;
 fn vm_run(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
     let mut req: abi::VmRun = read_user(arg)?;
     req.vm = h.id;
-    if req.flags & !abi::VMRUN_NO_WAIT != 0 {
-        return Err(EINVAL);
-    }
+    validate::vm_run(&req).map_err(invalid)?;
     let mut b = HcBuf::new(req)?;
     loop {
         let pa = b.pa();

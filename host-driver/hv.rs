@@ -66,6 +66,44 @@ core::arch::global_asm!(
     "pop rbx",
     "pop rbp",
     "ret",
+    // uxen_tramp_call(func, boot_cr3, stack_top, cpu, nr, arg, len) -> CallResult
+    //
+    // A direct call into the image when there is no VMX to VMCALL
+    // (iommu_only=1): the same switch as uxen_tramp_enter, then
+    // func(cpu, nr, arg, len) on the hypervisor's stack, whose 16-byte
+    // result comes back in RAX:RDX, and back to the host's page tables and
+    // stack. Interrupts are off (the caller's contract).
+    ".global uxen_tramp_call",
+    "uxen_tramp_call:",
+    "mov rax, [rsp + 8]",
+    "push rbp",
+    "push rbx",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "pushfq",
+    "mov r12, cr3",
+    "mov r13, rsp",
+    "mov rbx, rdi",
+    "mov r14, rax",
+    "mov cr3, rsi",
+    "mov rsp, rdx",
+    "mov edi, ecx",
+    "mov rsi, r8",
+    "mov rdx, r9",
+    "mov rcx, r14",
+    "call rbx",
+    "mov cr3, r12",
+    "mov rsp, r13",
+    "popfq",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbx",
+    "pop rbp",
+    "ret",
     // uxen_tramp_return(state: &ReturnState) -> !
     //
     // Jumped to by the hypervisor after VMXOFF, on its page tables: load the
@@ -150,6 +188,7 @@ extern "C" {
     static uxen_tramp_start: u8;
     static uxen_tramp_end: u8;
     fn uxen_tramp_enter(entry: u64, cpu: u32, info: *const abi::BootInfo, boot_cr3: u64, stack_top: u64) -> i64;
+    fn uxen_tramp_call(func: u64, boot_cr3: u64, stack_top: u64, cpu: u32, nr: u64, arg: u64, len: u64) -> abi::CallResult;
     fn uxen_tramp_return();
 }
 
@@ -297,6 +336,54 @@ unsafe extern "C" fn unload_on_cpu(ctx: *mut c_void) {
     ctx.results[i].store(if s == 0 { 1 } else { s }, Ordering::Release);
 }
 
+/// Direct calls, when the image runs without VMX (`iommu_only=1`): there is
+/// no VMCALL, so the driver calls the image's call entry through the
+/// trampoline, on the boot page tables (kept for this) and the calling
+/// CPU's hypervisor stack. See `docs/vtd.md`.
+struct Direct {
+    /// The image's `uxen_call` (`ImageHeader::call_offset`).
+    call: u64,
+    boot: BootTables,
+    stacks: [u64; abi::MAX_CPUS],
+    cpus: [i32; abi::MAX_CPUS],
+    ncpus: usize,
+}
+
+impl Direct {
+    /// Issues hypercall `nr` on this CPU, with interrupts off.
+    fn call(&self, nr: u64, arg: u64, len: u64) -> (i64, u64) {
+        let _irqs = shim::irq_save();
+        let cpu = shim::this_cpu();
+        let Some(i) = self.cpus[..self.ncpus].iter().position(|&c| c == cpu) else {
+            return (-(abi::errno::ENODEV), 0);
+        };
+        // SAFETY: the image is loaded, relocated and entered on every CPU;
+        // this CPU's hypervisor stack is free (interrupts are off, and
+        // only this CPU uses it); the boot tables map the region and the
+        // trampoline.
+        let r = unsafe { uxen_tramp_call(self.call, self.boot.cr3(), self.stacks[i], i as u32, nr, arg, len) };
+        (r.status, r.aux)
+    }
+}
+
+/// Issues hypercall `nr`: VMCALL from the demoted host, or a direct call.
+fn hypercall(direct: Option<&Direct>, nr: u64, arg: u64, len: u64) -> (i64, u64) {
+    match direct {
+        Some(d) => d.call(nr, arg, len),
+        None => vmcall(nr, arg, len),
+    }
+}
+
+/// What the `uxen-log` thread works with: it drains the log and, when the
+/// IOMMU is on, has the hypervisor read its fault records, so that a fault
+/// is logged within a poll period even if nobody asks for statistics.
+struct PollerData {
+    log: *const Log,
+    /// Null with VMX.
+    direct: *const Direct,
+    iommu: bool,
+}
+
 /// The log ring and the driver's position in it.
 struct Log {
     pages: Pages,
@@ -355,17 +442,29 @@ impl Log {
 pub(crate) struct Hypervisor {
     active: AtomicBool,
     region: Option<Pages>,
-    log: KBox<Log>,
-    ctx: KBox<EntryCtx>,
+    /// The hypervisor writes the log ring and reads the entry context for
+    /// as long as it runs on any CPU: both are dropped by hand, and kept if
+    /// it could not leave every CPU.
+    log: core::mem::ManuallyDrop<KBox<Log>>,
+    ctx: core::mem::ManuallyDrop<KBox<EntryCtx>>,
     poller: Option<Kthread>,
+    poller_data: Option<KBox<PollerData>>,
+    /// Direct calls (`iommu_only=1`); `None` with VMX.
+    direct: Option<KBox<Direct>>,
     num_cpus: u32,
 }
 
 unsafe extern "C" fn log_poller(data: *mut c_void) -> i32 {
-    // SAFETY: `data` is the `Log`, which outlives this thread (stopped in
-    // `Hypervisor::drop` before the log is freed).
-    let log = unsafe { &*(data as *const Log) };
+    // SAFETY: `data` is the `PollerData`, which with the log and the direct
+    // calls it points to outlives this thread (stopped first in
+    // `Hypervisor::drop`).
+    let p = unsafe { &*(data as *const PollerData) };
+    // SAFETY: as above.
+    let (log, direct) = unsafe { (&*p.log, p.direct.as_ref()) };
     while !shim::kthread_should_stop() {
+        if p.iommu {
+            hypercall(direct, abi::hc::POLL, 0, 0);
+        }
         log.drain();
         shim::msleep_interruptible(200);
     }
@@ -379,6 +478,14 @@ impl Hypervisor {
         if shim::host_iommu_enabled() {
             pr_err!("Linux itself drives the Intel IOMMU (booted with intel_iommu=on); boot with intel_iommu=off so that the hypervisor can own it\n");
             return Err(EBUSY);
+        }
+        if shim::la57() {
+            pr_err!("Linux runs with 5-level paging, which the hypervisor does not support; boot with no5lvl\n");
+            return Err(Error::from_errno(-(abi::errno::EOPNOTSUPP as i32)));
+        }
+        if params.iommu_only && header.call_offset == 0 {
+            pr_err!("the hypervisor image has no direct-call entry, which iommu_only=1 needs\n");
+            return Err(ENOEXEC);
         }
         let (tramp_virt, tramp_phys) = trampoline()?;
         let log = KBox::new(Log::new()?, GFP_KERNEL)?;
@@ -485,7 +592,16 @@ impl Hypervisor {
         pr_info!("entering the hypervisor on {} CPUs (region {:#x}, {} KiB)\n", n, region.phys(), size >> 10);
         // SAFETY: `ctx` outlives the call; the entry runs with interrupts off.
         unsafe { shim::on_each_cpu(enter_on_cpu, &*ctx as *const EntryCtx as *mut c_void) };
-        drop(boot);
+        // Without VMX the boot tables stay: direct calls enter on them.
+        let direct = if params.iommu_only {
+            Some(KBox::new(
+                Direct { call: base as u64 + header.call_offset, boot, stacks, cpus, ncpus: n },
+                GFP_KERNEL,
+            )?)
+        } else {
+            drop(boot);
+            None
+        };
         log.drain();
 
         let mut first_err = 0i64;
@@ -505,27 +621,66 @@ impl Hypervisor {
         }
         if entered != n {
             if entered > 0 {
-                // Some CPUs were launched before another failed: take them out.
-                // SAFETY: as above.
-                unsafe { shim::on_each_cpu(unload_on_cpu, &*ctx as *const EntryCtx as *mut c_void) };
+                if let Some(d) = &direct {
+                    // Without VMX one call turns the hypervisor off.
+                    d.call(abi::hc::UNLOAD, 0, 0);
+                } else {
+                    // Some CPUs were launched before another failed: take them out.
+                    // SAFETY: as above.
+                    unsafe { shim::on_each_cpu(unload_on_cpu, &*ctx as *const EntryCtx as *mut c_void) };
+                }
                 log.drain();
             }
             let e = if first_err < -4095 || first_err >= 0 { -(abi::errno::EIO) } else { first_err };
             let why = match -e {
                 abi::errno::ENODEV => "VT-x is unavailable or unusable on this machine",
                 abi::errno::ETIMEDOUT => "the CPUs did not meet in time",
+                abi::errno::EOPNOTSUPP => "DMA protection (VT-d) is unavailable and require_iommu=1 asks for it",
+                abi::errno::EBUSY => "the IOMMU is already in use; boot the host with intel_iommu=off",
                 _ => "see the hypervisor's messages above",
             };
             pr_err!("cannot start the hypervisor: {} (errno {}); every CPU rolled back\n", why, -e);
             return Err(Error::from_errno(e as i32));
         }
+        let iommu = {
+            let mut v = KBox::new(abi::HvVersion::default(), GFP_KERNEL)?;
+            let pa = shim::virt_to_phys((&mut *v as *mut abi::HvVersion).cast());
+            let (s, _) = hypercall(direct.as_deref(), abi::hc::VERSION, pa, core::mem::size_of::<abi::HvVersion>() as u64);
+            s == 0 && v.features & abi::HV_FEATURE_IOMMU != 0
+        };
+        let poller_data = KBox::new(
+            PollerData {
+                log: &*log as *const Log,
+                direct: direct.as_deref().map_or(core::ptr::null(), |d| d as *const Direct),
+                iommu,
+            },
+            GFP_KERNEL,
+        )?;
         let poller = {
-            let data = &*log as *const Log as *mut c_void;
-            // SAFETY: the log outlives the thread (see `log_poller`).
+            let data = &*poller_data as *const PollerData as *mut c_void;
+            // SAFETY: the data outlives the thread (see `log_poller`).
             unsafe { Kthread::run(log_poller, data, c_str!("uxen-log")) }.ok()
         };
-        pr_info!("the host now runs as a VM on {} CPUs\n", n);
-        Ok(Hypervisor { active: AtomicBool::new(true), region: Some(region), log, ctx, poller, num_cpus: n as u32 })
+        log.drain();
+        if direct.is_some() {
+            pr_info!(
+                "DMA protection {} without VMX on {} CPUs (iommu_only=1): the host is not demoted\n",
+                if iommu { "on" } else { "unavailable" },
+                n
+            );
+        } else {
+            pr_info!("the host now runs as a VM on {} CPUs\n", n);
+        }
+        Ok(Hypervisor {
+            active: AtomicBool::new(true),
+            region: Some(region),
+            log: core::mem::ManuallyDrop::new(log),
+            ctx: core::mem::ManuallyDrop::new(ctx),
+            poller,
+            poller_data: Some(poller_data),
+            direct,
+            num_cpus: n as u32,
+        })
     }
 
     /// Whether the host runs demoted under the hypervisor.
@@ -553,7 +708,7 @@ impl Hypervisor {
 
     /// Issues a hypercall and forwards any log it produced.
     pub(crate) fn call(&self, nr: u64, arg: u64, len: u64) -> (i64, u64) {
-        let r = vmcall(nr, arg, len);
+        let r = hypercall(self.direct.as_deref(), nr, arg, len);
         self.log.drain();
         r
     }
@@ -572,8 +727,8 @@ impl Hypervisor {
     }
 
     /// Gives the hypervisor at least `pages` pages, in 2 MiB blocks where
-    /// the allocator has them.
-    pub(crate) fn donate(&self, pages: u64) -> Result {
+    /// the allocator has them. Returns the first page and how many went.
+    pub(crate) fn donate(&self, pages: u64) -> Result<(u64, u64)> {
         let want = pages.max(512).min(1 << 16);
         let mut ranges = KVec::<abi::MemRange>::with_capacity(256, GFP_KERNEL)?;
         let mut got = 0u64;
@@ -606,7 +761,7 @@ impl Hypervisor {
             }
             return Err(Error::from_errno(s as i32));
         }
-        Ok(())
+        Ok((ranges[0].base, got))
     }
 
     /// Takes back every free pool frame and frees it.
@@ -655,12 +810,49 @@ fn relocate(h: &abi::ImageHeader, image: &[u8], base: *mut u8) -> Result {
     Ok(())
 }
 
+impl Hypervisor {
+    /// The hypervisor may still run somewhere: its region, the log ring
+    /// and the entry context it points into stay allocated for good.
+    fn keep_memory(&mut self) {
+        if let Some(r) = self.region.take() {
+            r.leak();
+        }
+    }
+
+    /// The hypervisor runs nowhere any more: frees what it used.
+    fn free_memory(&mut self) {
+        self.region.take();
+        // SAFETY: called once, from `drop`, when no CPU runs the
+        // hypervisor; neither is used after this.
+        unsafe {
+            core::mem::ManuallyDrop::drop(&mut self.log);
+            core::mem::ManuallyDrop::drop(&mut self.ctx);
+        }
+    }
+}
+
 impl Drop for Hypervisor {
     fn drop(&mut self) {
         self.poller.take();
+        self.poller_data.take();
         if self.active() {
             let n = self.reclaim_all();
             pr_info!("{} pages returned by the hypervisor\n", n);
+            if let Some(d) = self.direct.take() {
+                // Without VMX there is nothing to leave: one call turns DMA
+                // remapping off, after which the region may go.
+                let (s, _) = d.call(abi::hc::UNLOAD, 0, 0);
+                self.log.drain();
+                if s != 0 {
+                    pr_err!("the hypervisor could not turn DMA remapping off ({}); its memory is kept\n", s);
+                    self.keep_memory();
+                    return;
+                }
+                self.active.store(false, Ordering::Release);
+                pr_info!("DMA protection is off; devices reach memory untranslated again\n");
+                self.free_memory();
+                return;
+            }
             // Every CPU that entered must leave; bring offline ones back.
             for i in 0..self.ctx.ncpus {
                 let cpu = self.ctx.cpus[i];
@@ -671,20 +863,18 @@ impl Drop for Hypervisor {
             }
             let _hotplug = shim::cpus_read_lock();
             // SAFETY: the context is alive; unload runs on each CPU.
-            unsafe { shim::on_each_cpu(unload_on_cpu, &*self.ctx as *const EntryCtx as *mut c_void) };
+            unsafe { shim::on_each_cpu(unload_on_cpu, &**self.ctx as *const EntryCtx as *mut c_void) };
             self.log.drain();
             let left = (0..self.ctx.ncpus).filter(|&i| self.ctx.results[i].load(Ordering::Acquire) != 1).count();
             if left != 0 {
                 // The hypervisor still runs somewhere: its memory must stay.
                 pr_err!("{} CPUs did not leave the hypervisor; its memory is kept\n", left);
-                if let Some(r) = self.region.take() {
-                    r.leak();
-                }
+                self.keep_memory();
                 return;
             }
             self.active.store(false, Ordering::Release);
             pr_info!("the hypervisor has left every CPU\n");
         }
-        self.region.take();
+        self.free_memory();
     }
 }

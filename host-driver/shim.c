@@ -65,6 +65,8 @@ bool uxen_host_iommu_enabled(void) { return intel_iommu_enabled != 0; }
 #else
 bool uxen_host_iommu_enabled(void) { return false; }
 #endif
+/* Whether Linux runs with 5-level paging (CR4.LA57). */
+bool uxen_shim_la57(void) { return pgtable_l5_enabled(); }
 
 static int dev_open(struct inode *inode, struct file *file)
 {
@@ -142,6 +144,15 @@ unsigned int uxen_shim_num_present_cpus(void) { return num_present_cpus(); }
 int uxen_shim_cpu_online(int cpu) { return cpu_online(cpu); }
 int uxen_shim_nr_cpu_ids(void) { return nr_cpu_ids; }
 int uxen_shim_this_cpu(void) { return raw_smp_processor_id(); }
+/* Interrupts off on this CPU (direct calls into the image); returns the flags to restore. */
+unsigned long uxen_shim_irq_save(void)
+{
+	unsigned long flags;
+
+	local_irq_save(flags);
+	return flags;
+}
+void uxen_shim_irq_restore(unsigned long flags) { local_irq_restore(flags); }
 void uxen_shim_cpus_read_lock(void) { cpus_read_lock(); }
 void uxen_shim_cpus_read_unlock(void) { cpus_read_unlock(); }
 

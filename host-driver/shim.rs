@@ -12,6 +12,7 @@ extern "C" {
     fn uxen_param_log_e9() -> bool;
     fn uxen_param_rsdp() -> core::ffi::c_ulong;
     fn uxen_host_iommu_enabled() -> bool;
+    fn uxen_shim_la57() -> bool;
     fn uxen_shim_misc_register() -> i32;
     fn uxen_shim_misc_deregister();
     fn uxen_shim_vm_fd(private: *mut c_void) -> i32;
@@ -21,6 +22,8 @@ extern "C" {
     fn uxen_shim_cpu_online(cpu: i32) -> i32;
     fn uxen_shim_nr_cpu_ids() -> i32;
     fn uxen_shim_this_cpu() -> i32;
+    fn uxen_shim_irq_save() -> core::ffi::c_ulong;
+    fn uxen_shim_irq_restore(flags: core::ffi::c_ulong);
     fn uxen_shim_cpus_read_lock();
     fn uxen_shim_cpus_read_unlock();
     fn uxen_shim_alloc_pages(order: u32) -> *mut c_void;
@@ -83,6 +86,13 @@ pub(crate) fn host_iommu_enabled() -> bool {
     unsafe { uxen_host_iommu_enabled() }
 }
 
+/// Whether Linux runs with 5-level paging, which the boot page tables and
+/// the hypervisor's own (4-level) cannot follow.
+pub(crate) fn la57() -> bool {
+    // SAFETY: reads a paging-mode flag.
+    unsafe { uxen_shim_la57() }
+}
+
 fn to_result(ret: i32) -> Result<i32> {
     if ret < 0 {
         Err(Error::from_errno(ret))
@@ -143,6 +153,23 @@ pub(crate) fn nr_cpu_ids() -> i32 {
 pub(crate) fn this_cpu() -> i32 {
     // SAFETY: reads the current CPU number.
     unsafe { uxen_shim_this_cpu() }
+}
+
+/// Holds interrupts off on this CPU while alive (which also pins the
+/// thread to it).
+pub(crate) struct IrqGuard(core::ffi::c_ulong);
+
+pub(crate) fn irq_save() -> IrqGuard {
+    // SAFETY: paired with the restore in `Drop`, on the same CPU (nothing
+    // can move the thread while interrupts are off).
+    IrqGuard(unsafe { uxen_shim_irq_save() })
+}
+
+impl Drop for IrqGuard {
+    fn drop(&mut self) {
+        // SAFETY: the flags `irq_save` returned, on the same CPU.
+        unsafe { uxen_shim_irq_restore(self.0) }
+    }
 }
 
 /// Holds CPU hotplug off while alive.

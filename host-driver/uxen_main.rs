@@ -13,6 +13,9 @@ use kernel::prelude::*;
 #[path = "../shared-abi/src/abi.rs"]
 #[allow(dead_code, clippy::all)]
 mod abi;
+#[path = "../shared-abi/src/validate.rs"]
+#[allow(dead_code, clippy::all)]
+mod validate;
 mod dev;
 mod hv;
 mod shim;

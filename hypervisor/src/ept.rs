@@ -310,6 +310,26 @@ mod tests {
     }
 
     #[test]
+    fn a_remapping_unit_register_page_is_hidden() {
+        // The VT-d registers (QEMU's unit) are a hole in uncacheable MMIO:
+        // the host's accesses fault to the hypervisor, its neighbours pass.
+        let mem = MockMem::new();
+        let mut frames = MockFrames::new(0x7_0000_0000, 4096);
+        let ram = ram();
+        let holes = [hv_region(), PhysRange::new(0xfed9_0000, 0x1000)];
+        let map = HostMap { ram: &ram, top: host_map_top(&ram), holes: &holes, huge_pages: true };
+        let ept = build_host_ept(&mem, &mut frames, &map).unwrap();
+        assert!(ept.lookup(&mem, Gpa(0xfed9_0000)).is_none());
+        assert!(ept.lookup(&mem, Gpa(0xfed9_0ffc)).is_none());
+        let (_, e, level) = ept.lookup(&mem, Gpa(0xfed9_1000)).unwrap();
+        assert_eq!((level, e.mem_type()), (1, MT_UC));
+        let (_, e, level) = ept.lookup(&mem, Gpa(0xfed8_f000)).unwrap();
+        assert_eq!((level, e.mem_type()), (1, MT_UC));
+        let (_, e, level) = ept.lookup(&mem, Gpa(0xfee0_0000)).unwrap();
+        assert_eq!((level, e.mem_type()), (2, MT_UC));
+    }
+
+    #[test]
     fn without_huge_pages() {
         let (mem, _f, ept, _, _) = build(false);
         let c = ept.counts(&mem);

@@ -4,13 +4,14 @@
 //! touches physical memory only through [`mem::PhysMem`], so `cargo test`
 //! runs it on the host against mock memory. `arch::x86` holds VMX, the VMCS,
 //! the EPT and VT-d formats and the privileged instruction wrappers.
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "fuzzing")), no_std)]
 
 extern crate alloc;
 
 pub mod layout;
 pub mod addr;
 pub mod arch;
+pub mod control;
 pub mod emulate;
 pub mod logring;
 pub mod ept;

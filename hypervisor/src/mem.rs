@@ -60,7 +60,7 @@ pub trait FrameAlloc {
     fn free_frame(&mut self, pa: Hpa);
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod mock {
     //! Sparse mock physical memory.
     use super::*;
@@ -105,6 +105,28 @@ pub mod mock {
                 let p = pages.entry(a / 4096).or_insert_with(|| Box::new([0u8; 4096]));
                 p[off..off + n].copy_from_slice(&buf[done..done + n]);
                 done += n;
+            }
+        }
+        /// A zeroed page is an absent one: scrubbing stays cheap when the
+        /// fuzz harnesses donate and free thousands of frames.
+        fn zero_page(&self, pa: Hpa) {
+            if pa.is_page_aligned() {
+                self.pages.borrow_mut().remove(&pa.pfn());
+            } else {
+                self.write(pa, &[0u8; PAGE_SIZE as usize]);
+            }
+        }
+        fn page_is_zero(&self, a: Hpa) -> bool {
+            let pages = self.pages.borrow();
+            match pages.get(&a.pfn()) {
+                None if a.is_page_aligned() => true,
+                Some(p) if a.is_page_aligned() => p.iter().all(|&b| b == 0),
+                _ => {
+                    drop(pages);
+                    let mut x = [0u8; PAGE_SIZE as usize];
+                    self.read(a, &mut x);
+                    x.iter().all(|&b| b == 0)
+                }
             }
         }
     }

@@ -73,6 +73,11 @@ fn digest(mem: &impl PhysMem, pa: Hpa) -> (u64, bool) {
     (h, zero)
 }
 
+/// Most frames the index of one pass holds: its entries live on the
+/// hypervisor's small heap (some 40 bytes each). Beyond it, pages still
+/// fold onto frames already indexed, and zero pages still go.
+pub const INDEX_MAX: usize = 16384;
+
 /// The index of a merge pass: content digest to frame.
 #[derive(Default)]
 pub struct Merger {
@@ -118,6 +123,7 @@ impl Merger {
                 }
                 // A digest collision between different pages: keep both.
                 Some(_) => {}
+                None if self.index.len() >= INDEX_MAX => {}
                 None => {
                     if pool.get(pa).is_ok() {
                         self.index.insert(h, pa);

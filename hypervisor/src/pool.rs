@@ -7,12 +7,52 @@
 
 use crate::addr::{Hpa, PAGE_SIZE};
 use crate::mem::{FrameAlloc, PhysMem};
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
-/// A run of donated pages.
+/// A run of donated pages. Its bookkeeping costs about 1.1 bytes per
+/// frame, out of the hypervisor's small heap: a reference count byte
+/// (counts of 255 and more live in [`FramePool::big`]), a free bit and a
+/// gone bit (given back to the host).
 struct Chunk {
-    refs: Vec<u32>,
+    refs: Vec<u8>,
+    free: Vec<u64>,
+    gone: Vec<u64>,
+    nfree: u32,
+    ngone: u32,
+}
+
+const BIG: u8 = u8::MAX;
+
+fn bit(v: &[u64], i: usize) -> bool {
+    v[i / 64] & (1 << (i % 64)) != 0
+}
+
+fn set(v: &mut [u64], i: usize, on: bool) {
+    if on {
+        v[i / 64] |= 1 << (i % 64);
+    } else {
+        v[i / 64] &= !(1 << (i % 64));
+    }
+}
+
+impl Chunk {
+    fn new(n: usize) -> Self {
+        let words = n.div_ceil(64);
+        let mut free = alloc::vec![u64::MAX; words];
+        if n % 64 != 0 {
+            free[words - 1] = (1 << (n % 64)) - 1;
+        }
+        Chunk { refs: alloc::vec![0; n], free, gone: alloc::vec![0; words], nfree: n as u32, ngone: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.refs.len()
+    }
+
+    fn first_free(&self) -> Option<usize> {
+        self.free.iter().enumerate().find(|(_, w)| **w != 0).map(|(k, w)| k * 64 + w.trailing_zeros() as usize)
+    }
 }
 
 /// Why a pool operation failed.
@@ -29,14 +69,19 @@ pub enum PoolError {
 /// The pool, with its accounting.
 #[derive(Default)]
 pub struct FramePool {
+    /// By first page frame number.
     chunks: BTreeMap<u64, Chunk>,
-    free: Vec<Hpa>,
+    /// Chunks with a free frame: frames come out in address order.
+    with_free: BTreeSet<u64>,
+    /// Reference counts of 255 and more, by page frame number.
+    big: BTreeMap<u64, u32>,
     total: u64,
+    free: u64,
 }
 
 impl FramePool {
     pub const fn new() -> Self {
-        FramePool { chunks: BTreeMap::new(), free: Vec::new(), total: 0 }
+        FramePool { chunks: BTreeMap::new(), with_free: BTreeSet::new(), big: BTreeMap::new(), total: 0, free: 0 }
     }
 
     pub fn frames_total(&self) -> u64 {
@@ -44,7 +89,7 @@ impl FramePool {
     }
 
     pub fn frames_free(&self) -> u64 {
-        self.free.len() as u64
+        self.free
     }
 
     /// Frames mapped more than once (shared copy-on-write).
@@ -52,11 +97,16 @@ impl FramePool {
         self.chunks.values().flat_map(|c| c.refs.iter()).filter(|&&r| r > 1).count() as u64
     }
 
-    fn slot(&self, pa: Hpa) -> Option<(u64, usize)> {
-        let pfn = pa.pfn();
+    /// The chunk covering `pfn` and the index in it, gone or not.
+    fn covering(&self, pfn: u64) -> Option<(u64, usize)> {
         let (&base, c) = self.chunks.range(..=pfn).next_back()?;
         let i = (pfn - base) as usize;
-        (i < c.refs.len()).then_some((base, i))
+        (i < c.len()).then_some((base, i))
+    }
+
+    fn slot(&self, pa: Hpa) -> Option<(u64, usize)> {
+        let (b, i) = self.covering(pa.pfn())?;
+        (!bit(&self.chunks[&b].gone, i)).then_some((b, i))
     }
 
     /// Whether `pa` is a pool frame.
@@ -65,33 +115,72 @@ impl FramePool {
     }
 
     /// Adds `n` pages starting at `base` (already zeroed and out of the
-    /// host's reach) to the pool.
+    /// host's reach) to the pool. Pages given back earlier come back into
+    /// their old chunk.
     pub fn donate(&mut self, base: Hpa, n: usize) -> Result<(), PoolError> {
         let first = base.pfn();
-        let last = first + n as u64 - 1;
-        if self.chunks.range(..=last).next_back().map(|(&b, c)| b + c.refs.len() as u64 > first).unwrap_or(false) {
-            return Err(PoolError::AlreadyDonated);
+        // Check the whole range before changing anything.
+        for pfn in first..first + n as u64 {
+            if let Some((b, i)) = self.covering(pfn) {
+                if !bit(&self.chunks[&b].gone, i) {
+                    return Err(PoolError::AlreadyDonated);
+                }
+            }
         }
-        self.chunks.insert(first, Chunk { refs: alloc::vec![0; n] });
-        for i in (0..n as u64).rev() {
-            self.free.push(Hpa::from_pfn(first + i));
+        let mut run: Option<(u64, usize)> = None;
+        for pfn in first..first + n as u64 {
+            if let Some((b, i)) = self.covering(pfn) {
+                if let Some((s, len)) = run.take() {
+                    self.add_chunk(s, len);
+                }
+                let c = self.chunks.get_mut(&b).unwrap();
+                set(&mut c.gone, i, false);
+                set(&mut c.free, i, true);
+                c.ngone -= 1;
+                c.nfree += 1;
+                self.with_free.insert(b);
+            } else {
+                run = match run {
+                    Some((s, len)) => Some((s, len + 1)),
+                    None => Some((pfn, 1)),
+                };
+            }
+        }
+        if let Some((s, len)) = run {
+            self.add_chunk(s, len);
         }
         self.total += n as u64;
+        self.free += n as u64;
         Ok(())
+    }
+
+    fn add_chunk(&mut self, first: u64, n: usize) {
+        self.chunks.insert(first, Chunk::new(n));
+        self.with_free.insert(first);
     }
 
     /// Takes a free frame (zeroed) with one reference.
     pub fn alloc(&mut self) -> Option<Hpa> {
-        let pa = self.free.pop()?;
-        let (b, i) = self.slot(pa).expect("free frame outside the pool");
-        self.chunks.get_mut(&b).unwrap().refs[i] = 1;
-        Some(pa)
+        let &b = self.with_free.iter().next()?;
+        let c = self.chunks.get_mut(&b).unwrap();
+        let i = c.first_free().expect("a chunk listed with free frames has none");
+        set(&mut c.free, i, false);
+        c.refs[i] = 1;
+        c.nfree -= 1;
+        if c.nfree == 0 {
+            self.with_free.remove(&b);
+        }
+        self.free -= 1;
+        Some(Hpa::from_pfn(b + i as u64))
     }
 
     /// The reference count of `pa`.
     pub fn refs(&self, pa: Hpa) -> Option<u32> {
         let (b, i) = self.slot(pa)?;
-        Some(self.chunks[&b].refs[i])
+        Some(match self.chunks[&b].refs[i] {
+            BIG => self.big[&pa.pfn()],
+            r => r as u32,
+        })
     }
 
     /// Adds a reference.
@@ -99,7 +188,17 @@ impl FramePool {
         let (b, i) = self.slot(pa).ok_or(PoolError::NotPoolFrame)?;
         let r = &mut self.chunks.get_mut(&b).unwrap().refs[i];
         debug_assert!(*r > 0, "reference to a free frame");
-        *r = r.checked_add(1).ok_or(PoolError::RefOverflow)?;
+        match *r {
+            BIG => {
+                let n = self.big.get_mut(&pa.pfn()).unwrap();
+                *n = n.checked_add(1).ok_or(PoolError::RefOverflow)?;
+            }
+            r8 if r8 == BIG - 1 => {
+                *r = BIG;
+                self.big.insert(pa.pfn(), BIG as u32);
+            }
+            _ => *r += 1,
+        }
         Ok(())
     }
 
@@ -107,43 +206,54 @@ impl FramePool {
     /// Returns whether the frame was freed.
     pub fn put(&mut self, mem: &impl PhysMem, pa: Hpa) -> Result<bool, PoolError> {
         let (b, i) = self.slot(pa).ok_or(PoolError::NotPoolFrame)?;
-        let r = &mut self.chunks.get_mut(&b).unwrap().refs[i];
+        let c = self.chunks.get_mut(&b).unwrap();
+        let r = &mut c.refs[i];
         assert!(*r > 0, "double free of pool frame {pa:?}");
+        if *r == BIG {
+            let n = self.big.get_mut(&pa.pfn()).unwrap();
+            *n -= 1;
+            if *n < BIG as u32 {
+                *r = *n as u8;
+                self.big.remove(&pa.pfn());
+            }
+            return Ok(false);
+        }
         *r -= 1;
         if *r == 0 {
             mem.zero_page(pa);
-            self.free.push(pa);
+            set(&mut c.free, i, true);
+            c.nfree += 1;
+            self.with_free.insert(b);
+            self.free += 1;
             return Ok(true);
         }
         Ok(false)
     }
 
-    /// Gives up to `max` free frames back, removing them from the pool.
-    /// They are zeroed (every free frame is).
+    /// Gives up to `max` free frames back, removing them from the pool,
+    /// highest addresses first. They are zeroed (every free frame is).
     pub fn reclaim(&mut self, max: usize) -> Vec<Hpa> {
         let mut out = Vec::new();
-        let mut keep = Vec::new();
         while out.len() < max {
-            let Some(pa) = self.free.pop() else { break };
-            out.push(pa);
-        }
-        for &pa in &out {
-            let (b, i) = self.slot(pa).unwrap();
+            let Some(&b) = self.with_free.iter().next_back() else { break };
             let c = self.chunks.get_mut(&b).unwrap();
-            // Split the chunk around the page.
-            let tail: Vec<u32> = c.refs.split_off(i + 1);
-            c.refs.pop();
-            let head_empty = c.refs.is_empty();
-            if !tail.is_empty() {
-                self.chunks.insert(pa.pfn() + 1, Chunk { refs: tail });
+            while out.len() < max {
+                let Some(i) = c.first_free() else { break };
+                set(&mut c.free, i, false);
+                set(&mut c.gone, i, true);
+                c.nfree -= 1;
+                c.ngone += 1;
+                out.push(Hpa::from_pfn(b + i as u64));
             }
-            if head_empty {
+            if c.nfree == 0 {
+                self.with_free.remove(&b);
+            }
+            if c.ngone as usize == c.len() {
                 self.chunks.remove(&b);
             }
-            self.total -= 1;
         }
-        keep.append(&mut self.free);
-        self.free = keep;
+        self.total -= out.len() as u64;
+        self.free -= out.len() as u64;
         out
     }
 }
@@ -187,6 +297,66 @@ mod tests {
         assert!(mem.page_is_zero(a), "freed frames are scrubbed");
         assert_eq!(p.frames_free(), 4);
         assert_eq!(p.put(&mem, Hpa(0x20_0000)), Err(PoolError::NotPoolFrame));
+    }
+
+    #[test]
+    fn big_reference_counts() {
+        let mem = MockMem::new();
+        let mut p = FramePool::new();
+        p.donate(Hpa(0x10_0000), 2).unwrap();
+        let a = p.alloc().unwrap();
+        for _ in 0..1000 {
+            p.get(a).unwrap();
+        }
+        assert_eq!(p.refs(a), Some(1001));
+        for _ in 0..1000 {
+            assert!(!p.put(&mem, a).unwrap());
+        }
+        assert_eq!(p.refs(a), Some(1));
+        assert!(p.big.is_empty());
+        assert!(p.put(&mem, a).unwrap());
+        assert_eq!(p.frames_free(), 2);
+    }
+
+    #[test]
+    fn bookkeeping_stays_small() {
+        // 1 GiB of frames: well under two bytes each.
+        let mut p = FramePool::new();
+        for c in 0..512u64 {
+            p.donate(Hpa(0x1_0000_0000 + c * (2 << 20)), 512).unwrap();
+        }
+        let bytes: usize = p.chunks.values().map(|c| c.refs.len() + 8 * (c.free.len() + c.gone.len())).sum();
+        assert!(bytes < 2 * 262_144, "{bytes} bytes");
+        assert_eq!(p.frames_free(), 262_144);
+    }
+
+    #[test]
+    fn donated_again_after_reclaim() {
+        let mem = MockMem::new();
+        let mut p = FramePool::new();
+        p.donate(Hpa(0x10_0000), 8).unwrap();
+        let held = p.alloc().unwrap();
+        let back = p.reclaim(7);
+        assert_eq!(p.frames_total(), 1);
+        // A range across gone pages and new ones.
+        p.donate(Hpa(0x10_6000), 6).unwrap();
+        assert_eq!(p.frames_total(), 7);
+        assert_eq!(p.donate(Hpa(0x10_0000), 2), Err(PoolError::AlreadyDonated), "0x100000 is held");
+        assert_eq!(p.frames_total(), 7, "a refused donation changes nothing");
+        assert!(back.contains(&Hpa(0x10_6000)));
+        let mut got = Vec::new();
+        while let Some(a) = p.alloc() {
+            got.push(a);
+        }
+        assert_eq!(got.len(), 6);
+        assert!(got.contains(&Hpa(0x10_b000)));
+        for a in got {
+            p.put(&mem, a).unwrap();
+        }
+        p.put(&mem, held).unwrap();
+        assert_eq!(p.reclaim(usize::MAX).len(), 7);
+        assert_eq!((p.frames_total(), p.frames_free()), (0, 0));
+        assert!(p.chunks.is_empty());
     }
 
     #[test]

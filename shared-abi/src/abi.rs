@@ -10,7 +10,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 /// Bumped on every change to anything in this file.
-pub const ABI_REVISION: u32 = 1;
+pub const ABI_REVISION: u32 = 2;
 
 /// Version of the uxen-rs release, NUL-padded.
 pub const VERSION: [u8; 16] = *b"0.1.0\0\0\0\0\0\0\0\0\0\0\0";
@@ -117,7 +117,10 @@ pub struct ImageHeader {
     /// Most CPUs the image supports.
     pub max_cpus: u32,
     pub reserved0: u32,
-    pub reserved: [u64; 4],
+    /// Offset of the direct-call entry point ([`CallFn`]), used when the
+    /// image runs without VMX (`BOOT_FLAG_IOMMU_ONLY`); 0 if it has none.
+    pub call_offset: u64,
+    pub reserved: [u64; 3],
 }
 const _: () = assert_size(core::mem::size_of::<ImageHeader>(), 128);
 
@@ -184,6 +187,7 @@ impl ImageHeader {
             && h.mem_size <= 64 << 20
             && h.entry_offset >= size as u64
             && h.entry_offset < h.file_size
+            && (h.call_offset == 0 || (h.call_offset >= size as u64 && h.call_offset < h.file_size))
             && matches!(rela_end, Some(e) if e <= h.file_size)
             && h.rela_offset % 8 == 0
             && h.heap_size % 4096 == 0
@@ -291,6 +295,25 @@ pub type EntryFn = unsafe extern "sysv64" fn(
     resume_rsp: u64,
     linux_cr3: u64,
 ) -> i64;
+
+/// What a direct call returns: RAX and RDX, as a VMCALL does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallResult {
+    /// `>= 0` success, `-errno` failure, or [`HC_NEED_PAGES`].
+    pub status: i64,
+    /// With [`HC_NEED_PAGES`]: the pages to donate before retrying.
+    pub aux: u64,
+}
+const _: () = assert_size(core::mem::size_of::<CallResult>(), 16);
+
+/// The direct-call entry (`ImageHeader::call_offset`). Without VMX there
+/// is no VMCALL: the driver calls the image through its trampoline instead,
+/// with interrupts off, on the boot page tables and on this CPU's
+/// hypervisor stack, and gets the hypercall's result back (a 16-byte
+/// structure, so in RAX:RDX). Only the hypercalls that need no VMX are
+/// served; see `docs/vtd.md`.
+pub type CallFn = unsafe extern "sysv64" fn(cpu_index: u32, nr: u64, arg: u64, len: u64) -> CallResult;
 
 /// Where the parts of the hypervisor region lie, as offsets from its start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -416,6 +439,9 @@ pub mod hc {
     /// Out: an array of `u64` physical addresses of 4 KiB pages given back,
     /// scrubbed. Returns how many were written.
     pub const RECLAIM: u64 = 0x05;
+    /// Reads the IOMMU's fault records, logs and counts each fault. No
+    /// argument block; returns how many faults were new.
+    pub const POLL: u64 = 0x06;
     /// In/out: [`super::VmCreate`].
     pub const VM_CREATE: u64 = 0x10;
     /// In: [`super::VmId`].
@@ -815,6 +841,28 @@ const _: () = assert_size(core::mem::size_of::<MergeScan>(), 48);
 /// returns 1 while there is more to do, 0 when the pass is over).
 pub const MERGE_CONTINUE: u32 = 1;
 
+/// The DEBUG_POOL ioctl: move pages between the host and the hypervisor's
+/// frame pool on request, so that tests can aim device DMA at a donated
+/// page (tests; module parameter `debug=1`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DebugPool {
+    /// [`DEBUG_POOL_DONATE`] or [`DEBUG_POOL_RECLAIM`].
+    pub op: u32,
+    /// In: pages to donate (1 to 512). Out: pages donated or reclaimed.
+    pub pages: u32,
+    /// Out, after a donation: the physical address of the first donated
+    /// page.
+    pub base: u64,
+}
+const _: () = assert_size(core::mem::size_of::<DebugPool>(), 16);
+
+/// [`DebugPool::op`]: donate `pages` pages as the driver does when the
+/// hypervisor asks for them (2 MiB blocks where it can).
+pub const DEBUG_POOL_DONATE: u32 = 1;
+/// [`DebugPool::op`]: take every free pool frame back.
+pub const DEBUG_POOL_RECLAIM: u32 = 2;
+
 /// [`hc::DEBUG_TRANSLATE`]: the host frame behind a guest page (tests).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -886,6 +934,8 @@ pub mod ioctl {
     pub const MERGE: u32 = ioc(IOC_READ | IOC_WRITE, 0x05, size_of::<MergeScan>());
     /// `/dev/uxen`: in/out [`DebugTranslate`] (module parameter `debug=1`).
     pub const DEBUG_TRANSLATE: u32 = ioc(IOC_READ | IOC_WRITE, 0x06, size_of::<DebugTranslate>());
+    /// In/out: [`DebugPool`] (module parameter `debug=1`; tests).
+    pub const DEBUG_POOL: u32 = ioc(IOC_READ | IOC_WRITE, 0x07, size_of::<DebugPool>());
 
     /// VM descriptor: in [`IocLoad`].
     pub const VM_LOAD: u32 = ioc(IOC_WRITE, 0x10, size_of::<IocLoad>());

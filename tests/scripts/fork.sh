@@ -163,6 +163,12 @@ out=$(uxenctl fork "$keep" --count 65 2>&1); rc=$?
 expect_eq fork-count-65-rc "$rc" 2
 expect_match fork-count-65-message "$out" "65 is not in 1..=64"
 expect_eq bad-forks-change-nothing "$(uxenctl list --json)" "$before"
+two=$(uxenctl create /guests/idle --vcpus 2 --name two)
+wait_console "$two" "halting"
+out=$(uxenctl fork "$two" 2>&1); rc=$?
+expect_eq fork-two-vcpus-refused "$rc" 1
+expect_match fork-two-vcpus-message "$out" "only single-vCPU VMs can be forked from outside"
+uxenctl destroy "$two"; wait_gone "$two"
 
 check destroy-keeper uxenctl destroy "$keep"
 wait_gone "$keep"

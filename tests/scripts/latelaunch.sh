@@ -22,10 +22,18 @@ for c in 0 1; do
 done
 check_fails rollback-no-device test -e /dev/uxen
 
+# --- Bochs has no VT-d: require_iommu=1 refuses to run without it.
+out=$(uxtest modload /lib/modules/uxen.ko require_iommu=1 2>&1)
+expect_match require-iommu-refused "$out" "errno=95 "
+expect_match require-iommu-says-why "$(dmesg)" "uxen: hv: error: DMA protection is unavailable: no ACPI .*; refusing to start \(require_iommu=1\)"
+check_fails require-iommu-no-device test -e /dev/uxen
+
 # --- Load.
 dmesg -c >/dev/null
 check insmod insmod /lib/modules/uxen.ko
-expect_match demoted "$(dmesg)" "the host now runs as a VM on 2 CPUs"
+d=$(dmesg)
+expect_match demoted "$d" "the host now runs as a VM on 2 CPUs"
+expect_match dma-protection-unavailable "$d" "uxen: hv: warning: DMA protection is unavailable: no ACPI "
 for c in 0 1; do
     expect_eq "signature-cpu$c" "$(signature $c)" "$SIG"
     ecx=$(taskset -c $c uxtest cpuid 1 | awk '{print $3}')
@@ -36,6 +44,7 @@ info "$j"
 expect_match stats-both-virtualized "$j" '"id":0,"apic_id":[0-9]+,"virtualized":true.*"id":1,"apic_id":[0-9]+,"virtualized":true'
 expect_match stats-cpuid-exits "$j" '"CPUID":[1-9]'
 expect_match stats-image-intact "$j" '"image_intact":true'
+expect_match stats-no-iommu "$j" '"iommu":\{"enabled":false,"units":0,"faults":0,'
 base=$(printf '%s' "$j" | sed -n 's/.*"hv_region":{"base":\([0-9]*\),"size":\([0-9]*\)}.*/\1/p')
 size=$(printf '%s' "$j" | sed -n 's/.*"hv_region":{"base":\([0-9]*\),"size":\([0-9]*\)}.*/\2/p')
 info "hypervisor region $base + $size"

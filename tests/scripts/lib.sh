@@ -62,7 +62,7 @@ info() {
 
 # No oops, BUG or warning in the kernel log.
 check_kernel_clean() {
-    if dmesg | grep -E 'Oops|BUG:|WARNING:|general protection|Call Trace|Kernel panic' >/tmp/oops.out; then
+    if dmesg | grep -E 'Oops|BUG:|WARNING:|general protection|Call Trace|Kernel panic|NMI received for unknown reason' >/tmp/oops.out; then
         fail "${1:-kernel-log-clean}" "$(head -c 600 /tmp/oops.out | tr '\n' ' ')"
     else
         pass "${1:-kernel-log-clean}"

@@ -41,6 +41,10 @@ const CMD_TO_RAM: u64 = 1 << 1;
 /// The device buffer as DMA addresses name it.
 const BUF_ADDR: u64 = 0x4_0000;
 const BUF_SIZE: u64 = 4096;
+/// The longest DMA: QEMU 7.2's range check wants the end of a transfer
+/// strictly inside the buffer, so a whole 4096-byte transfer is refused
+/// (with a "hardware error" that stops the whole VM).
+const MAX_LEN: u64 = BUF_SIZE - 1;
 /// edu masks DMA addresses with its `dma_mask`, 28 bits by default: a
 /// higher address would silently land 256 MiB lower.
 const DMA_LIMIT: u64 = 1 << 28;
@@ -230,8 +234,8 @@ fn dma_pages(n: usize) -> std::result::Result<Vec<DmaPage>, String> {
 
 fn check_len(len: u64) -> std::result::Result<u64, String> {
     // QEMU 7.2 aborts the whole VM on a DMA outside the device buffer.
-    if len == 0 || len > BUF_SIZE {
-        return Err(format!("length must be 1..={BUF_SIZE}, not {len}"));
+    if len == 0 || len > MAX_LEN {
+        return Err(format!("length must be 1..={MAX_LEN}, not {len}"));
     }
     Ok(len)
 }
@@ -295,7 +299,7 @@ fn dma_from(args: &[String]) -> Result {
     let mut pages = dma_pages(2)?;
     pages[0].bytes().fill(0);
     pages[1].bytes().fill(0xa5);
-    edu.dma(pages[0].pa, BUF_SIZE, false)?;
+    edu.dma(pages[0].pa, MAX_LEN, false)?;
     edu.dma(pa, len, false)?;
     edu.dma(pages[1].pa, len, true)?;
     let got = &pages[1].snapshot()[..len as usize];
@@ -313,10 +317,10 @@ fn roundtrip() -> Result {
         *b = (i as u8).wrapping_mul(31).wrapping_add((i >> 8) as u8) ^ 0x5a;
     }
     pages[1].bytes().fill(0);
-    edu.dma(pages[0].pa, BUF_SIZE, false)?;
-    edu.dma(pages[1].pa, BUF_SIZE, true)?;
-    let want = pages[0].snapshot();
-    let got = pages[1].snapshot();
+    edu.dma(pages[0].pa, MAX_LEN, false)?;
+    edu.dma(pages[1].pa, MAX_LEN, true)?;
+    let want = &pages[0].snapshot()[..MAX_LEN as usize];
+    let got = &pages[1].snapshot()[..MAX_LEN as usize];
     match want.iter().zip(got.iter()).position(|(w, g)| w != g) {
         None => {
             println!("ok");
@@ -327,4 +331,49 @@ fn roundtrip() -> Result {
             Err("roundtrip mismatch".into())
         }
     }
+}
+
+/// `mmio read32 PHYS` / `mmio write32 PHYS VALUE`: one 32-bit access to a
+/// device register through /dev/mem (uncached). The VT-d suite reads and
+/// writes the remapping unit's registers with it, as firmware or another
+/// kernel would. Prints the value read (`0x%08x`), or `written`.
+pub fn mmio(args: &[String]) -> Result {
+    let usage = "mmio read32 PHYS | write32 PHYS VALUE";
+    let op = args.first().ok_or(usage)?;
+    let pa = parse_u64(args.get(1).ok_or(usage)?)?;
+    if pa % 4 != 0 {
+        return Err(format!("{pa:#x} is not 4-byte aligned"));
+    }
+    let f = fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_SYNC).open("/dev/mem").map_err(|e| format!("/dev/mem: {e}"))?;
+    let base = pa & !(PAGE as u64 - 1);
+    // SAFETY: a shared mapping of one page of /dev/mem; unmapped below.
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), base as libc::off_t)
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap {base:#x}: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: an aligned register inside the mapped page.
+    let reg = unsafe { (p as *mut u8).add((pa - base) as usize) as *mut u32 };
+    let r = match op.as_str() {
+        "read32" => {
+            // SAFETY: as above.
+            println!("{:#010x}", unsafe { reg.read_volatile() });
+            Ok(())
+        }
+        "write32" => match args.get(2).map(|v| parse_u64(v)) {
+            Some(Ok(v)) if v <= u32::MAX as u64 => {
+                // SAFETY: as above.
+                unsafe { reg.write_volatile(v as u32) };
+                println!("written");
+                Ok(())
+            }
+            Some(Err(e)) => Err(e),
+            _ => Err(usage.into()),
+        },
+        _ => Err(usage.into()),
+    };
+    // SAFETY: unmapping what was mapped.
+    unsafe { libc::munmap(p, PAGE) };
+    r
 }

@@ -31,6 +31,21 @@ pub fn cpuid(args: &[String]) -> Result {
     Ok(())
 }
 
+/// `modunload NAME`: `delete_module` as `rmmod` does; prints `unloaded` or
+/// `errno=N (text)` (exit 1).
+pub fn modunload(args: &[String]) -> Result {
+    let name = std::ffi::CString::new(args.first().ok_or("modunload needs a module name")?.as_str()).map_err(|e| e.to_string())?;
+    // SAFETY: delete_module reads the NUL-terminated name.
+    let r = unsafe { libc::syscall(libc::SYS_delete_module, name.as_ptr(), libc::O_NONBLOCK) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        println!("errno={} ({})", e.raw_os_error().unwrap_or(0), e);
+        return Err(format!("{}: {e}", name.to_string_lossy()));
+    }
+    println!("unloaded");
+    Ok(())
+}
+
 /// Loads a module with `finit_module` and reports the exact errno.
 pub fn modload(args: &[String]) -> Result {
     use std::os::fd::AsRawFd;
@@ -134,7 +149,42 @@ pub fn devmem(args: &[String]) -> Result {
             println!("written={n}");
             return Ok(());
         }
-        _ => return Err("devmem read|mmap|write".into()),
+        "mmapw" => {
+            // Stores from user mode through a shared mapping (each one a
+            // CPL 3 instruction for the hypervisor to decode), then loads.
+            let byte = parse_u64(args.get(3).ok_or("missing byte")?)? as u8;
+            let base = pa & !4095;
+            let off = (pa - base) as usize;
+            let maplen = (off + len + 4095) & !4095;
+            // SAFETY: a shared read-write mapping of /dev/mem; unmapped below.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    maplen,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    base as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(format!("mmap {base:#x}: {}", io::Error::last_os_error()));
+            }
+            for i in 0..len {
+                // SAFETY: within the mapping.
+                unsafe { std::ptr::write_volatile((p as *mut u8).add(off + i), byte) };
+            }
+            for (i, b) in buf.iter_mut().enumerate() {
+                // SAFETY: within the mapping.
+                *b = unsafe { std::ptr::read_volatile((p as *const u8).add(off + i)) };
+            }
+            // SAFETY: unmapping what was mapped.
+            unsafe { libc::munmap(p, maplen) };
+            let same = buf.iter().filter(|&&b| b == byte).count();
+            println!("stored={len} reads_back={same}");
+            return Ok(());
+        }
+        _ => return Err("devmem read|mmap|mmapw|write".into()),
     }
     let nonzero = buf.iter().filter(|&&b| b != 0).count();
     println!("bytes={} nonzero={} hash={:016x}", buf.len(), nonzero, fnv(&buf));
@@ -145,10 +195,12 @@ pub fn fnv(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x100_0000_01b3))
 }
 
-/// `ring3 INSN`: runs a VMX instruction in user mode in a child process;
-/// prints the signal that ended it (SIGILL for #UD), or `none`.
+/// `ring3 INSN [NR]`: runs a VMX instruction in user mode in a child
+/// process (VMCALL with RAX = NR, default 1); prints the signal that ended
+/// it (SIGILL for #UD), or `none`.
 pub fn ring3(args: &[String]) -> Result {
-    let insn = args.first().ok_or("ring3 vmxon|vmcall|invept|vmread|vmxoff|vmfunc")?.clone();
+    let insn = args.first().ok_or("ring3 vmxon|vmcall|invept|invvpid|vmread|vmwrite|vmptrld|vmclear|vmlaunch|vmresume|vmxoff|vmfunc|getsec [NR]")?.clone();
+    let nr = args.get(1).map(|s| parse_u64(s)).transpose()?.unwrap_or(1);
     // SAFETY: fork in a single-threaded tool; the child only runs `insn`.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
@@ -159,11 +211,18 @@ pub fn ring3(args: &[String]) -> Result {
         unsafe {
             match insn.as_str() {
                 "vmxon" => core::arch::asm!("vmxon [{}]", in(reg) &page),
-                "vmcall" => core::arch::asm!("vmcall", inout("rax") 1u64 => _),
+                "vmcall" => core::arch::asm!("vmcall", inout("rax") nr => _, in("rdi") &page, in("rsi") 4096u64),
                 "invept" => core::arch::asm!("invept {}, [{}]", in(reg) 2u64, in(reg) &desc),
                 "vmread" => core::arch::asm!("vmread {}, {}", out(reg) _, in(reg) 0x681eu64),
                 "vmxoff" => core::arch::asm!("vmxoff"),
                 "vmfunc" => core::arch::asm!("vmfunc", in("eax") 0u32, in("ecx") 0u32),
+                "invvpid" => core::arch::asm!("invvpid {}, [{}]", in(reg) 2u64, in(reg) &desc),
+                "vmwrite" => core::arch::asm!("vmwrite {}, {}", in(reg) 0x681eu64, in(reg) 0u64),
+                "vmptrld" => core::arch::asm!("vmptrld [{}]", in(reg) &page),
+                "vmclear" => core::arch::asm!("vmclear [{}]", in(reg) &page),
+                "vmlaunch" => core::arch::asm!("vmlaunch"),
+                "vmresume" => core::arch::asm!("vmresume"),
+                "getsec" => core::arch::asm!("getsec", inout("eax") 0u32 => _),
                 _ => libc::_exit(3),
             }
             libc::_exit(0);

@@ -115,6 +115,18 @@ impl Device {
         unsafe { ioctl_ptr(self.fd(), "translate", abi::ioctl::DEBUG_TRANSLATE, &mut t) }?;
         Ok(t.hpa)
     }
+
+    /// Donates `pages` pages to the hypervisor's pool (at least a 2 MiB
+    /// block's worth), or with `pages == 0` takes every free one back
+    /// (needs the module's `debug=1`). Returns the first donated page and
+    /// the count.
+    pub fn debug_pool(&self, pages: u32) -> std::result::Result<(u64, u32), IoctlError> {
+        let op = if pages == 0 { abi::DEBUG_POOL_RECLAIM } else { abi::DEBUG_POOL_DONATE };
+        let mut p = abi::DebugPool { op, pages, base: 0 };
+        // SAFETY: DEBUG_POOL takes a `DebugPool`.
+        unsafe { ioctl_ptr(self.fd(), "pool", abi::ioctl::DEBUG_POOL, &mut p) }?;
+        Ok((p.base, p.pages))
+    }
 }
 
 /// A VM descriptor.

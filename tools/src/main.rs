@@ -23,7 +23,9 @@ struct Cli {
 /// Guest memory in MiB: a positive multiple of 2, at most 4096.
 fn parse_mem(s: &str) -> std::result::Result<u64, String> {
     let v: u64 = s.parse().map_err(|_| format!("`{s}` is not a number of MiB"))?;
-    if v == 0 || v % 2 != 0 || v > 4096 {
+    // The driver's own rule (shared_abi::validate), checked before the ioctl.
+    let probe = abi::VmCreate { mem_bytes: v.saturating_mul(1 << 20), vcpus: 1, ..Default::default() };
+    if abi::validate::vm_create(&probe).is_err() {
         return Err(format!("{v} MiB: guest memory must be a multiple of 2 MiB, between 2 and 4096"));
     }
     Ok(v)
@@ -31,7 +33,8 @@ fn parse_mem(s: &str) -> std::result::Result<u64, String> {
 
 fn parse_vcpus(s: &str) -> std::result::Result<u32, String> {
     let v: u32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if v == 0 || v > abi::VM_MAX_VCPUS {
+    let probe = abi::VmCreate { mem_bytes: abi::VM_MEM_ALIGN, vcpus: v, ..Default::default() };
+    if abi::validate::vm_create(&probe).is_err() {
         return Err(format!("{v} vCPUs: between 1 and {}", abi::VM_MAX_VCPUS));
     }
     Ok(v)
@@ -129,6 +132,16 @@ enum Cmd {
     },
     /// The host frame behind a guest page (module parameter debug=1; tests).
     Translate { vm: u32, gpa: String },
+    /// Move pages between the host and the hypervisor's frame pool (module
+    /// parameter debug=1; tests): `donate` prints `base=ADDR pages=N` (N is
+    /// at least 512, a 2 MiB block), `reclaim` prints `pages=N`.
+    Pool {
+        #[arg(value_parser = ["donate", "reclaim"])]
+        op: String,
+        /// Pages to donate.
+        #[arg(long, default_value = "512", value_parser = clap::value_parser!(u32).range(1..=512))]
+        pages: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -247,6 +260,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let gpa = parse_u64(&gpa)?;
             let hpa = dev::Device::open()?.translate(vm, gpa).map_err(|e| anyhow!("{e}"))?;
             println!("{hpa:#x}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Pool { op, pages } => {
+            let d = dev::Device::open()?;
+            let (base, n) = d.debug_pool(if op == "donate" { pages } else { 0 }).map_err(|e| anyhow!("{e}"))?;
+            if op == "donate" {
+                println!("base={base:#x} pages={n}");
+            } else {
+                println!("pages={n}");
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -149,7 +149,7 @@ pub fn serve(vm: Vm, vcpus: u32, mode: Mode) -> End {
     if mode == Mode::Detached {
         let _ = std::fs::write(daemon::pid_path(vm.id), std::process::id().to_string());
         let _ = std::fs::remove_file(daemon::status_path(vm.id));
-        start_control(vm.id);
+        start_control(vm.id, vcpus);
     }
     let uart = Arc::new(Mutex::new(Serial::new(NoIrq, Lines::new(out))));
     let end: Arc<Mutex<Option<End>>> = Arc::new(Mutex::new(None));
@@ -282,7 +282,7 @@ pub fn spawn_vmm(vm: Vm, mode: Mode) -> std::io::Result<()> {
 /// The control socket of a detached VM: one request per connection,
 /// `fork N` or `fork N copy`; the answer is one line, `ok ID:TSC ...` or
 /// `err WHY`.
-fn start_control(id: u32) {
+fn start_control(id: u32, vcpus: u32) {
     let path = daemon::socket_path(id);
     let _ = std::fs::remove_file(&path);
     let Ok(listener) = std::os::unix::net::UnixListener::bind(&path) else { return };
@@ -297,6 +297,11 @@ fn start_control(id: u32) {
                 continue;
             }
             match parse_request(&line) {
+                // vCPU 0's thread serves forks while it is out of RUN; the
+                // other vCPUs would have to leave RUN too.
+                Some(_) if vcpus != 1 => {
+                    let _ = writeln!(&conn, "err vm {id} has {vcpus} vCPUs; only single-vCPU VMs can be forked from outside");
+                }
                 Some((count, copy)) => {
                     REQUESTS.lock().unwrap().push(Request { count, copy, conn });
                     // SAFETY: interrupting vCPU 0's RUN.
@@ -387,5 +392,60 @@ pub fn request_fork(id: u32, n: u32, copy: bool) -> anyhow::Result<Vec<Forked>> 
         Some(("ok", list)) => list.split_whitespace().map(|w| parse(w).ok_or_else(|| anyhow::anyhow!("bad reply from the VMM: {}", line.trim()))).collect(),
         _ if line.is_empty() => Err(anyhow::anyhow!("fork of vm {id} failed: the VMM closed the connection")),
         _ => Err(anyhow::anyhow!("fork of vm {id} failed: {}", line.trim().trim_start_matches("err "))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that records each write it gets.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn console_writes_whole_lines() {
+        let w = Writes::default();
+        let mut l = Lines::new(Box::new(w.clone()));
+        for b in b"hello\nwor" {
+            l.write_all(&[*b]).unwrap();
+            l.flush().unwrap();
+        }
+        assert_eq!(*w.0.lock().unwrap(), vec![b"hello\n".to_vec()]);
+        l.write_all(b"ld\nand more").unwrap();
+        l.finish().unwrap();
+        assert_eq!(*w.0.lock().unwrap(), vec![b"hello\n".to_vec(), b"world\n".to_vec(), b"and more".to_vec()]);
+        // A line that never ends is written in pieces, not held forever.
+        let w2 = Writes::default();
+        let mut l2 = Lines::new(Box::new(w2.clone()));
+        l2.write_all(&[b'x'; 5000]).unwrap();
+        assert_eq!(w2.0.lock().unwrap()[0].len(), 5000);
+    }
+
+    #[test]
+    fn control_requests() {
+        assert_eq!(parse_request("fork 3\n"), Some((3, false)));
+        assert_eq!(parse_request("fork 64 copy"), Some((64, true)));
+        for bad in ["fork 0", "fork 65", "fork", "fork x", "fork 2 copy now", "fork 2 share", "destroy 1", ""] {
+            assert_eq!(parse_request(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn exit_status() {
+        assert_eq!(End::Exited(7).status(), 7);
+        assert_eq!(End::Stopped(stop::TRIPLE_FAULT).status(), 70);
+        assert_eq!(End::Killed("x".into()).status(), 70);
+        assert_eq!(End::Stopped(stop::TRIPLE_FAULT).describe(), "stopped: triple-fault");
     }
 }

@@ -54,7 +54,9 @@ pub fn build_module(kb: &Path, image: &[u8], stage: &Path, dest: &Path) -> Resul
             copy_if_changed(&p, &drv.join(p.file_name().unwrap()))?;
         }
     }
-    copy_if_changed(&src.join("shared-abi/src/abi.rs"), &stage.join("shared-abi/src/abi.rs"))?;
+    for f in ["abi.rs", "validate.rs"] {
+        copy_if_changed(&src.join("shared-abi/src").join(f), &stage.join("shared-abi/src").join(f))?;
+    }
     write_if_changed(&drv.join("hypervisor.bin"), image)?;
     util::run_logged(
         kernel::make().arg("-C").arg(kb).arg(format!("M={}", drv.display())).arg("modules"),

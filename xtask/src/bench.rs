@@ -35,6 +35,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             cmdline: String::new(),
             cpus: 2,
             mem_mib: 1536,
+            qemu_devices: runner::QEMU_DEVICES,
             live: args.iter().any(|a| a == "--live"),
         };
         util::step(&format!("bench {name} in Bochs"));

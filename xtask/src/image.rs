@@ -41,8 +41,8 @@ pub fn build() -> Result<PathBuf> {
     check_no_vector_instructions(&out.join("hypervisor.elf"))?;
     let h = ImageHeader::parse(&flat).map_err(|e| anyhow::anyhow!("packed image is invalid: {}", e.message()))?;
     eprintln!(
-        "    hypervisor.elf: {} bytes loaded ({} in file), entry at {:#x}, {} relocations",
-        h.mem_size, h.file_size, h.entry_offset, h.rela_count
+        "    hypervisor.elf: {} bytes loaded ({} in file), entry at {:#x}, direct calls at {:#x}, {} relocations",
+        h.mem_size, h.file_size, h.entry_offset, h.call_offset, h.rela_count
     );
     Ok(util::work().join("hypervisor.bin"))
 }
@@ -78,6 +78,12 @@ pub fn pack(elf_bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
         .context("no uxen_entry symbol")?
         .address();
 
+    let call = elf
+        .symbols()
+        .find(|s| s.name() == Ok("uxen_call"))
+        .context("no uxen_call symbol")?
+        .address();
+
     let (rela_offset, rela_count) = match elf.section_by_name(".rela.dyn") {
         Some(s) if s.size() > 0 => {
             ensure!(s.size() % 24 == 0, ".rela.dyn size");
@@ -100,6 +106,7 @@ pub fn pack(elf_bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
     h.file_size = file_end;
     h.mem_size = mem_size;
     h.entry_offset = entry;
+    h.call_offset = call;
     h.rela_offset = rela_offset;
     h.rela_count = rela_count;
     // SAFETY: writes one plain-data header into a buffer at least that long.

@@ -5,10 +5,12 @@
 
 mod artifacts;
 mod bench;
+mod fuzz;
 mod image;
 mod kernel;
 mod runner;
 mod setup;
+mod soak;
 mod suites;
 mod util;
 
@@ -27,9 +29,14 @@ commands:
   build                     build every artifact into target/uxen/
   run BACKEND SUITE [--timeout S] [--live] [--no-build]
                             boot one suite (BACKEND: bochs, qemu, kvm)
-  bench [fork|all] [--no-build]
+  soak [--cycles N] [--ops N] [--calls N] [--seed S] [--timeout S] [--no-build]
+                            the long robustness run in Bochs (module cycles, VM churn, ioctl fuzz)
+  bench [exits|fork|all] [--no-build]
                             measure in Bochs against same-run baselines
   unit                      run the host unit tests
+  fuzz [--time SECS] [--target NAME] [--proptest]
+                            fuzz the hypercall and ioctl boundaries (cargo-fuzz,
+                            else proptest); SECS per target, default 300
   kernel-key                print the kernel build's cache key
 ";
 
@@ -67,6 +74,8 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
         "test" => test(rest),
         "demo" => demo(),
         "bench" => bench::bench(rest).map(|_| ExitCode::SUCCESS),
+        "soak" => soak::soak(rest),
+        "fuzz" => fuzz::fuzz(rest),
         "" | "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -86,6 +95,7 @@ fn spec_for(s: &suites::Suite, live: bool) -> RunSpec {
         cmdline: s.cmdline.to_string(),
         cpus: s.cpus,
         mem_mib: s.mem_mib,
+        qemu_devices: s.qemu_devices,
         live,
     }
 }
@@ -205,6 +215,7 @@ fn test(args: &[String]) -> Result<ExitCode> {
 /// returned outcome is the child's verdict, read back from its serial log.
 fn harness_selftest(s: &suites::Suite) -> Result<Outcome> {
     let exe = std::env::current_exe()?;
+    let t0 = Instant::now();
     let out = Command::new(exe)
         .args(["run", s.backend.name(), s.name, "--no-build", "--timeout", &s.timeout_s.to_string()])
         .output()?;
@@ -220,7 +231,7 @@ fn harness_selftest(s: &suites::Suite) -> Result<Outcome> {
         rc,
         timed_out: stdout.contains("timed out"),
         problems,
-        wall: Duration::ZERO,
+        wall: t0.elapsed(),
         serial,
         skipped: None,
         command_failed: Some(!out.status.success()),

@@ -64,9 +64,16 @@ pub struct RunSpec {
     pub cmdline: String,
     pub cpus: u32,
     pub mem_mib: u32,
+    /// The `-device`s of a QEMU TCG machine (see [`QEMU_DEVICES`]).
+    pub qemu_devices: &'static [&'static str],
     /// Echo the serial console while running (the demo).
     pub live: bool,
 }
+
+/// QEMU TCG's devices unless a suite asks otherwise: the Intel IOMMU (which
+/// must come before the devices it translates for) and edu, a PCI device
+/// that does DMA on request.
+pub const QEMU_DEVICES: &[&str] = &["intel-iommu", "edu"];
 
 /// One emulated machine kind.
 pub trait Machine {
@@ -333,7 +340,10 @@ impl Machine for Qemu {
         if self.kvm {
             c.args(["-enable-kvm", "-M", "q35", "-cpu", "host,+vmx"]);
         } else {
-            c.args(["-M", "q35", "-cpu", "max", "-device", "intel-iommu", "-device", "edu"]);
+            c.args(["-M", "q35", "-cpu", "max"]);
+            for d in spec.qemu_devices {
+                c.args(["-device", d]);
+            }
         }
         c.args(["-smp", &spec.cpus.to_string(), "-m", &spec.mem_mib.to_string()])
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])

@@ -12,52 +12,26 @@ use alloc::boxed::Box;
 use core::sync::atomic::Ordering;
 use super::run::{self, Switch};
 use super::vm::{self, VmError};
-use crate::guestmem::MemError;
-use crate::mem::PhysMem;
-use shared_abi::{DebugTranslate, MemRange, VmCreate, VmFork, VmId, VmInfo, VmLoad, VmRegs, HC_NEED_PAGES, VM_NAME_LEN};
-use shared_abi::{errno::*, hc, HvStats, ReturnState, HvVersion, ABI_REVISION, EXIT_REASON_SLOTS, HV_FEATURE_EPT, HV_FEATURE_UNRESTRICTED, HV_FEATURE_VMX, HV_FEATURE_VPID, VERSION};
+use crate::addr::PhysRange;
+use crate::control::{decode, vmops, Block};
+use shared_abi::{hc, HvStats, ReturnState, HvVersion, ABI_REVISION, EXIT_REASON_SLOTS, HV_FEATURE_EPT, HV_FEATURE_UNRESTRICTED, HV_FEATURE_VMX, HV_FEATURE_VPID, VERSION};
 
-/// Host hypercall errors, turned into `-errno` here and nowhere else.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HcError {
-    /// Unknown hypercall number.
-    NoSys,
-    /// The argument block is not host memory the host may hand over.
-    Fault,
-    /// A malformed argument.
-    Invalid,
-    /// Not now (VMs exist, the vCPU runs, ...).
-    Busy,
-    /// The hypervisor's own heap is exhausted.
-    NoMemory,
-    /// The pool needs this many more pages.
-    NeedPages(u64),
-    /// A VM operation failed.
-    Vm(VmError),
-}
-
-impl HcError {
-    fn errno(self) -> i64 {
-        match self {
-            HcError::NoSys => -ENOSYS,
-            HcError::Fault => -EFAULT,
-            HcError::Invalid => -EINVAL,
-            HcError::Busy => -EBUSY,
-            HcError::NoMemory => -ENOMEM,
-            HcError::NeedPages(_) => HC_NEED_PAGES,
-            HcError::Vm(e) => e.errno(),
-        }
-    }
-}
+/// Host hypercall errors; `HcError::errno` turns them into `-errno` for
+/// this dispatcher and no one else.
+pub use crate::control::HcError;
 
 /// Dispatches host hypercall `nr` with argument block `arg` of `len` bytes.
 pub fn dispatch(nr: u64, arg: u64, len: u64, regs: &mut GuestRegs) -> Switch {
     let r = match nr {
         hc::VERSION => version(arg, len),
         hc::STATS => stats(arg, len),
-        hc::UNLOAD => unload(regs),
+        hc::UNLOAD => match unload(regs) {
+            Ok(retry) => return retry,
+            Err(e) => Err(e),
+        },
         hc::DONATE => donate(arg, len),
         hc::RECLAIM => reclaim(arg, len),
+        hc::POLL => Ok(super::iommu::poll() as i64),
         hc::VM_CREATE => vm_create(arg, len),
         hc::VM_DESTROY => vm_destroy(arg, len),
         hc::VM_LOAD => vm_load(arg, len),
@@ -70,55 +44,47 @@ pub fn dispatch(nr: u64, arg: u64, len: u64, regs: &mut GuestRegs) -> Switch {
         hc::DEBUG_TRANSLATE => debug_translate(arg, len),
         _ => Err(HcError::NoSys),
     };
-    match r {
-        Ok(v) => Switch::Return(v, 0),
-        Err(HcError::NeedPages(n)) => Switch::Return(HC_NEED_PAGES, n),
-        Err(e) => Switch::Return(e.errno(), 0),
-    }
+    let (status, pages) = crate::control::status(r);
+    Switch::Return(status, pages)
+}
+
+/// A direct call from the driver when there is no VMX to VMCALL
+/// (`iommu_only=1`; `setup::uxen_call`): the hypercalls that need no VMX,
+/// validated as VMCALLs are. The others fail with `ENODEV`.
+pub fn direct(nr: u64, arg: u64, len: u64) -> (i64, u64) {
+    let r = match nr {
+        hc::VERSION => version(arg, len),
+        hc::STATS => stats(arg, len),
+        hc::UNLOAD => unload_without_vmx(),
+        hc::DONATE => donate(arg, len),
+        hc::RECLAIM => reclaim(arg, len),
+        hc::POLL => Ok(super::iommu::poll() as i64),
+        hc::VM_LIST => vm_list(arg, len),
+        hc::VM_CREATE
+        | hc::VM_DESTROY
+        | hc::VM_LOAD
+        | hc::VM_GET_REGS
+        | hc::VM_SET_REGS
+        | hc::VM_RUN
+        | hc::VM_FORK
+        | hc::MERGE
+        | hc::DEBUG_TRANSLATE => Err(HcError::NoVmx),
+        _ => Err(HcError::NoSys),
+    };
+    crate::control::status(r)
 }
 
 /// Copies a `T` in from host memory at `pa`, after checking the host owns it.
-fn copy_in<T: Copy>(pa: u64, len: u64) -> Result<T, HcError> {
-    let size = core::mem::size_of::<T>() as u64;
-    if len < size {
-        return Err(HcError::Invalid);
-    }
-    if !hv().host_owned(pa, size) {
-        return Err(HcError::Fault);
-    }
-    // SAFETY: `T` is plain data; the source is host RAM the host owns.
-    Ok(unsafe { core::ptr::read_unaligned(memory::phys_ptr(pa) as *const T) })
-}
-
-impl From<VmError> for HcError {
-    fn from(e: VmError) -> Self {
-        match e {
-            VmError::Mem(MemError::NeedPages(n)) => HcError::NeedPages(n),
-            e => HcError::Vm(e),
-        }
-    }
+fn copy_in<T: Block>(pa: u64, len: u64) -> Result<T, HcError> {
+    decode::copy_in(&memory::HostBlocks, pa, len)
 }
 
 /// DONATE: pages leave the host for the pool.
 fn donate(arg: u64, len: u64) -> Result<i64, HcError> {
     let h = hv();
-    let n = (len / core::mem::size_of::<MemRange>() as u64) as usize;
-    if n == 0 || n > 256 || !h.host_owned(arg, len) {
-        return Err(if n == 0 || n > 256 { HcError::Invalid } else { HcError::Fault });
-    }
-    let mut ranges = alloc::vec::Vec::with_capacity(n);
-    for i in 0..n {
-        let r: MemRange = copy_in(arg + (i * 16) as u64, 16)?;
-        if r.base % 4096 != 0 || r.size == 0 || r.size % 4096 != 0 || r.size > 1 << 30 {
-            return Err(HcError::Invalid);
-        }
-        // Also refuses pages already donated (no longer the host's) and
-        // overlaps between ranges of this call (the first unmaps them).
-        if !h.host_owned(r.base, r.size) || ranges.iter().any(|o: &MemRange| r.base < o.base + o.size && o.base < r.base + r.size) {
-            return Err(HcError::Fault);
-        }
-        ranges.push(r);
-    }
+    // Also refuses pages already donated (no longer the host's) and
+    // overlaps between ranges of this call (the first unmaps them).
+    let ranges = decode::donate(&memory::HostBlocks, arg, len)?;
     {
         let mut ept = h.host_ept.lock();
         let mut frames = memory::HeapFrames;
@@ -135,30 +101,50 @@ fn donate(arg: u64, len: u64) -> Result<i64, HcError> {
     }
     // No CPU may keep a translation to the donated pages.
     super::tlb::shootdown();
-    let mut pool = vm::POOL.lock();
-    let mut total = 0;
-    for r in &ranges {
-        let pages = (r.size / 4096) as usize;
-        for p in 0..pages as u64 {
-            memory::DirectMap.zero_page(crate::addr::Hpa(r.base + p * 4096));
-        }
-        pool.donate(crate::addr::Hpa(r.base), pages).map_err(|_| HcError::Invalid)?;
-        total += pages;
+    // Nor any device: the pages leave the DMA map before they are scrubbed.
+    let dma: alloc::vec::Vec<PhysRange> = ranges.iter().map(|r| PhysRange::new(r.base, r.size)).collect();
+    if let Err(e) = super::iommu::remove(&dma) {
+        // The donation fails; the pages stay the host's.
+        let _ = super::iommu::restore(&dma);
+        map_back_for_host(&dma)?;
+        return Err(HcError::Iommu(e));
     }
-    Ok(total as i64)
+    vmops::donate(&memory::DirectMap, &mut vm::POOL.lock(), &ranges).map(|n| n as i64)
+}
+
+/// Maps pages back into the host's EPT, 4 KiB at a time.
+fn map_back_for_host(ranges: &[PhysRange]) -> Result<(), HcError> {
+    let h = hv();
+    let mut ept = h.host_ept.lock();
+    let map = crate::ept::HostMap { ram: &h.ram, top: h.host_ept_top, holes: &[], huge_pages: h.host_ept_huge };
+    for r in ranges {
+        for a in (r.base.0..r.end.0).step_by(4096) {
+            crate::ept::host_map_page(&mut ept, &memory::DirectMap, &mut memory::HeapFrames, &map, crate::addr::Hpa(a)).ok_or(HcError::NoMemory)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs of physically contiguous frames, as ranges.
+fn runs(frames: &[crate::addr::Hpa]) -> alloc::vec::Vec<PhysRange> {
+    let mut out: alloc::vec::Vec<PhysRange> = alloc::vec::Vec::new();
+    for f in frames {
+        match out.last_mut() {
+            Some(r) if r.end == *f => r.end = crate::addr::Hpa(f.0 + 4096),
+            _ => out.push(PhysRange::new(f.0, 4096)),
+        }
+    }
+    out
 }
 
 /// RECLAIM: free pool frames go back to the host.
 fn reclaim(arg: u64, len: u64) -> Result<i64, HcError> {
     let h = hv();
-    let max = (len / 8).min(512) as usize;
-    if max == 0 {
-        return Err(HcError::Invalid);
-    }
-    if !h.host_owned(arg, max as u64 * 8) {
-        return Err(HcError::Fault);
-    }
+    let max = decode::reclaim(&memory::HostBlocks, arg, len)?;
     let frames = vm::POOL.lock().reclaim(max);
+    // Devices may reach them again. If the IOMMU cannot follow (it logs
+    // why), the host still gets the pages; DMA to them keeps faulting.
+    let _ = super::iommu::restore(&runs(&frames));
     {
         let mut ept = h.host_ept.lock();
         let map = crate::ept::HostMap { ram: &h.ram, top: h.host_ept_top, holes: &[], huge_pages: h.host_ept_huge };
@@ -167,16 +153,12 @@ fn reclaim(arg: u64, len: u64) -> Result<i64, HcError> {
             crate::ept::host_map_page(&mut ept, &memory::DirectMap, &mut memory::HeapFrames, &map, *f).ok_or(HcError::NoMemory)?;
         }
     }
-    for (i, f) in frames.iter().enumerate() {
-        // SAFETY: host memory checked above.
-        unsafe { core::ptr::write_unaligned(memory::phys_ptr(arg + 8 * i as u64) as *mut u64, f.0) };
-    }
+    decode::reclaimed(&memory::HostBlocks, arg, &frames);
     Ok(frames.len() as i64)
 }
 
 fn vm_create(arg: u64, len: u64) -> Result<i64, HcError> {
-    let mut c: VmCreate = copy_in(arg, len)?;
-    c.name[VM_NAME_LEN - 1] = 0;
+    let mut c = decode::vm_create(&memory::HostBlocks, arg, len)?;
     let vm = vm::create(c.mem_bytes, c.vcpus, c.name, 0)?;
     c.id = vm.id;
     log::info!("vm{}: created, {} MiB, {} vCPU", vm.id, c.mem_bytes >> 20, c.vcpus);
@@ -185,32 +167,25 @@ fn vm_create(arg: u64, len: u64) -> Result<i64, HcError> {
 }
 
 fn vm_destroy(arg: u64, len: u64) -> Result<i64, HcError> {
-    let v: VmId = copy_in(arg, len)?;
+    let v = decode::vm_id(&memory::HostBlocks, arg, len)?;
     vm::destroy(v.id)?;
     log::info!("vm{}: destroyed", v.id);
     Ok(0)
 }
 
 fn vm_load(arg: u64, len: u64) -> Result<i64, HcError> {
-    let l: VmLoad = copy_in(arg, len)?;
-    if l.len == 0 || l.len > 4096 || (l.src % 4096) + l.len > 4096 {
-        return Err(HcError::Invalid);
-    }
-    if !hv().host_owned(l.src, l.len) {
-        return Err(HcError::Fault);
-    }
+    let mut buf = [0u8; 4096];
+    let (l, data) = decode::vm_load(&memory::HostBlocks, arg, len, &mut buf)?;
     let vm = vm::get(l.vm)?;
     if vm.vcpus.iter().any(|v| v.running.load(Ordering::Acquire)) {
         return Err(HcError::Busy);
     }
-    let mut buf = [0u8; 4096];
-    memory::DirectMap.read(crate::addr::Hpa(l.src), &mut buf[..l.len as usize]);
-    vm::load(&vm, l.gpa, &buf[..l.len as usize])?;
+    vm::load(&vm, l.gpa, data)?;
     Ok(0)
 }
 
 fn vm_regs(arg: u64, len: u64, set: bool) -> Result<i64, HcError> {
-    let mut r: VmRegs = copy_in(arg, len)?;
+    let mut r = decode::vm_regs(&memory::HostBlocks, arg, len, set)?;
     let vm = vm::get(r.vm)?;
     let vcpu = vm.vcpus.get(r.vcpu as usize).ok_or(HcError::Vm(VmError::NoSuchVcpu))?;
     if vcpu.running.load(Ordering::Acquire) {
@@ -218,20 +193,16 @@ fn vm_regs(arg: u64, len: u64, set: bool) -> Result<i64, HcError> {
     }
     let mut st = vcpu.state.lock();
     if set {
-        if st.ready {
-            // Only the initial state can be set (docs/ioctl.md).
+        if st.ready || st.snapshot.is_some() {
+            // Only the initial state can be set (docs/ioctl.md); a forked
+            // vCPU's is its parent's.
             return Err(HcError::Busy);
         }
-        let n = r.regs;
-        let canonical = |v: u64| ((v as i64) << 16 >> 16) as u64 == v;
-        if n.rflags & !0x00ff_fcd7 != 0 || n.rflags & (1 << 17) != 0 || !canonical(n.rip) || n.cr3 & 0xfff0_0000_0000_0fff != 0 {
-            return Err(HcError::Invalid);
-        }
-        let fixed = vm::boot_regs(vm.mem_bytes);
-        st.init = shared_abi::Regs { cr0: fixed.cr0, cr4: fixed.cr4, efer: fixed.efer, rflags: n.rflags | 2, ..n };
+        // `decode::vm_regs` checked them (shared_abi::validate::regs).
+        st.init = vmops::initial_regs(&r.regs, vm.mem_bytes);
         return Ok(0);
     }
-    r.regs = if st.ready {
+    r.regs = if st.ready || st.snapshot.is_some() {
         let mut out = st.init;
         let g = &st.gpr;
         out.rax = g[0];
@@ -249,7 +220,22 @@ fn vm_regs(arg: u64, len: u64, set: bool) -> Result<i64, HcError> {
         out.r13 = g[13];
         out.r14 = g[14];
         out.r15 = g[15];
-        // RIP, RSP, RFLAGS and the control registers live in the VMCS.
+        // RIP, RSP, RFLAGS and the control registers live in the VMCS, or
+        // in the snapshot a forked vCPU starts from.
+        if let Some(snap) = st.snapshot.as_ref().filter(|_| !st.ready) {
+            let f = |field| vmx::snapshot_field(snap, field).unwrap_or(0);
+            out.rip = f(GUEST_RIP);
+            out.rsp = f(GUEST_RSP);
+            out.rflags = f(GUEST_RFLAGS);
+            out.cr0 = f(CR0_READ_SHADOW);
+            out.cr3 = f(GUEST_CR3);
+            out.cr4 = f(CR4_READ_SHADOW);
+            out.efer = f(GUEST_IA32_EFER);
+            drop(st);
+            r.regs = out;
+            copy_out(arg, len, &r)?;
+            return Ok(0);
+        }
         let pc = crate::arch::x86::cpu::this_cpu();
         // SAFETY: the vCPU is not running, so its VMCS is clear; load it
         // briefly, then make the host VM's current again.
@@ -277,13 +263,10 @@ fn vm_regs(arg: u64, len: u64, set: bool) -> Result<i64, HcError> {
 
 /// FORK from the host: the VM's vCPUs must be out of the guest.
 fn vm_fork(arg: u64, len: u64) -> Result<i64, HcError> {
-    let mut f: VmFork = copy_in(arg, len)?;
+    let mut f = decode::vm_fork(&memory::HostBlocks, arg, len)?;
     let vm = vm::get(f.vm)?;
     if vm.is_stopped() || vm.dying.load(Ordering::Acquire) {
         return Err(HcError::Vm(VmError::Invalid));
-    }
-    if f.flags & !shared_abi::FORK_COPY != 0 || f.reserved0 != 0 {
-        return Err(HcError::Invalid);
     }
     // Hold every vCPU as if running it, so that none starts meanwhile.
     let mut held = 0;
@@ -312,16 +295,9 @@ fn vm_fork(arg: u64, len: u64) -> Result<i64, HcError> {
 }
 
 fn vm_list(arg: u64, len: u64) -> Result<i64, HcError> {
-    let size = core::mem::size_of::<VmInfo>() as u64;
     let list = vm::list();
-    let n = (len / size).min(list.len() as u64) as usize;
-    if n > 0 && !hv().host_owned(arg, n as u64 * size) {
-        return Err(HcError::Fault);
-    }
-    for (i, v) in list.iter().take(n).enumerate() {
-        // SAFETY: host memory checked above; plain data.
-        unsafe { core::ptr::write_unaligned(memory::phys_ptr(arg + i as u64 * size) as *mut VmInfo, *v) };
-    }
+    let n = decode::vm_list(&memory::HostBlocks, arg, len, list.len())?;
+    decode::listed(&memory::HostBlocks, arg, &list[..n]);
     Ok(list.len() as i64)
 }
 
@@ -350,29 +326,19 @@ fn debug_translate(arg: u64, len: u64) -> Result<i64, HcError> {
     if hv().boot.flags & shared_abi::BOOT_FLAG_DEBUG == 0 {
         return Err(HcError::NoSys);
     }
-    let mut t: DebugTranslate = copy_in(arg, len)?;
+    let mut t = decode::debug_translate(&memory::HostBlocks, arg, len)?;
     let vm = vm::get(t.vm)?;
     let mem = vm.mem.lock();
     let g = mem.as_ref().ok_or(HcError::Vm(VmError::NoSuchVm))?;
-    t.hpa = g.lookup(&memory::DirectMap, crate::addr::Gpa(t.gpa)).map(|(p, _)| p.0 + (t.gpa & 0xfff)).unwrap_or(0);
+    t.hpa = vmops::translate(&memory::DirectMap, g, t.gpa)?;
     drop(mem);
     copy_out(arg, len, &t)?;
     Ok(0)
 }
 
 /// Copies `value` out to host memory at `pa`, after checking the host owns it.
-fn copy_out<T: Copy>(pa: u64, len: u64, value: &T) -> Result<(), HcError> {
-    let size = core::mem::size_of::<T>() as u64;
-    if len < size {
-        return Err(HcError::Invalid);
-    }
-    if !hv().host_owned(pa, size) {
-        return Err(HcError::Fault);
-    }
-    // SAFETY: `T` is plain data; the destination is host RAM the host owns,
-    // reachable through the direct map.
-    unsafe { core::ptr::copy_nonoverlapping((value as *const T).cast::<u8>(), memory::phys_ptr(pa), size as usize) };
-    Ok(())
+fn copy_out<T: Block>(pa: u64, len: u64, value: &T) -> Result<(), HcError> {
+    decode::copy_out(&memory::HostBlocks, pa, len, value)
 }
 
 fn version(arg: u64, len: u64) -> Result<i64, HcError> {
@@ -380,7 +346,8 @@ fn version(arg: u64, len: u64) -> Result<i64, HcError> {
         abi_revision: ABI_REVISION,
         num_cpus: hv().num_cpus() as u32,
         version: VERSION,
-        features: HV_FEATURE_VMX | HV_FEATURE_EPT | HV_FEATURE_VPID | HV_FEATURE_UNRESTRICTED,
+        features: if hv().iommu_only() { 0 } else { HV_FEATURE_VMX | HV_FEATURE_EPT | HV_FEATURE_VPID | HV_FEATURE_UNRESTRICTED }
+            | if super::iommu::enabled() { shared_abi::HV_FEATURE_IOMMU } else { 0 },
     };
     copy_out(arg, len, &v)?;
     Ok(0)
@@ -403,6 +370,8 @@ fn stats(arg: u64, len: u64) -> Result<i64, HcError> {
     s.host_ept_2m = c.large;
     s.host_ept_4k = c.small;
     s.image_intact = super::setup::image_intact() as u32;
+    super::iommu::poll();
+    super::iommu::summary().fill(&mut s);
     {
         let pool = vm::POOL.lock();
         s.pool_frames_total = pool.frames_total();
@@ -432,7 +401,9 @@ fn stats(arg: u64, len: u64) -> Result<i64, HcError> {
 }
 
 /// Leaves VMX on this CPU and resumes the host natively where it called.
-fn unload(regs: &mut GuestRegs) -> Result<i64, HcError> {
+/// Returns only on failure, or with `Switch::Retry` when the host has an
+/// NMI to take first.
+fn unload(regs: &mut GuestRegs) -> Result<Switch, HcError> {
     let h = hv();
     if vm::count() != 0 {
         return Err(HcError::Busy);
@@ -479,6 +450,10 @@ fn unload(regs: &mut GuestRegs) -> Result<i64, HcError> {
         log::error!("cpu{}: cannot find Linux's TSS descriptor; unload refused", pc.index);
         return Err(HcError::Busy);
     };
+    // Devices reach memory untranslated again before the region goes (the
+    // first CPU to get here does it). A unit that does not answer may still
+    // walk the tables: then no CPU leaves, and the region stays.
+    super::iommu::teardown().map_err(|_| HcError::Busy)?;
     st.gdtr_rw[2..10].copy_from_slice(&(h.dm_base + gdt_pa).to_le_bytes());
     let msrs = [
         (IA32_SYSENTER_CS, vmx::read(GUEST_IA32_SYSENTER_CS)),
@@ -489,7 +464,26 @@ fn unload(regs: &mut GuestRegs) -> Result<i64, HcError> {
         (IA32_EFER, vmx::read(GUEST_IA32_EFER)),
     ];
     let dr7 = vmx::read(GUEST_DR7);
-    pc.virtualized.store(0, Ordering::Relaxed);
+    // From here no kick is sent to this CPU, and one on its way is taken
+    // now: after VMXOFF its NMI would reach Linux, which has no handler
+    // for it ("NMI received for unknown reason").
+    pc.virtualized.store(0, Ordering::SeqCst);
+    if !super::tlb::stop_kicks(pc) {
+        log::warn!("cpu{}: a kick's NMI did not arrive before unload", pc.index);
+        pc.kick_pending.store(0, Ordering::Release);
+    }
+    if pc.host_nmi_pending.load(Ordering::Acquire) != 0 {
+        // An NMI of the host's own came in (while this CPU waited, or
+        // before): it is injected into the host VM on the way back (see
+        // `exits::after_exit`), and the host makes the call again.
+        pc.virtualized.store(1, Ordering::SeqCst);
+        // Shootdowns passed this CPU by while it was marked as leaving.
+        // SAFETY: INVEPT all-context in VMX operation.
+        unsafe {
+            let _ = instr::invept(2, 0);
+        }
+        return Ok(Switch::Retry);
+    }
     log::info!("cpu{}: leaving VMX, the host runs natively again", pc.index);
     let tramp_return = h.boot.tramp_return;
     // SAFETY: the VMCS state was copied out above; from here this CPU runs
@@ -506,6 +500,18 @@ fn unload(regs: &mut GuestRegs) -> Result<i64, HcError> {
         core::arch::asm!("mov dr7, {}", in(reg) dr7, options(nostack));
         core::arch::asm!("jmp {t}", t = in(reg) tramp_return, in("rdi") &st, options(noreturn));
     }
+}
+
+/// UNLOAD without VMX (`iommu_only=1`): turns DMA remapping off, after
+/// which the driver may free the region. Called once, on any CPU.
+fn unload_without_vmx() -> Result<i64, HcError> {
+    if vm::count() != 0 {
+        return Err(HcError::Busy);
+    }
+    super::iommu::teardown().map_err(HcError::Iommu)?;
+    hv().unloading.store(true, Ordering::Relaxed);
+    log::info!("unloaded: devices reach memory untranslated again");
+    Ok(0)
 }
 
 /// Marks the TSS descriptor `tr` in the GDT at linear `gdt` available;

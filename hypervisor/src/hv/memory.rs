@@ -58,6 +58,24 @@ impl PhysMem for DirectMap {
     }
 }
 
+/// Host memory as the hypercall decoders see it (`control::decode`):
+/// ownership as [`super::Hv::host_owned`] judges it, contents through the
+/// direct map.
+#[derive(Clone, Copy, Default)]
+pub struct HostBlocks;
+
+impl crate::control::HostMem for HostBlocks {
+    fn owned(&self, pa: u64, len: u64) -> bool {
+        super::hv().host_owned(pa, len)
+    }
+    fn read(&self, pa: u64, buf: &mut [u8]) {
+        DirectMap.read(Hpa(pa), buf);
+    }
+    fn write(&self, pa: u64, buf: &[u8]) {
+        DirectMap.write(Hpa(pa), buf);
+    }
+}
+
 /// Page-table frames from the hypervisor heap.
 pub struct HeapFrames;
 

@@ -4,6 +4,7 @@
 
 pub mod exits;
 pub mod hypercall;
+pub mod iommu;
 pub mod ipi;
 pub mod logger;
 pub mod memory;
@@ -92,6 +93,13 @@ impl Hv {
             page += 0x1000;
         }
         true
+    }
+
+    /// Whether the hypervisor runs without VMX (`iommu_only=1`): it
+    /// protects memory from device DMA only, the host is not demoted, and
+    /// the driver reaches it by direct calls instead of VMCALL.
+    pub fn iommu_only(&self) -> bool {
+        self.boot.flags & shared_abi::BOOT_FLAG_IOMMU_ONLY != 0
     }
 
     /// Number of CPUs under the hypervisor.

@@ -55,6 +55,9 @@ pub enum Switch {
     Return(i64, u64),
     /// The CPU now runs a guest; the exit stub enters it.
     Entered,
+    /// Not now: the host VM resumes at its VMCALL, registers unchanged, and
+    /// makes the call again (after the NMI injected meanwhile).
+    Retry,
 }
 
 /// RUN: enters the guest, or returns at once if the VM has ended.
@@ -67,16 +70,12 @@ pub fn run(regs: &mut GuestRegs, arg: u64, len: u64) -> Switch {
 
 fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
     let h = hv();
-    let size = core::mem::size_of::<VmRun>() as u64;
-    if len < size || !h.host_owned(arg, size) {
-        return Err(-EFAULT);
-    }
-    // SAFETY: host memory the host owns, checked above; plain data.
-    let req: VmRun = unsafe { core::ptr::read_unaligned(super::memory::phys_ptr(arg) as *const VmRun) };
+    let req = crate::control::decode::vm_run(&super::memory::HostBlocks, arg, len).map_err(|e| e.errno())?;
     let vm = vm::get(req.vm).map_err(|e| e.errno())?;
     let idx = req.vcpu as usize;
     let Some(vcpu) = vm.vcpus.get(idx) else {
-        return Err(-ENOENT);
+        // Not ENOENT: the driver reads that as "the VM is gone".
+        return Err(-EINVAL);
     };
     if vm.is_stopped() || vm.dying.load(Ordering::Acquire) {
         write_record(arg, &vm.final_record());
@@ -106,6 +105,15 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
         if let Err(e) = r {
             log::error!("vm{}: cannot set up vCPU {idx}: {e}", vm.id);
             vm.stop(vm_state::STOPPED, stop::ENTRY_FAILED, 0);
+            vcpu.running.store(false, Ordering::Release);
+            // SAFETY: the guest's VMCS goes back to memory; the host VM's
+            // becomes current again.
+            unsafe {
+                let _ = instr::vmclear(vcpu.vmcs.0);
+                let _ = instr::vmptrld(pc.vmcs_pa);
+            }
+            write_record(arg, &vm.final_record());
+            return Ok(Switch::Return(0, 0));
         }
         if let Some(snap) = st.snapshot.take() {
             // A forked vCPU continues exactly where its parent was: its
@@ -143,8 +151,8 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
                 _ => v & 0xffff_ffff,
             };
         }
-        Pending::MmioRead { size, reg, high_byte, next_rip } => {
-            mmio = Some(MmioOp { is_write: false, size, data: 0, reg, high_byte, dest_size: 0, sign_extend: false, next_rip });
+        Pending::MmioRead { size, reg, high_byte, dest_size, sign_extend, next_rip } => {
+            mmio = Some(MmioOp { is_write: false, size, data: 0, reg, high_byte, dest_size, sign_extend, next_rip });
         }
         Pending::Hypercall => st.gpr[RAX] = req.exit.hc_ret,
     }
@@ -275,10 +283,9 @@ pub fn guest_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
         Ok(ExitReason::ExceptionOrNmi) => {
             let info = vmx::read(EXIT_INTERRUPTION_INFO) as u32;
             if (info >> 8) & 7 == 2 {
-                if tlb::on_nmi(pc) {
-                    pc.host_nmi_pending.store(1, Ordering::Release);
-                    return leave(pc, regs, record(exit::INTR), Pending::None, 0, 0);
-                }
+                // A host NMI (this one, or one taken as `nmi_exit` unblocks
+                // NMIs) ends the RUN below.
+                tlb::nmi_exit(pc);
             } else {
                 return stop_vm(pc, regs, stop::BAD_INSTRUCTION);
             }
@@ -457,7 +464,14 @@ fn ept_violation(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
         vmx::set(GUEST_RIP, op.next_rip);
         return leave(pc, regs, rec, Pending::None, 0, 0);
     }
-    let pending = Pending::MmioRead { size: op.size, reg: op.reg, high_byte: op.high_byte, next_rip: op.next_rip };
+    let pending = Pending::MmioRead {
+        size: op.size,
+        reg: op.reg,
+        high_byte: op.high_byte,
+        dest_size: op.dest_size,
+        sign_extend: op.sign_extend,
+        next_rip: op.next_rip,
+    };
     leave(pc, regs, rec, pending, 0, 0)
 }
 

@@ -34,7 +34,8 @@ static UXEN_IMAGE_HEADER: ImageHeader = ImageHeader {
     percpu_size: layout::PERCPU_SIZE,
     max_cpus: layout::MAX_CPUS,
     reserved0: 0,
-    reserved: [0; 4],
+    call_offset: 0,
+    reserved: [0; 3],
 };
 
 extern "C" {
@@ -184,6 +185,9 @@ extern "sysv64" fn uxen_entry(index: u32, info: *const BootInfo, rip: u64, rsp: 
         return leave(pc, r);
     }
     let hv = super::hv();
+    if hv.iommu_only() {
+        return iommu_only_finish(pc, info, n);
+    }
 
     let r = percpu_setup(pc, hv, info, rip, rsp);
     if let Err(e) = r {
@@ -196,6 +200,9 @@ extern "sysv64" fn uxen_entry(index: u32, info: *const BootInfo, rip: u64, rsp: 
             // SAFETY: this CPU entered VMX operation in `percpu_setup`.
             unsafe { vmx::vmxoff(pc) };
             log::info!("cpu{i}: rolled back");
+        }
+        if i == 0 {
+            roll_back_global();
         }
         return leave(
             pc,
@@ -215,7 +222,91 @@ extern "sysv64" fn uxen_entry(index: u32, info: *const BootInfo, rip: u64, rsp: 
     super::exits::dump_vmcs();
     // SAFETY: in VMX operation.
     unsafe { vmx::vmxoff(pc) };
+    // The load fails: devices must not keep walking tables in a region the
+    // driver frees (another CPU's unload would do it too; it is idempotent).
+    roll_back_global();
     leave(pc, -EIO)
+}
+
+/// Without VMX (`iommu_only=1`) each CPU only prepared its area for direct
+/// calls; after the last barrier it goes back to Linux, which keeps running
+/// natively. `fail_cpu` fails a CPU here as it fails a VMX set-up.
+fn iommu_only_finish(pc: &PerCpu, info: &BootInfo, n: u32) -> i64 {
+    let i = pc.index;
+    let r = if info.fail_cpu >= 0 && info.fail_cpu as u32 == i {
+        log::error!("cpu{i}: {}", VmxError::Injected);
+        FAILED.fetch_add(1, Ordering::AcqRel);
+        Err(VmxError::Injected.errno())
+    } else {
+        Ok(())
+    };
+    let synced = barrier(&READY, n);
+    if r.is_err() || !synced || FAILED.load(Ordering::Acquire) != 0 {
+        if i == 0 {
+            roll_back_global();
+        }
+        return leave(
+            pc,
+            match r {
+                Err(e) => e,
+                Ok(()) if !synced => -ETIMEDOUT,
+                Ok(()) => -EAGAIN,
+            },
+        );
+    }
+    if i == 0 {
+        log::info!("DMA protection only (iommu_only=1): no VMX; the host keeps running natively on {n} CPUs");
+    }
+    leave(pc, 0)
+}
+
+/// Undoes what the global set-up turned on in hardware when the load fails
+/// after it: DMA remapping.
+fn roll_back_global() {
+    if super::iommu::teardown().is_err() {
+        log::error!("DMA remapping is still on after a failed load: the region's tables must stay");
+    }
+}
+
+/// The direct-call entry (`shared_abi::CallFn`): the driver's way in when
+/// there is no VMX to VMCALL (`iommu_only=1`). It arrives on the boot page
+/// tables and CPU `index`'s stack, with interrupts off; switches to the
+/// hypervisor's page tables, IDT and per-CPU GS for the call; serves the
+/// hypercalls that need no VMX; and puts Linux's IDT and GS base back. The
+/// trampoline restores CR3 and the stack. See `docs/vtd.md`.
+#[no_mangle]
+#[link_section = ".text.uxen_call"]
+extern "sysv64" fn uxen_call(index: u32, nr: u64, arg: u64, len: u64) -> shared_abi::CallResult {
+    let refuse = |e: i64| shared_abi::CallResult { status: e, aux: 0 };
+    let Some(h) = super::try_hv() else { return refuse(-ENODEV) };
+    if !h.iommu_only() {
+        // With VMX the host is demoted and must use VMCALL.
+        return refuse(-EPERM);
+    }
+    if index >= h.boot.num_cpus {
+        return refuse(-EINVAL);
+    }
+    switch_tables(h.cr3);
+    let pc = h.percpu(index as usize);
+    let linux_idt = instr::sidt();
+    // SAFETY: GS base exists on every x86-64 CPU.
+    let linux_gs = unsafe { instr::rdmsr(IA32_GS_BASE) };
+    // SAFETY: this CPU's IDT and `PerCpu`, initialised at entry; interrupts
+    // are off, and NMIs now reach the hypervisor's handler.
+    unsafe {
+        instr::lidt(&pc.idtr());
+        instr::wrmsr(IA32_GS_BASE, pc.self_ptr);
+    }
+    let (status, aux) = super::hypercall::direct(nr, arg, len);
+    if pc.host_nmi_pending.swap(0, Ordering::AcqRel) != 0 {
+        log::warn!("cpu{index}: an NMI arrived during a direct call; the host does not see it");
+    }
+    // SAFETY: Linux's own values, read above on this CPU.
+    unsafe {
+        instr::lidt(&linux_idt);
+        instr::wrmsr(IA32_GS_BASE, linux_gs);
+    }
+    shared_abi::CallResult { status, aux }
 }
 
 /// Gives the CPU back to Linux after a failure: its IDT and GS base. The
@@ -293,19 +384,32 @@ fn global_setup(info: &BootInfo, _h: &ImageHeader, l: &shared_abi::RegionLayout)
         info.region_size,
         (l.heap_end - l.heap_start) >> 10
     );
-    vmx::check_and_enable().map_err(|e| {
-        log::error!("{e}");
-        e.errno()
-    })?;
-    let caps = VmxCaps::read().map_err(|e| {
-        log::error!("{e}");
-        e.errno()
-    })?;
+    let iommu_only = info.flags & shared_abi::BOOT_FLAG_IOMMU_ONLY != 0;
+    let caps = if iommu_only {
+        VmxCaps::default()
+    } else {
+        vmx::check_and_enable().map_err(|e| {
+            log::error!("{e}");
+            e.errno()
+        })?;
+        VmxCaps::read().map_err(|e| {
+            log::error!("{e}");
+            e.errno()
+        })?
+    };
 
     let ram: Vec<shared_abi::MemRange> = info.ram[..info.num_ram as usize].to_vec();
     let top = host_map_top(&ram);
     let region = PhysRange::new(info.region_phys, info.region_size);
-    let holes = [region];
+    // The remapping units, their tables built but not yet on. Their
+    // register pages are hidden from the host like the region.
+    let iommu = super::iommu::discover(info, &ram, region)?;
+    let mut holes = alloc::vec![region];
+    if let Some(f) = &iommu {
+        holes.extend_from_slice(f.registers());
+    }
+    // Without VMX this map is never walked by a CPU: it stays the record of
+    // which pages the host owns, which the hypercalls check.
     let map = HostMap { ram: &ram, top, holes: &holes, huge_pages: caps.ept_huge_pages() };
     let mut ept = build_host_ept(&RegionMem, &mut HeapFrames, &map).ok_or(-ENOMEM)?;
     // The local APIC page: reads pass, writes exit (INIT/SIPI emulation).
@@ -316,11 +420,12 @@ fn global_setup(info: &BootInfo, _h: &ImageHeader, l: &shared_abi::RegionLayout)
     let eptp = crate::arch::x86::ept_entry::eptp(ept.root.0, false);
     let counts = ept.counts(&RegionMem);
     log::info!(
-        "host EPT: {:#x} bytes identity-mapped in {} 1G + {} 2M + {} 4K pages, less the region",
+        "host EPT: {:#x} bytes identity-mapped in {} 1G + {} 2M + {} 4K pages, less the region{}",
         top,
         counts.huge,
         counts.large,
-        counts.small
+        counts.small,
+        if holes.len() > 1 { " and the VT-d registers" } else { "" }
     );
 
     let (msr_bitmap, msr_ptr) = memory::alloc_page().ok_or(-ENOMEM)?;
@@ -330,6 +435,10 @@ fn global_setup(info: &BootInfo, _h: &ImageHeader, l: &shared_abi::RegionLayout)
     let (io_a, _) = memory::alloc_page().ok_or(-ENOMEM)?;
     let (io_b, _) = memory::alloc_page().ok_or(-ENOMEM)?;
 
+    // Last, so that nothing after it can fail: DMA remapping on.
+    if let Some(f) = iommu {
+        super::iommu::enable(f)?;
+    }
     IMAGE_HASH.store(image_hash(), Ordering::Relaxed);
     install(Hv {
         boot: *info,

@@ -31,28 +31,83 @@ pub fn flush_if_needed(pc: &PerCpu) {
 
 /// Handles an NMI on this CPU (from a VM exit or taken in root operation).
 /// Returns true if the NMI was the host's own, to be delivered to it.
+///
+/// A kick's NMI is recognised by `kick_pending`, which its sender set and
+/// which is cleared here before anything else is looked at, so that the
+/// work the kick asks for (a flush, leaving a guest, an INIT or SIPI) is
+/// seen. An NMI that finds no kick pending is the host's. A host NMI and a
+/// kick that reach the CPU together are one NMI (the CPU latches only one),
+/// counted as the kick: the host loses that one, as it would on any CPU
+/// where two NMI sources coincide.
 pub fn on_nmi(pc: &PerCpu) -> bool {
+    let kicked = pc.kick_pending.swap(0, Ordering::AcqRel) != 0;
     flush_if_needed(pc);
-    let mut n = pc.nmis_expected.load(Ordering::Acquire);
-    while n > 0 {
-        match pc.nmis_expected.compare_exchange(n, n - 1, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => return false,
-            Err(v) => n = v,
-        }
-    }
-    true
+    !kicked
 }
 
-/// Sends an NMI to CPU `index` (a kick: it leaves any guest it runs).
+/// Handles a VM exit caused by an NMI (from the host VM or a guest).
+///
+/// Such an exit leaves NMIs blocked in root operation until the next IRET.
+/// VM entry with virtual NMIs lifts that blocking on hardware, but Bochs
+/// 2.7 keeps it through the host VM's run (IRET there only ends virtual-NMI
+/// blocking): every later kick, shootdown or host NMI to this CPU then
+/// waited, latched as one, until Linux's first IRET after unload, where it
+/// arrived as "NMI received for unknown reason". An IRET here ends the
+/// blocking on either; an NMI latched meanwhile is taken at once, in root
+/// operation (`exits::nmi_in_root`).
+pub fn nmi_exit(pc: &PerCpu) {
+    if on_nmi(pc) {
+        pc.host_nmi_pending.store(1, Ordering::Release);
+    }
+    // SAFETY: root operation on the hypervisor's GDT; the NMI handler runs
+    // on this stack and returns.
+    unsafe { instr::unblock_nmis() };
+}
+
+/// Sends an NMI to CPU `index` (a kick: it leaves any guest it runs),
+/// unless one is already on its way there, which serves this kick too: the
+/// target clears `kick_pending` before it looks at what was asked. A CPU
+/// that is not virtualized (not yet, or no more: it left at unload) is not
+/// sent anything, since its NMIs go to Linux.
 pub fn kick(index: usize) {
     let pc = hv().percpu(index);
-    pc.nmis_expected.fetch_add(1, Ordering::AcqRel);
-    apic::send_nmi(pc.apic_id);
+    // Registered before `virtualized` is read, so that `stop_kicks` either
+    // sees this kick or this kick sees the CPU leaving (both SeqCst).
+    pc.kickers.fetch_add(1, Ordering::SeqCst);
+    if pc.virtualized.load(Ordering::SeqCst) != 0 && pc.kick_pending.swap(1, Ordering::AcqRel) == 0 {
+        apic::send_nmi(pc.apic_id);
+    }
+    pc.kickers.fetch_sub(1, Ordering::Release);
+}
+
+/// Called by this CPU before it leaves VMX (`pc.virtualized` already 0, so
+/// no new kick is sent here): waits until no other CPU is inside `kick`
+/// for it, then takes the NMI of a kick still on its way, so that none
+/// reaches Linux after VMXOFF. Returns false if that NMI did not arrive.
+pub fn stop_kicks(pc: &PerCpu) -> bool {
+    while pc.kickers.load(Ordering::SeqCst) != 0 {
+        core::hint::spin_loop();
+    }
+    // SAFETY: root operation on the hypervisor's GDT. Ends any NMI blocking
+    // left from an earlier NMI exit, so a latched NMI is taken now.
+    unsafe { instr::unblock_nmis() };
+    let t0 = instr::rdtsc();
+    while pc.kick_pending.load(Ordering::Acquire) != 0 {
+        if instr::rdtsc().wrapping_sub(t0) > 1 << 32 {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
 }
 
 /// Makes every CPU drop EPT translations made before this call.
 pub fn shootdown() {
     let h = hv();
+    if h.iommu_only() {
+        // No VMX, no EPT in use: nothing to flush.
+        return;
+    }
     let g = FLUSH_GEN.fetch_add(1, Ordering::AcqRel) + 1;
     let me = this_cpu().index as usize;
     for i in 0..h.num_cpus() {

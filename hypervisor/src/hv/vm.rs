@@ -1,14 +1,15 @@
 //! Guest VMs: the table of VMs, their memory, their vCPUs.
 
 use super::memory::DirectMap;
-use crate::addr::{Gpa, Hpa};
-use crate::guestmem::{GuestMem, MemError};
+use crate::addr::Hpa;
+use crate::control::vmops;
+use crate::guestmem::GuestMem;
 use crate::pool::FramePool;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use shared_abi::{errno::*, exit, stop, vm_state, ExitRecord, Regs, VmInfo, MAX_VMS, VM_NAME_LEN};
+use shared_abi::{exit, stop, vm_state, ExitRecord, Regs, VmInfo, VM_NAME_LEN};
 
 /// The frame pool, shared by all VMs.
 pub static POOL: spin::Mutex<FramePool> = spin::Mutex::new(FramePool::new());
@@ -18,39 +19,7 @@ static VMS: spin::Mutex<BTreeMap<u32, Arc<Vm>>> = spin::Mutex::new(BTreeMap::new
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 
 /// Why a VM operation failed; turned into `-errno` by the dispatcher.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VmError {
-    NoSuchVm,
-    NoSuchVcpu,
-    Busy,
-    Invalid,
-    TooMany,
-    /// The parent has [`shared_abi::VM_MAX_CHILDREN`] live children.
-    Limit,
-    /// Guest memory operation failed.
-    Mem(MemError),
-}
-
-impl VmError {
-    pub fn errno(self) -> i64 {
-        -match self {
-            VmError::NoSuchVm | VmError::NoSuchVcpu => ENOENT,
-            VmError::Busy => EBUSY,
-            VmError::Invalid => EINVAL,
-            VmError::TooMany => ENOSPC,
-            VmError::Limit => EAGAIN,
-            VmError::Mem(MemError::OutOfRange) => EFAULT,
-            VmError::Mem(MemError::Pool(_)) => EOVERFLOW,
-            VmError::Mem(MemError::NeedPages(_)) => ENOMEM,
-        }
-    }
-}
-
-impl From<MemError> for VmError {
-    fn from(e: MemError) -> Self {
-        VmError::Mem(e)
-    }
-}
+pub use crate::control::VmError;
 
 /// A vCPU's state while it is not running.
 #[derive(Clone, Copy)]
@@ -82,7 +51,8 @@ pub enum Pending {
     /// A port read of `size` bytes into RAX.
     PortIn { size: u8 },
     /// An MMIO read of `size` bytes into GPR `reg`, then RIP = `next_rip`.
-    MmioRead { size: u8, reg: u8, high_byte: bool, next_rip: u64 },
+    /// MOVZX/MOVSX loads widen into `dest_size` bytes.
+    MmioRead { size: u8, reg: u8, high_byte: bool, dest_size: u8, sign_extend: bool, next_rip: u64 },
     /// A VMM hypercall's result into RAX.
     Hypercall,
 }
@@ -190,21 +160,8 @@ fn free_vpid(id: u16) {
     VPIDS.lock()[id as usize / 64] &= !(1 << (id % 64));
 }
 
-/// The initial register file of vCPU 0 (docs/guest-abi.md): 64-bit mode,
-/// paging on with CR3 at the boot PML4, RSP at the top of memory, RDI the
-/// memory size.
-pub fn boot_regs(mem_bytes: u64) -> Regs {
-    Regs {
-        rsp: mem_bytes,
-        rdi: mem_bytes,
-        rflags: 2,
-        cr0: 0x8001_0033,
-        cr3: shared_abi::guest::PML4_GPA,
-        cr4: 0x20,
-        efer: 0x500,
-        ..Default::default()
-    }
-}
+/// The initial register file of vCPU 0 (docs/guest-abi.md).
+pub use crate::control::vmops::boot_regs;
 
 /// Creates a VM. Needs pool frames for its EPT root and VMCS pages.
 pub fn create(mem_bytes: u64, vcpus: u32, name: [u8; VM_NAME_LEN], parent: u32) -> Result<Arc<Vm>, VmError> {
@@ -220,33 +177,14 @@ fn create_with(
     memory: Option<GuestMem>,
     states: Option<Vec<VcpuState>>,
 ) -> Result<Arc<Vm>, VmError> {
-    if mem_bytes == 0
-        || mem_bytes % shared_abi::VM_MEM_ALIGN != 0
-        || mem_bytes > shared_abi::VM_MAX_MEM
-        || vcpus == 0
-        || vcpus > shared_abi::VM_MAX_VCPUS
-    {
-        return Err(VmError::Invalid);
-    }
-    if count() >= MAX_VMS {
-        return Err(VmError::TooMany);
-    }
     let mem = DirectMap;
+    // Counted before the pool is locked: VMS is never taken under POOL.
+    let vms = count();
     let mut pool = POOL.lock();
-    let need = 1 + vcpus as u64 + 4;
-    if pool.frames_free() < need {
-        if let Some(m) = memory {
-            m.destroy(&mem, &mut pool);
-        }
-        return Err(VmError::Mem(MemError::NeedPages(need - pool.frames_free())));
-    }
-    let g = match memory {
-        Some(m) => m,
-        None => GuestMem::new(&mem, &mut pool, mem_bytes)?,
-    };
+    // On failure a fork's memory is given back too.
+    let (g, frames) = vmops::take_frames(&mem, &mut pool, &vmops::LIMITS, vms, mem_bytes, vcpus, memory)?;
     let mut list = Vec::new();
-    for i in 0..vcpus {
-        let vmcs = pool.alloc().ok_or(VmError::Mem(MemError::NeedPages(1)))?;
+    for (i, vmcs) in frames.into_iter().enumerate() {
         // A VMCS region starts with the revision identifier; VMCLEAR makes
         // it ready for its first VMPTRLD on any CPU.
         crate::mem::PhysMem::write(&DirectMap, vmcs, &super::hv().caps.revision().to_le_bytes());
@@ -259,7 +197,7 @@ fn create_with(
             running: AtomicBool::new(false),
             cpu: AtomicU32::new(0),
             state: spin::Mutex::new(match &states {
-                Some(s) => s[i as usize],
+                Some(s) => s[i],
                 None => VcpuState {
                     gpr: [0; 16],
                     init: boot_regs(mem_bytes),
@@ -276,10 +214,8 @@ fn create_with(
     }
     let Some(vpid) = alloc_vpid() else {
         // Give back what was taken for it.
-        for v in &list {
-            let _ = pool.put(&mem, v.vmcs);
-        }
-        g.destroy(&mem, &mut pool);
+        let vmcs: Vec<Hpa> = list.iter().map(|v| v.vmcs).collect();
+        vmops::release(&mem, &mut pool, Some(g), &vmcs);
         return Err(VmError::TooMany);
     };
     drop(pool);
@@ -338,43 +274,25 @@ pub fn destroy(id: u32) -> Result<(), VmError> {
             }
         }
     }
-    let mem = DirectMap;
     let g = vm.mem.lock().take();
-    let mut pool = POOL.lock();
-    if let Some(g) = g {
-        g.destroy(&mem, &mut pool);
-    }
-    for v in &vm.vcpus {
-        // SAFETY: not running any more; VMCLEAR'ed when it last left a CPU.
-        mem_zero_and_put(&mut pool, v.vmcs);
-    }
-    drop(pool);
+    // The VMCS pages are not running any more: VMCLEAR'ed when they last
+    // left a CPU.
+    let vmcs: Vec<Hpa> = vm.vcpus.iter().map(|v| v.vmcs).collect();
+    vmops::release(&DirectMap, &mut POOL.lock(), g, &vmcs);
     free_vpid(vm.vpid);
     Ok(())
-}
-
-fn mem_zero_and_put(pool: &mut FramePool, pa: Hpa) {
-    let _ = pool.put(&DirectMap, pa);
 }
 
 /// Copies `data` into a VM's memory.
 pub fn load(vm: &Vm, gpa: u64, data: &[u8]) -> Result<(), VmError> {
     let mut mem = vm.mem.lock();
     let g = mem.as_mut().ok_or(VmError::NoSuchVm)?;
-    let mut pool = POOL.lock();
-    g.write(&DirectMap, &mut pool, Gpa(gpa), data)?;
-    Ok(())
+    vmops::load(&DirectMap, &mut POOL.lock(), g, gpa, data)
 }
 
 /// The VM's one-line description.
 pub fn info(vm: &Vm) -> VmInfo {
-    let (private, shared) = match vm.mem.lock().as_ref() {
-        Some(g) => {
-            let s = g.stats(&DirectMap, &POOL.lock());
-            (s.private + s.tables + vm.vcpus.len() as u64, s.shared)
-        }
-        None => (0, 0),
-    };
+    let (private, shared) = vmops::frames(&DirectMap, &POOL.lock(), vm.mem.lock().as_ref(), vm.vcpus.len());
     let running = vm.vcpus.iter().any(|v| v.running.load(Ordering::Acquire));
     let mut state = vm.state.load(Ordering::Acquire);
     if state == vm_state::PAUSED && running {
@@ -410,24 +328,17 @@ pub fn child_state(st: &VcpuState, snapshot: Option<crate::arch::x86::vmx::Snaps
 /// `copy`, gets its own copy of every frame) and starts from `states`. The
 /// parent's vCPUs must not run on other CPUs.
 pub fn fork(parent: &Arc<Vm>, states: Vec<VcpuState>, copy: bool) -> Result<Arc<Vm>, VmError> {
-    if parent.children.load(Ordering::Acquire) >= shared_abi::VM_MAX_CHILDREN {
-        log::info!("vm{}: fork refused: {} live children is the limit", parent.id, shared_abi::VM_MAX_CHILDREN);
-        return Err(VmError::Limit);
-    }
-    let mem = DirectMap;
+    let children = parent.children.load(Ordering::Acquire);
+    let vms = count();
     let child_mem = {
         let mut pm = parent.mem.lock();
         let g = pm.as_mut().ok_or(VmError::NoSuchVm)?;
         let mut pool = POOL.lock();
-        let need = parent.vcpus.len() as u64 + 8;
-        if pool.frames_free() < need {
-            return Err(VmError::Mem(MemError::NeedPages(need - pool.frames_free())));
-        }
-        if copy {
-            g.copy(&mem, &mut pool)?
-        } else {
-            g.fork(&mem, &mut pool)?
-        }
+        vmops::fork_memory(&DirectMap, &mut pool, &vmops::LIMITS, vms, children, g, parent.vcpus.len(), copy).inspect_err(|e| {
+            if *e == VmError::Limit {
+                log::info!("vm{}: fork refused: {} live children is the limit", parent.id, shared_abi::VM_MAX_CHILDREN);
+            }
+        })?
     };
     // The parent's mappings became read-only: no CPU may keep a writable
     // translation.

@@ -31,7 +31,7 @@ pub mod mock;
 #[cfg(test)]
 mod tests;
 
-use crate::addr::Hpa;
+use crate::addr::{Hpa, PhysRange, PAGE_SIZE};
 use crate::mem::{FrameAlloc, PhysMem};
 use alloc::vec::Vec;
 use core::fmt;
@@ -121,6 +121,11 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
+            Error::InUse { unit, gsts } if regs::Gsts::from_bits_retain(gsts).contains(regs::Gsts::IRES) => write!(
+                f,
+                "VT-d unit at {:#x} is already in use: interrupt remapping is on (GSTS {gsts:#x}); boot the host with intel_iommu=off intremap=off",
+                unit.0
+            ),
             Error::InUse { unit, gsts } => {
                 write!(f, "VT-d unit at {:#x} is already in use (GSTS {gsts:#x}); boot the host with intel_iommu=off", unit.0)
             }
@@ -128,6 +133,31 @@ impl fmt::Display for Error {
             Error::AddressWidth { end, bits } => write!(f, "memory up to {end:#x} does not fit {bits}-bit DMA tables"),
             Error::Unsupported(what) => write!(f, "VT-d: {what}"),
             e => write!(f, "VT-d: {e:?}"),
+        }
+    }
+}
+
+impl Error {
+    /// The errno a failed load or hypercall reports for this error.
+    pub fn errno(self) -> i64 {
+        use shared_abi::errno::*;
+        match self {
+            Error::InUse { .. } => -EBUSY,
+            Error::NoFrames => -ENOMEM,
+            Error::Timeout { .. } | Error::InvalidationRejected { .. } | Error::QueueError { .. } | Error::QueueFull { .. } => -EIO,
+            Error::RmrrPage { .. } | Error::OutOfRange { .. } => -EINVAL,
+            Error::NotBuilt | Error::AlreadyBuilt | Error::StillEnabled => -EIO,
+            Error::DmarTruncated
+            | Error::DmarSignature
+            | Error::DmarLength
+            | Error::DmarStructure { .. }
+            | Error::DmarScope { .. }
+            | Error::DmarTooMany
+            | Error::DmarNoUnits
+            | Error::NoUnits
+            | Error::AddressWidth { .. }
+            | Error::RmrrInHole { .. }
+            | Error::Unsupported(_) => -ENODEV,
         }
     }
 }
@@ -266,36 +296,80 @@ impl<R: VtdRegs> Vtd<R> {
         self.units.iter().all(Unit::is_enabled)
     }
 
-    /// Takes a 4 KiB page out of every device's view (donated to a guest
-    /// or the pool). Returns only once every enabled unit has invalidated
-    /// its caches; on an error the page may still be reachable by DMA and
-    /// must not be handed out.
+    /// Takes a 4 KiB page out of every device's view. See
+    /// [`Vtd::remove_ranges`].
     pub fn remove_page(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, pa: Hpa) -> Result<()> {
+        self.remove_ranges(mem, alloc, &[PhysRange::new(pa.0, PAGE_SIZE)])
+    }
+
+    /// Takes ranges out of every device's view (donated to the pool or a
+    /// guest). Returns only once every enabled unit has invalidated its
+    /// caches: page-selective for a lone page whose leaf was not split, for
+    /// the whole domain otherwise (after a split the IOTLB may hold the old
+    /// large translation, and the paging-structure caches the old walk).
+    ///
+    /// Every range is checked before anything changes. The ranges must be
+    /// mapped in full, as donated host RAM is: if a later one fails (out of
+    /// frames), the ones already taken out are mapped again. On any error
+    /// the pages may still be reachable by DMA and must not be handed out.
+    pub fn remove_ranges(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, ranges: &[PhysRange]) -> Result<()> {
         let t = self.tables.as_mut().ok_or(Error::NotBuilt)?;
-        let u = t.unmap_page(mem, alloc, pa)?;
-        if !u.was_mapped {
+        ranges.iter().try_for_each(|r| t.check_range(*r))?;
+        let mut done = Unmapped { was_mapped: false, split: false };
+        for (i, r) in ranges.iter().enumerate() {
+            match t.unmap_range(mem, alloc, *r) {
+                Ok(u) => {
+                    done.was_mapped |= u.was_mapped;
+                    done.split |= u.split;
+                }
+                Err(e) => {
+                    for r in &ranges[..=i] {
+                        let _ = t.map_range(mem, alloc, *r);
+                    }
+                    self.sync_dirty();
+                    return Err(e);
+                }
+            }
+        }
+        if !done.was_mapped {
             return Ok(());
         }
         self.sync_dirty();
-        // After a split the IOTLB may hold the old large translation and the
-        // paging-structure caches the old walk: flush the whole domain.
-        let what =
-            if u.split { Invalidate::Domain(HOST_DOMAIN) } else { Invalidate::Page { domain: HOST_DOMAIN, addr: Iova(pa.0) } };
+        let lone = ranges.len() == 1 && ranges[0].size() == PAGE_SIZE && !done.split;
+        let what = if lone { Invalidate::Page { domain: HOST_DOMAIN, addr: Iova(ranges[0].base.0) } } else { Invalidate::Domain(HOST_DOMAIN) };
         for unit in &mut self.units {
             unit.invalidate(mem, what)?;
         }
         Ok(())
     }
 
-    /// Puts a 4 KiB page back (returned to the host, scrubbed). Units in
-    /// caching mode (CAP.CM, e.g. emulated ones) may cache not-present
-    /// entries, so they are told too.
+    /// Puts a 4 KiB page back. See [`Vtd::restore_ranges`].
     pub fn restore_page(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, pa: Hpa) -> Result<()> {
+        self.restore_ranges(mem, alloc, &[PhysRange::new(pa.0, PAGE_SIZE)])
+    }
+
+    /// Puts ranges back (returned to the host, scrubbed). Not-present to
+    /// present needs no invalidation, except in units in caching mode
+    /// (CAP.CM, e.g. emulated ones), which may cache not-present entries.
+    pub fn restore_ranges(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, ranges: &[PhysRange]) -> Result<()> {
         let t = self.tables.as_mut().ok_or(Error::NotBuilt)?;
-        t.map_page(mem, alloc, pa)?;
+        ranges.iter().try_for_each(|r| t.check_range(*r))?;
+        let mut r = Ok(());
+        for range in ranges {
+            r = t.map_range(mem, alloc, *range);
+            if r.is_err() {
+                break;
+            }
+        }
         self.sync_dirty();
+        r?;
+        let lone = ranges.len() == 1 && ranges[0].size() == PAGE_SIZE;
+        let what = match ranges.first() {
+            Some(first) if lone => Invalidate::Page { domain: HOST_DOMAIN, addr: Iova(first.base.0) },
+            _ => Invalidate::Domain(HOST_DOMAIN),
+        };
         for unit in self.units.iter_mut().filter(|u| u.cap().caching_mode()) {
-            unit.invalidate(mem, Invalidate::Page { domain: HOST_DOMAIN, addr: Iova(pa.0) })?;
+            unit.invalidate(mem, what)?;
         }
         Ok(())
     }
@@ -335,6 +409,15 @@ impl<R: VtdRegs> Vtd<R> {
             last_fault_source: src,
             last_fault_addr: addr,
         }
+    }
+
+    /// Turns translation off in every unit and frees the tables: devices
+    /// reach memory untranslated again, as before we took over. If a unit
+    /// does not answer, the tables stay (it may still walk them) and the
+    /// error is returned.
+    pub fn teardown(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc) -> Result<()> {
+        self.disable(mem, alloc)?;
+        self.free_tables(mem, alloc)
     }
 
     /// Frees the tables. Every unit must be disabled first.

@@ -346,6 +346,118 @@ impl DmaTables {
         Ok(())
     }
 
+    /// Checks a range as [`DmaTables::check_page`] checks a page: 4 KiB
+    /// aligned, not empty, inside the tables' width, clear of every RMRR.
+    pub fn check_range(&self, range: PhysRange) -> Result<()> {
+        let (base, end) = (range.base.0, range.end.0);
+        if !range.base.is_page_aligned() || !range.end.is_page_aligned() || end <= base {
+            return Err(Error::OutOfRange { addr: base });
+        }
+        if end > 1u64 << self.config.address_bits {
+            return Err(Error::OutOfRange { addr: end });
+        }
+        if let Some(r) = self.rmrrs.iter().find(|r| r.overlaps(base, end - base)) {
+            return Err(Error::RmrrPage { addr: r.base.0.max(base) });
+        }
+        Ok(())
+    }
+
+    /// The entry that decides `addr` at `level` or above: the walk stops at
+    /// a large leaf or at `level`, and gives `None` at a missing entry.
+    /// Returns the entry and the level it sits at.
+    fn probe(&self, mem: &impl PhysMem, addr: u64, level: u32) -> Option<(SlEntry, u32)> {
+        let mut table = self.slpt;
+        for l in (level..=self.config.levels.count()).rev() {
+            let e = SlEntry(mem.read_u64(Hpa(table.0 + index(addr, l) * 8)));
+            if !e.present() {
+                return None;
+            }
+            if l == level || e.is_large() {
+                return Some((e, l));
+            }
+            table = Hpa(e.addr());
+        }
+        None
+    }
+
+    /// Takes a range out of the device-visible map, as donation does. A
+    /// whole 2 MiB block that a large leaf maps goes by clearing one entry
+    /// at the 2 MiB level (a 1 GiB leaf is split first: one table), so a
+    /// donation of 2 MiB blocks costs no 4 KiB tables; the rest goes page by
+    /// page. The range is checked before anything changes. The caller must
+    /// invalidate every enabled unit before the pages change hands.
+    pub fn unmap_range(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, range: PhysRange) -> Result<Unmapped> {
+        self.check_range(range)?;
+        let block = level_size(2);
+        let mut out = Unmapped { was_mapped: false, split: false };
+        let mut a = range.base.0;
+        while a < range.end.0 {
+            if a.is_multiple_of(block) && a + block <= range.end.0 {
+                match self.probe(mem, a, 2) {
+                    None => {}
+                    Some((e, l)) if l > 2 || e.is_large() => {
+                        let (at, split) = self.entry_at(mem, alloc, a, 2, true)?.ok_or(Error::NoFrames)?;
+                        mem.write_u64(at, SlEntry::empty().0);
+                        self.dirty.push(at.page_base());
+                        out.was_mapped = true;
+                        out.split |= split;
+                    }
+                    Some(_) => {
+                        // Already split into 4 KiB leaves: clear them; the
+                        // table stays, for the pages to come back to.
+                        for p in (a..a + block).step_by(PAGE_SIZE as usize) {
+                            let u = self.unmap_page(mem, alloc, Hpa(p))?;
+                            out.was_mapped |= u.was_mapped;
+                            out.split |= u.split;
+                        }
+                    }
+                }
+                a += block;
+            } else {
+                let u = self.unmap_page(mem, alloc, Hpa(a))?;
+                out.was_mapped |= u.was_mapped;
+                out.split |= u.split;
+                a += PAGE_SIZE;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts a range back into the map, read-write, as a return of donated
+    /// pages does: a whole 2 MiB block whose entry is empty gets one 2 MiB
+    /// leaf again (where every unit takes them), the rest 4 KiB leaves. The
+    /// range must lie below the map's top.
+    pub fn map_range(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, range: PhysRange) -> Result<()> {
+        self.check_range(range)?;
+        if range.end.0 > self.top {
+            return Err(Error::OutOfRange { addr: range.base.0.max(self.top) });
+        }
+        let block = level_size(2);
+        let mut a = range.base.0;
+        while a < range.end.0 {
+            if self.config.pages_2m && a.is_multiple_of(block) && a + block <= range.end.0 {
+                match self.probe(mem, a, 2) {
+                    Some((e, l)) if l > 2 || e.is_large() => {}
+                    Some(_) => {
+                        for p in (a..a + block).step_by(PAGE_SIZE as usize) {
+                            self.map_page(mem, alloc, Hpa(p))?;
+                        }
+                    }
+                    None => {
+                        let (at, _) = self.entry_at(mem, alloc, a, 2, true)?.ok_or(Error::NoFrames)?;
+                        mem.write_u64(at, SlEntry::leaf(a, SlFlags::RW, true).0);
+                        self.dirty.push(at.page_base());
+                    }
+                }
+                a += block;
+            } else {
+                self.map_page(mem, alloc, Hpa(a))?;
+                a += PAGE_SIZE;
+            }
+        }
+        Ok(())
+    }
+
     /// Every table page written since the last call, sorted, once each: the
     /// pages to flush for a unit without coherent page walks (ECAP.C = 0).
     pub fn take_dirty(&mut self) -> Vec<Hpa> {
@@ -680,6 +792,130 @@ mod tests {
         assert!(used > 3 && used < 64, "an identity map should need few tables, used {used}");
         t.free(&mem, &mut frames);
         assert!(frames.live.is_empty());
+    }
+
+    #[test]
+    fn donated_2m_blocks_cost_no_4k_tables() {
+        let (mem, mut frames, mut t) = build_with(cfg(Levels::Four, true), &[HV], &[]);
+        let before = t.counts(&mem);
+        let live = frames.live.len();
+        // Two 2 MiB blocks inside a 1 GiB leaf: one split, no 4 KiB table.
+        let r = PhysRange::new(0x1_5000_0000, 2 * LARGE_PAGE_SIZE);
+        assert_eq!(t.unmap_range(&mem, &mut frames, r).unwrap(), Unmapped { was_mapped: true, split: true });
+        assert_eq!(frames.live.len(), live + 1);
+        for a in [r.base.0, r.base.0 + 0x1234, r.end.0 - 1] {
+            assert_eq!(t.translate(&mem, Iova(a)), None, "{a:#x}");
+        }
+        assert_eq!(t.translate(&mem, Iova(r.base.0 - 1)), Some((Hpa(r.base.0 - 1), true)));
+        assert_eq!(t.translate(&mem, Iova(r.end.0)), Some((r.end, true)));
+        assert_eq!(level_of(&t, &mem, r.end.0), Some(2));
+        let c = t.counts(&mem);
+        assert_eq!((c.huge, c.large, c.small), (before.huge - 1, before.large + 510, before.small));
+        // Again: nothing is mapped there any more.
+        assert!(!t.unmap_range(&mem, &mut frames, r).unwrap().was_mapped);
+        // Given back whole: 2 MiB leaves again, still no 4 KiB table.
+        t.map_range(&mem, &mut frames, r).unwrap();
+        assert_eq!(frames.live.len(), live + 1);
+        assert_eq!(level_of(&t, &mem, r.base.0), Some(2));
+        assert_eq!(t.translate(&mem, Iova(r.base.0 + 0x1234)), Some((Hpa(r.base.0 + 0x1234), true)));
+        let c = t.counts(&mem);
+        assert_eq!((c.huge, c.large, c.small), (before.huge - 1, before.large + 512, before.small));
+    }
+
+    #[test]
+    fn ranges_mix_blocks_and_pages() {
+        let (mem, mut frames, mut t) = build_with(cfg(Levels::Three, true), &[HV], &[]);
+        // Three pages before a 2 MiB boundary, then a whole 2 MiB block.
+        let r = PhysRange { base: Hpa(0x4020_0000 - 0x3000), end: Hpa(0x4040_0000) };
+        let u = t.unmap_range(&mem, &mut frames, r).unwrap();
+        assert!(u.was_mapped && u.split);
+        assert_eq!(t.translate(&mem, Iova(r.base.0 - 1)), Some((Hpa(r.base.0 - 1), true)));
+        assert_eq!(level_of(&t, &mem, r.base.0 - 0x1000), Some(1));
+        for a in (r.base.0..r.end.0).step_by(0x1000) {
+            assert_eq!(t.translate(&mem, Iova(a)), None, "{a:#x}");
+        }
+        // The hypervisor region right after it was never mapped.
+        assert_eq!(t.translate(&mem, Iova(HV.base.0)), None);
+        t.map_range(&mem, &mut frames, r).unwrap();
+        for a in (r.base.0..r.end.0).step_by(0x1000) {
+            assert_eq!(t.translate(&mem, Iova(a)), Some((Hpa(a), true)), "{a:#x}");
+        }
+        assert_eq!(t.translate(&mem, Iova(HV.base.0)), None);
+    }
+
+    #[test]
+    fn a_block_already_in_4k_leaves_keeps_its_table() {
+        let (mem, mut frames, mut t) = build_with(cfg(Levels::Four, true), &[HV], &[]);
+        let block = PhysRange::new(0x1_5000_0000, LARGE_PAGE_SIZE);
+        t.unmap_page(&mem, &mut frames, Hpa(block.base.0 + 0x5000)).unwrap();
+        let live = frames.live.len();
+        let u = t.unmap_range(&mem, &mut frames, block).unwrap();
+        assert_eq!(u, Unmapped { was_mapped: true, split: false });
+        assert_eq!(frames.live.len(), live);
+        assert!((block.base.0..block.end.0).step_by(0x1000).all(|a| t.translate(&mem, Iova(a)).is_none()));
+        t.map_range(&mem, &mut frames, block).unwrap();
+        assert_eq!(frames.live.len(), live);
+        assert!((block.base.0..block.end.0).step_by(0x1000).all(|a| t.translate(&mem, Iova(a)) == Some((Hpa(a), true))));
+        assert_eq!(level_of(&t, &mem, block.base.0), Some(1));
+    }
+
+    #[test]
+    fn bad_ranges_change_nothing() {
+        let rmrrs = [PhysRange::new(0x7b80_0000, 0x10_0000)];
+        let (mem, mut frames, mut t) = build_with(cfg(Levels::Three, true), &[HV], &rmrrs);
+        let live = frames.live.len();
+        let bad = [
+            (PhysRange::new(0x1000_0800, 0x1000), Error::OutOfRange { addr: 0x1000_0800 }),
+            (PhysRange::new(0x1000_0000, 0x800), Error::OutOfRange { addr: 0x1000_0000 }),
+            (PhysRange::new(0x1000_0000, 0), Error::OutOfRange { addr: 0x1000_0000 }),
+            (PhysRange::new((1 << 39) - 0x1000, 0x2000), Error::OutOfRange { addr: (1 << 39) + 0x1000 }),
+            // Overlapping an RMRR: refused whole, even the part before it.
+            (PhysRange::new(0x7b60_0000, 0x40_0000), Error::RmrrPage { addr: 0x7b80_0000 }),
+        ];
+        for (r, e) in bad {
+            assert_eq!(t.unmap_range(&mem, &mut frames, r), Err(e), "{r:?}");
+            assert_eq!(t.map_range(&mem, &mut frames, r), Err(e), "{r:?}");
+        }
+        assert_eq!(t.translate(&mem, Iova(0x7b60_0000)), Some((Hpa(0x7b60_0000), true)));
+        assert_eq!(frames.live.len(), live);
+        // Above the map's top there is nothing to give back.
+        assert_eq!(t.map_range(&mem, &mut frames, PhysRange::new(7 << 30, 0x1000)), Err(Error::OutOfRange { addr: 7 << 30 }));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+        /// Donations and returns in any order, by page or by block, against
+        /// a model of which pages devices may reach.
+        #[test]
+        fn donations_and_returns_match_a_model(
+            ops in proptest::collection::vec((proptest::bool::ANY, 0u64..2048, 1u64..1100, proptest::bool::ANY), 1..40)
+        ) {
+            // 8 MiB starting in the middle of a 1 GiB leaf.
+            const BASE: u64 = 0x1_5000_0000;
+            let (mem, mut frames, mut t) = build_with(cfg(Levels::Four, true), &[HV], &[]);
+            let mut out = vec![false; 2048];
+            for (remove, first, n, blocks) in ops {
+                let (first, n) = if blocks { (first / 512 * 512, (n / 512).max(1) * 512) } else { (first, n) };
+                let n = n.min(2048 - first);
+                let r = PhysRange::new(BASE + first * PAGE_SIZE, n * PAGE_SIZE);
+                if remove {
+                    t.unmap_range(&mem, &mut frames, r).unwrap();
+                } else {
+                    t.map_range(&mem, &mut frames, r).unwrap();
+                }
+                out[first as usize..(first + n) as usize].fill(remove);
+            }
+            for (i, &gone) in out.iter().enumerate() {
+                let a = BASE + i as u64 * PAGE_SIZE;
+                let want = if gone { None } else { Some((Hpa(a + 8), true)) };
+                proptest::prop_assert_eq!(t.translate(&mem, Iova(a + 8)), want, "page {}", i);
+            }
+            // Outside the window nothing moved.
+            proptest::prop_assert_eq!(t.translate(&mem, Iova(BASE - 8)), Some((Hpa(BASE - 8), true)));
+            proptest::prop_assert_eq!(t.translate(&mem, Iova(BASE + (8 << 20))), Some((Hpa(BASE + (8 << 20)), true)));
+            t.free(&mem, &mut frames);
+            proptest::prop_assert!(frames.live.is_empty());
+        }
     }
 
     #[test]

@@ -639,3 +639,119 @@ fn qemu_end_to_end() {
     let s = v.summary();
     assert_eq!((s.units, s.enabled, s.faults), (1, true, 0));
 }
+
+#[test]
+fn a_donation_is_one_invalidation() {
+    let mem = MockMem::new();
+    let mut f = frames();
+    let mut v = enabled(&mem, &mut f, vec![MockRegs::qemu(&mem), MockRegs::registers_only(&mem)]);
+    // What the driver donates: 2 MiB blocks and loose pages, in one call.
+    let ranges = [PhysRange::new(0x1000_0000, LARGE_PAGE_SIZE), PhysRange::new(0x1020_0000, LARGE_PAGE_SIZE), PhysRange::new(0x0800_3000, PAGE_SIZE)];
+    v.remove_ranges(&mem, &mut f, &ranges).unwrap();
+    for r in ranges {
+        assert_eq!(v.translate(&mem, Iova(r.base.0)), None);
+        assert_eq!(v.translate(&mem, Iova(r.end.0 - 1)), None);
+    }
+    // One domain-wide invalidation and its wait, however many pages.
+    let d = descs(&log(&v, 0));
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert_eq!((d[0].kind(), d[0].granularity(), d[0].domain()), (desc_type::IOTLB, 2, HOST_DOMAIN));
+    assert_eq!(without_syncs(&log(&v, 1)), vec![Event::Iotlb((1 << 63) | (2 << 60) | (1 << 32) | DRAIN)]);
+    // Returned: reachable again, and no invalidation is due.
+    v.units()[0].regs().clear_log();
+    v.units()[1].regs().clear_log();
+    v.restore_ranges(&mem, &mut f, &ranges).unwrap();
+    for r in ranges {
+        assert_eq!(v.translate(&mem, Iova(r.base.0 + 0x10)), Some((Hpa(r.base.0 + 0x10), true)));
+    }
+    assert!(descs(&log(&v, 0)).is_empty());
+    assert_eq!(register_invalidations(&log(&v, 1)), 0);
+}
+
+#[test]
+fn a_bad_range_stops_a_donation_before_any_change() {
+    let mem = MockMem::new();
+    let mut f = frames();
+    let mut v = vtd(vec![MockRegs::qemu(&mem)]);
+    let ram = ram();
+    let rmrrs = [PhysRange::new(0x7b80_0000, 0x10_0000)];
+    v.build(&mem, &mut f, &DmaMap { ram: &ram, holes: &[HV], rmrrs: &rmrrs }).unwrap();
+    v.enable(&mem, &mut f).unwrap();
+    v.units()[0].regs().clear_log();
+    let ranges = [PhysRange::new(0x1000_0000, LARGE_PAGE_SIZE), PhysRange::new(0x7b80_0000, PAGE_SIZE)];
+    assert_eq!(v.remove_ranges(&mem, &mut f, &ranges), Err(Error::RmrrPage { addr: 0x7b80_0000 }));
+    assert_eq!(v.translate(&mem, Iova(0x1000_0000)), Some((Hpa(0x1000_0000), true)));
+    assert!(log(&v, 0).is_empty());
+}
+
+#[test]
+fn out_of_frames_half_way_puts_the_donation_back() {
+    // The exact frames a build and enable take, and not one more.
+    let count = {
+        let mem = MockMem::new();
+        let mut f = frames();
+        let _v = enabled(&mem, &mut f, vec![MockRegs::qemu(&mem)]);
+        f.live.len() as u64
+    };
+    let mem = MockMem::new();
+    let mut f = MockFrames::new(0x7_0000_0000, count);
+    let mut v = enabled(&mem, &mut f, vec![MockRegs::qemu(&mem)]);
+    // The first block lies in the GiB already split around the hypervisor
+    // region (no frame needed), the second inside a 1 GiB leaf (one needed).
+    let a = PhysRange::new(HV.end.0, LARGE_PAGE_SIZE);
+    let b = PhysRange::new(0x1000_0000, LARGE_PAGE_SIZE);
+    assert_eq!(v.remove_ranges(&mem, &mut f, &[a, b]), Err(Error::NoFrames));
+    assert_eq!(v.translate(&mem, Iova(a.base.0)), Some((a.base, true)));
+    assert_eq!(v.translate(&mem, Iova(b.base.0)), Some((b.base, true)));
+    // Alone, the first goes through.
+    v.remove_ranges(&mem, &mut f, &[a]).unwrap();
+    assert_eq!(v.translate(&mem, Iova(a.base.0)), None);
+}
+
+#[test]
+fn caching_mode_units_hear_of_returned_ranges() {
+    let mem = MockMem::new();
+    let mut f = frames();
+    let mut v = enabled(&mem, &mut f, vec![MockRegs::new(&mem, QEMU_CAP | (1 << 7), QEMU_ECAP)]);
+    let r = PhysRange::new(0x1000_0000, 4 * LARGE_PAGE_SIZE);
+    v.remove_ranges(&mem, &mut f, &[r]).unwrap();
+    v.units()[0].regs().clear_log();
+    v.restore_ranges(&mem, &mut f, &[r]).unwrap();
+    let d = descs(&log(&v, 0));
+    assert_eq!((d[0].kind(), d[0].granularity()), (desc_type::IOTLB, 2));
+}
+
+#[test]
+fn teardown_gives_devices_untranslated_memory_back() {
+    let mem = MockMem::new();
+    let mut f = frames();
+    let mut v = enabled(&mem, &mut f, vec![MockRegs::qemu(&mem), MockRegs::registers_only(&mem)]);
+    v.remove_ranges(&mem, &mut f, &[PhysRange::new(0x1000_0000, LARGE_PAGE_SIZE)]).unwrap();
+    v.teardown(&mem, &mut f).unwrap();
+    assert!(!v.enabled());
+    for u in v.units() {
+        assert!(!u.regs().gsts().intersects(Gsts::TES | Gsts::QIES));
+    }
+    assert!(f.live.is_empty(), "leaked {:?}", f.live);
+    assert_eq!(v.remove_page(&mem, &mut f, PAGE), Err(Error::NotBuilt));
+    // A unit that does not answer keeps the tables.
+    let mut v = enabled(&mem, &mut f, vec![MockRegs::qemu(&mem)]);
+    v.units()[0].regs().st.borrow_mut().stuck = Gsts::TES.bits();
+    assert_eq!(v.teardown(&mem, &mut f), Err(timeout(Wait::TranslationOff)));
+    assert!(v.tables().is_some());
+}
+
+#[test]
+fn errors_become_errnos_and_say_what_to_do() {
+    use shared_abi::errno::*;
+    let busy = Error::InUse { unit: UNIT0, gsts: Gsts::TES.bits() };
+    assert_eq!(busy.errno(), -EBUSY);
+    let text = alloc::format!("{busy}");
+    assert!(text.contains("intel_iommu=off") && !text.contains("intremap"), "{text}");
+    let ir = Error::InUse { unit: UNIT0, gsts: (Gsts::IRES | Gsts::QIES).bits() };
+    assert!(alloc::format!("{ir}").contains("intremap=off"));
+    assert_eq!(Error::NoFrames.errno(), -ENOMEM);
+    assert_eq!(timeout(Wait::QueueWait).errno(), -EIO);
+    assert_eq!(Error::DmarNoUnits.errno(), -ENODEV);
+    assert_eq!(Error::RmrrPage { addr: 0 }.errno(), -EINVAL);
+}

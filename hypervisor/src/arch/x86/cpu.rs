@@ -62,8 +62,11 @@ pub struct PerCpu {
     pub tss: Tss,
     /// The last TLB-flush generation this CPU performed (see `hv::tlb`).
     pub flushed_gen: AtomicU64,
-    /// NMIs other CPUs sent here for shootdowns and kicks, not yet taken.
-    pub nmis_expected: AtomicU32,
+    /// 1 while a kick's NMI (`hv::tlb::kick`) is on its way here: at most
+    /// one is ever in flight, so each kick NMI is matched to the flag.
+    pub kick_pending: AtomicU32,
+    /// CPUs inside `hv::tlb::kick` for this CPU (see `tlb::stop_kicks`).
+    pub kickers: AtomicU32,
     /// An NMI meant for the host arrived while the hypervisor ran.
     pub host_nmi_pending: AtomicU32,
     /// 1 while the host VM waits for SIPI here (it cannot touch memory).

@@ -295,6 +295,23 @@ pub unsafe fn wbinvd() {
     unsafe { asm!("wbinvd", options(nostack)) };
 }
 
+/// Writes the cache lines of one 4 KiB page back to memory (CLFLUSH each
+/// 64-byte line), then fences, so that a device that does not snoop the
+/// CPU caches reads what the CPU wrote. See: SDM Vol. 2A, CLFLUSH (ordered
+/// by MFENCE); VT-d spec, 6.1 (ECAP.C = 0).
+///
+/// # Safety
+/// `page` must be the mapped virtual address of a 4 KiB page.
+pub unsafe fn clflush_page(page: u64) {
+    for line in (page..page + 4096).step_by(64) {
+        // SAFETY: the line lies in the mapped page (the caller's contract);
+        // CLFLUSH changes no data.
+        unsafe { asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags)) };
+    }
+    // SAFETY: a fence has no other effect.
+    unsafe { asm!("mfence", options(nostack, preserves_flags)) };
+}
+
 /// # Safety
 /// Port output has device side effects.
 pub unsafe fn outb(port: u16, v: u8) {

@@ -14,4 +14,6 @@ pub mod cpu;
 #[cfg(target_os = "none")]
 pub mod instr;
 #[cfg(target_os = "none")]
+pub mod iommu;
+#[cfg(target_os = "none")]
 pub mod vmx;

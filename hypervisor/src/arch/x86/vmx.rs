@@ -577,6 +577,11 @@ pub fn capture() -> Snapshot {
     s
 }
 
+/// The value of `field` in a snapshot, if the snapshot holds it.
+pub fn snapshot_field(s: &Snapshot, field: u32) -> Option<u64> {
+    SNAPSHOT_FIELDS.iter().position(|&f| f == field).map(|i| s[i])
+}
+
 /// Writes a captured guest state into the current VMCS.
 pub fn restore(s: &Snapshot) {
     for (i, f) in SNAPSHOT_FIELDS.iter().enumerate() {

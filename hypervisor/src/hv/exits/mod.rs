@@ -108,8 +108,8 @@ extern "sysv64" fn uxen_vmexit_handler(regs: &mut GuestRegs) {
         }
         Ok(ExitReason::ExceptionOrNmi) => {
             let info = vmx::read(EXIT_INTERRUPTION_INFO) as u32;
-            if (info >> 8) & 7 == 2 && super::tlb::on_nmi(pc) {
-                pc.host_nmi_pending.store(1, core::sync::atomic::Ordering::Release);
+            if (info >> 8) & 7 == 2 {
+                super::tlb::nmi_exit(pc);
             }
         }
         Ok(ExitReason::NmiWindow) => {

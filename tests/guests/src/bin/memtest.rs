@@ -1,12 +1,13 @@
 //! Fills all its free memory with a pattern, then checks it in rounds and
 //! prints a checksum. While it checks, the host may attack its frames: a
-//! single changed word fails the test.
+//! single changed word fails the test. `rounds=N` on the command line sets
+//! the number of checking rounds (default 6), to keep it alive longer.
 #![no_std]
 #![no_main]
 
-use uxen_test_guests::{image_end, pattern, println};
+use uxen_test_guests::{arg, image_end, pattern, println};
 
-const ROUNDS: u32 = 6;
+const ROUNDS: u64 = 6;
 
 #[no_mangle]
 fn guest_main(mem: u64) -> u8 {
@@ -22,7 +23,7 @@ fn guest_main(mem: u64) -> u8 {
     }
     println!("memtest: filled {} KiB", (end - start) >> 10);
     let mut sum = 0u64;
-    for round in 0..ROUNDS {
+    for round in 0..arg("rounds", ROUNDS) {
         sum = 0;
         for i in 0..words {
             // SAFETY: as above.

@@ -1,0 +1,7 @@
+//! Guest memory operations on a small frame pool.
+//! The harness and its invariants: `hypervisor/src/control/fuzz.rs`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    hypervisor::control::fuzz::guestmem_ops(data);
+});

@@ -1,0 +1,7 @@
+//! ioctls through the model of the driver's ioctl handler.
+//! The harness and its invariants: `hypervisor/src/control/fuzz.rs`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    hypervisor::control::fuzz::ioctls(data);
+});

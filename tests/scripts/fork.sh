@@ -53,7 +53,7 @@ check forkee-ready wait_console "$p" "forkee: vm$p ready"
 psum=$(sed -n 's/.*ready: touched .* sum=\([0-9a-f]*\).*/\1/p' "/run/uxen/vm-$p.console" | tr -d '\r')
 usleep 500000
 alone=$(($(used) - base))
-kids=$(uxenctl fork "$p" --count 64); rc=$?
+kids=$(fork_vm "$p" --count 64); rc=$?
 expect_eq fork-64-rc "$rc" 0
 expect_eq fork-64-ids "$(printf '%s\n' $kids | sort -u | grep -c .)" 64
 ok=0
@@ -78,7 +78,7 @@ expect_eq fork-65th-refused "$rc" 1
 expect_match fork-65th-message "$out" "Resource temporarily unavailable|EAGAIN|live children"
 
 # A fork of a fork sees the same memory.
-g=$(uxenctl fork "$first")
+g=$(fork_vm "$first")
 check fork-of-fork-runs wait_console "$g" "forkee: vm$g forked from vm$first: memory intact sum=$psum"
 expect_eq fork-of-fork-parent "$(vm_field "$g" parent)" "$first"
 
@@ -86,7 +86,7 @@ expect_eq fork-of-fork-parent "$(vm_field "$g" parent)" "$first"
 check destroy-parent-first uxenctl destroy "$p"
 wait_gone "$p"
 second=$(printf '%s\n' $kids | sed -n 2p)
-g2=$(uxenctl fork "$second")
+g2=$(fork_vm "$second")
 check child-of-destroyed-parent-forks wait_console "$g2" "forkee: vm$g2 forked from vm$second: memory intact sum=$psum"
 ok=0
 for c in $kids $g $g2; do
@@ -99,11 +99,11 @@ expect_eq parent-first-frees-everything "$(used)" "$base"
 # Children first, then the parent, which must still see its memory.
 p=$(uxenctl create /guests/forkee --mem 8 --cmdline "touch=4" --name forkee2)
 check forkee2-ready wait_console "$p" "ready"
-kids=$(uxenctl fork "$p" --count 3)
+kids=$(fork_vm "$p" --count 3)
 for c in $kids; do wait_console "$c" "forkee: vm$c forked"; done
 for c in $kids; do uxenctl destroy "$c"; wait_gone "$c"; done
 expect_eq children-gone-parent-owns-all "$(vm_field "$p" frames_shared)" 0
-c=$(uxenctl fork "$p")
+c=$(fork_vm "$p")
 check parent-forks-again wait_console "$c" "forkee: vm$c forked from vm$p: memory intact"
 check destroy-parent uxenctl destroy "$p"
 check destroy-last-child uxenctl destroy "$c"
@@ -113,7 +113,7 @@ expect_eq children-first-frees-everything "$(used)" "$base"
 # --- 4. Re-merging: children that wrote the same data fold back. ---
 p=$(uxenctl create /guests/forkee --mem 16 --cmdline "touch=4 same=2 zero=1" --name merger)
 check merger-ready wait_console "$p" "forkee: vm$p ready"
-kids=$(uxenctl fork "$p" --count 8)
+kids=$(fork_vm "$p" --count 8)
 ok=0
 for c in $kids; do
     wait_console "$c" "forkee: vm$c wrote 2048 KiB of shared data and 1024 KiB of zeros" && ok=$((ok + 1))
@@ -141,9 +141,9 @@ first=$(printf '%s\n' $kids | head -n1)
 expect_match merged-child-shares "$(uxenctl list --json | tr '{' '\n' | grep "\"id\":$first,")" '"frames_private":[0-9],'
 # The merged memory reads as before, in a fork of a merged child and in
 # the child itself after more forks.
-g=$(uxenctl fork "$first")
+g=$(fork_vm "$first")
 check merged-memory-intact wait_console "$g" "forkee: vm$g forked from vm$first: memory intact"
-g2=$(uxenctl fork "$g")
+g2=$(fork_vm "$g")
 check merged-memory-intact-again wait_console "$g2" "forkee: vm$g2 forked from vm$g: memory intact"
 out=$(uxenctl merge 9999 2>&1); rc=$?
 expect_eq merge-unknown-rc "$rc" 1

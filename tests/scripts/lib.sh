@@ -86,6 +86,21 @@ signature() {
     taskset -c "$1" uxtest cpuid 0x40000000 | awk '{print $5}'
 }
 
+# fork_vm VM [ARGS...]: `uxenctl fork`, killed if its VMM does not answer
+# within a minute; then what every uxenctl thread waits on, for the log.
+fork_vm() {
+    timeout -s KILL 60 uxenctl fork "$@" && return 0
+    _rc=$?
+    echo "UXEN-INFO: uxenctl fork $* failed ($_rc); the VMMs' threads:" >&2
+    for _p in $(pidof uxenctl); do
+        for _t in /proc/"$_p"/task/*; do
+            echo "UXEN-INFO:   $_t $(cat "$_t"/wchan) $(grep State "$_t"/status)" >&2
+        done
+    done
+    dmesg | grep -E 'uxen' | tail -n 20 >&2
+    return $_rc
+}
+
 # The hypervisor's counters as one JSON line.
 stats_json() {
     uxenctl stats --json

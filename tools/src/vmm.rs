@@ -114,6 +114,8 @@ struct Request {
 
 /// Set by the control thread: vCPU 0 has fork requests to serve.
 static REQUESTS: Mutex<Vec<Request>> = Mutex::new(Vec::new());
+/// Set while `REQUESTS` holds a request vCPU 0's thread has not taken.
+static PENDING: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     TERMINATE.store(true, Ordering::Release);
@@ -189,7 +191,9 @@ fn vcpu_loop(vm: &Vm, cpu: u32, vcpus: u32, mode: Mode, uart: &Mutex<Uart>, end:
                 if TERMINATE.load(Ordering::Acquire) {
                     return finish(end, End::Killed("terminated by a signal".into()));
                 }
-                if cpu == 0 && vcpus == 1 {
+                // RUN returned with no exit left to complete: the vCPU can
+                // be forked as it stands.
+                if cpu == 0 && vcpus == 1 && PENDING.load(Ordering::Acquire) {
                     serve_requests(vm, mode);
                 }
                 continue;
@@ -304,8 +308,16 @@ fn start_control(id: u32, vcpus: u32) {
                 }
                 Some((count, copy)) => {
                     REQUESTS.lock().unwrap().push(Request { count, copy, conn });
-                    // SAFETY: interrupting vCPU 0's RUN.
-                    unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
+                    PENDING.store(true, Ordering::Release);
+                    // The signal makes a RUN in progress return. One that
+                    // lands while the thread is between two RUNs interrupts
+                    // nothing, so it is sent again until the request is
+                    // taken.
+                    while PENDING.load(Ordering::Acquire) {
+                        // SAFETY: interrupting vCPU 0's RUN.
+                        unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
+                        std::thread::sleep(std::time::Duration::from_millis(250));
+                    }
                 }
                 None => {
                     let _ = writeln!(&conn, "err bad request: {}", line.trim());
@@ -332,7 +344,11 @@ fn parse_request(line: &str) -> Option<(u32, bool)> {
 
 /// Serves queued fork requests while the vCPU is out of RUN.
 fn serve_requests(vm: &Vm, mode: Mode) {
-    let reqs: Vec<_> = std::mem::take(&mut *REQUESTS.lock().unwrap());
+    let reqs: Vec<_> = {
+        let mut q = REQUESTS.lock().unwrap();
+        PENDING.store(false, Ordering::Release);
+        std::mem::take(&mut *q)
+    };
     for r in reqs {
         let mut done = Vec::new();
         let mut err = None;

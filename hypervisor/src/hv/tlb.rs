@@ -74,11 +74,23 @@ pub fn kick(index: usize) {
     // Registered before `virtualized` is read, so that `stop_kicks` either
     // sees this kick or this kick sees the CPU leaving (both SeqCst).
     pc.kickers.fetch_add(1, Ordering::SeqCst);
-    if pc.virtualized.load(Ordering::SeqCst) != 0 && pc.kick_pending.swap(1, Ordering::AcqRel) == 0 {
-        apic::send_nmi(pc.apic_id);
+    if pc.virtualized.load(Ordering::SeqCst) != 0 {
+        let now = instr::rdtsc().max(1);
+        let sent = pc.kick_pending.load(Ordering::Acquire);
+        // A kick NMI that has not arrived after KICK_RESEND ticks is taken
+        // as lost, and sent again: an emulator may drop one, and a CPU
+        // never kicked again would keep every shootdown waiting.
+        let due = sent == 0 || now.wrapping_sub(sent) > KICK_RESEND;
+        if due && pc.kick_pending.compare_exchange(sent, now, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            apic::send_nmi(pc.apic_id);
+        }
     }
     pc.kickers.fetch_sub(1, Ordering::Release);
 }
+
+/// TSC ticks after which a kick NMI that has not arrived is sent again. A
+/// late original then reaches the host as an NMI of its own.
+pub const KICK_RESEND: u64 = 1 << 24;
 
 /// Called by this CPU before it leaves VMX (`pc.virtualized` already 0, so
 /// no new kick is sent here): waits until no other CPU is inside `kick`
@@ -120,13 +132,21 @@ pub fn shootdown() {
     for i in 0..h.num_cpus() {
         let pc = h.percpu(i);
         let t0 = instr::rdtsc();
+        let mut last = t0;
         while pc.flushed_gen.load(Ordering::Acquire) < g
             && pc.virtualized.load(Ordering::Acquire) != 0
             && pc.parked.load(Ordering::Acquire) == 0
         {
-            if instr::rdtsc().wrapping_sub(t0) > 1 << 34 {
+            let now = instr::rdtsc();
+            if now.wrapping_sub(t0) > 1 << 34 {
                 log::error!("cpu{i} did not acknowledge a TLB shootdown");
                 break;
+            }
+            if now.wrapping_sub(last) > KICK_RESEND {
+                // The kick may have been lost: kick again (sent only if
+                // the first one is overdue).
+                last = now;
+                kick(i);
             }
             core::hint::spin_loop();
         }

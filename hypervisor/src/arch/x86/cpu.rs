@@ -62,9 +62,10 @@ pub struct PerCpu {
     pub tss: Tss,
     /// The last TLB-flush generation this CPU performed (see `hv::tlb`).
     pub flushed_gen: AtomicU64,
-    /// 1 while a kick's NMI (`hv::tlb::kick`) is on its way here: at most
-    /// one is ever in flight, so each kick NMI is matched to the flag.
-    pub kick_pending: AtomicU32,
+    /// Non-zero while a kick's NMI (`hv::tlb::kick`) is on its way here:
+    /// the TSC when it was sent. At most one is in flight, so each kick NMI
+    /// is matched to the flag (but see `tlb::KICK_RESEND`).
+    pub kick_pending: AtomicU64,
     /// CPUs inside `hv::tlb::kick` for this CPU (see `tlb::stop_kicks`).
     pub kickers: AtomicU32,
     /// An NMI meant for the host arrived while the hypervisor ran.

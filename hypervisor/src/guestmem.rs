@@ -429,17 +429,8 @@ impl GuestMem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mem::mock::MockMem;
 
-    fn setup(frames: usize) -> (MockMem, FramePool) {
-        let mut pool = FramePool::new();
-        pool.donate(Hpa(0x1_0000_0000), frames).unwrap();
-        (MockMem::new(), pool)
-    }
-
-    fn used(pool: &FramePool) -> u64 {
-        pool.frames_total() - pool.frames_free()
-    }
+    use crate::mem::mock::{used, with_pool as setup};
 
     #[test]
     fn demand_allocation_and_bounds() {

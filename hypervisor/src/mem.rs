@@ -163,4 +163,16 @@ pub mod mock {
             self.free.push(pa.0);
         }
     }
+
+    /// Mock memory and a pool of `frames` frames donated at 4 GiB.
+    pub fn with_pool(frames: usize) -> (MockMem, crate::pool::FramePool) {
+        let mut pool = crate::pool::FramePool::new();
+        pool.donate(Hpa(0x1_0000_0000), frames).unwrap();
+        (MockMem::new(), pool)
+    }
+
+    /// Pool frames in use.
+    pub fn used(pool: &crate::pool::FramePool) -> u64 {
+        pool.frames_total() - pool.frames_free()
+    }
 }

@@ -173,17 +173,8 @@ pub fn merge_all(mem: &impl PhysMem, pool: &mut FramePool, vms: &mut [&mut Guest
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mem::mock::MockMem;
 
-    fn setup(frames: usize) -> (MockMem, FramePool) {
-        let mut pool = FramePool::new();
-        pool.donate(Hpa(0x1_0000_0000), frames).unwrap();
-        (MockMem::new(), pool)
-    }
-
-    fn used(pool: &FramePool) -> u64 {
-        pool.frames_total() - pool.frames_free()
-    }
+    use crate::mem::mock::{used, with_pool as setup};
 
     fn page(b: u8) -> [u8; 4096] {
         let mut p = [b; 4096];

@@ -102,6 +102,67 @@ impl Ept {
         Some(())
     }
 
+    /// Clears the entry for `gpa` at `level`. If it pointed to a table,
+    /// returns that table: the caller frees it with [`Ept::free_subtree`]
+    /// once no CPU can still walk it (after an INVEPT everywhere).
+    pub fn unmap(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, gpa: Gpa, level: u32) -> Option<Option<Hpa>> {
+        let at = self.entry_at(mem, alloc, gpa, level)?;
+        let old = EptEntry(mem.read_u64(at));
+        mem.write_u64(at, EptEntry::empty().0);
+        Some((level > 1 && old.present() && !old.is_large()).then(|| Hpa(old.addr())))
+    }
+
+    /// If the 2 MiB at `base` maps through a table of 512 identity 4 KiB
+    /// leaves with the same permissions and memory type, replaces the table
+    /// with one 2 MiB leaf. Returns the table: the caller frees it once no
+    /// CPU can still walk it (after an INVEPT everywhere).
+    pub fn coalesce_identity(&mut self, mem: &impl PhysMem, base: Gpa) -> Option<Hpa> {
+        let (at, e, level) = self.lookup_entry(mem, base, 2)?;
+        if level != 2 || !e.present() || e.is_large() || base.0 % LARGE_PAGE_SIZE != 0 {
+            return None;
+        }
+        let t = Hpa(e.addr());
+        let first = EptEntry(mem.read_u64(t));
+        if !first.present() || first.addr() != base.0 {
+            return None;
+        }
+        // Every leaf: the first one's bits, 4 KiB further on each time.
+        if (1..512u64).any(|i| mem.read_u64(Hpa(t.0 + i * 8)) != first.0 + i * PAGE_SIZE) {
+            return None;
+        }
+        mem.write_u64(at, first.with_flags(EptFlags::LARGE, EptFlags::empty()).0);
+        Some(t)
+    }
+
+    /// The entry for `gpa` at `level` if the walk gets there: where it
+    /// lives, the entry, and the level it was found at (higher if a large
+    /// leaf or a hole ends the walk early).
+    fn lookup_entry(&self, mem: &impl PhysMem, gpa: Gpa, level: u32) -> Option<(Hpa, EptEntry, u32)> {
+        let mut table = self.root;
+        for l in (level..=4).rev() {
+            let at = Hpa(table.0 + index(gpa.0, l) * 8);
+            let e = EptEntry(mem.read_u64(at));
+            if l == level || !e.present() || e.is_large() {
+                return Some((at, e, l));
+            }
+            table = Hpa(e.addr());
+        }
+        None
+    }
+
+    /// Frees `table`, an entry's table at `level`, and the tables under it.
+    pub fn free_subtree(mem: &impl PhysMem, alloc: &mut impl FrameAlloc, table: Hpa, level: u32) {
+        if level > 1 {
+            for i in 0..512u64 {
+                let e = EptEntry(mem.read_u64(Hpa(table.0 + i * 8)));
+                if e.present() && !e.is_large() {
+                    Self::free_subtree(mem, alloc, Hpa(e.addr()), level - 1);
+                }
+            }
+        }
+        alloc.free_frame(table);
+    }
+
     /// Visits every present leaf: `(gpa, entry address, entry, level)`.
     pub fn for_each_leaf(&self, mem: &impl PhysMem, mut f: impl FnMut(Gpa, Hpa, EptEntry, u32)) {
         fn walk(mem: &impl PhysMem, table: Hpa, level: u32, base: u64, f: &mut dyn FnMut(Gpa, Hpa, EptEntry, u32)) {
@@ -146,18 +207,7 @@ impl Ept {
 
     /// Frees every table frame (not the frames the leaves map).
     pub fn free_tables(self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc) {
-        fn walk(mem: &impl PhysMem, alloc: &mut impl FrameAlloc, table: Hpa, level: u32) {
-            if level > 1 {
-                for i in 0..512u64 {
-                    let e = EptEntry(mem.read_u64(Hpa(table.0 + i * 8)));
-                    if e.present() && !e.is_large() {
-                        walk(mem, alloc, Hpa(e.addr()), level - 1);
-                    }
-                }
-            }
-            alloc.free_frame(table);
-        }
-        walk(mem, alloc, self.root, 4);
+        Self::free_subtree(mem, alloc, self.root, 4);
     }
 }
 
@@ -336,6 +386,39 @@ mod tests {
         assert_eq!(c.huge, 0);
         assert!(c.large > 3000);
         assert!(ept.lookup(&mem, Gpa(0x1_0040_0000)).is_none());
+    }
+
+    #[test]
+    fn a_whole_large_page_unmapped_hands_back_its_split_table() {
+        let (mem, mut frames, mut ept, ram, holes) = build(true);
+        let map = HostMap { ram: &ram, top: host_map_top(&ram), holes: &holes, huge_pages: true };
+        let base = Hpa(0x1_5000_0000);
+        // Pages given away one by one and back split the 2 MiB leaf.
+        host_unmap_page(&mut ept, &mem, &mut frames, base).unwrap();
+        host_map_page(&mut ept, &mem, &mut frames, &map, base).unwrap();
+        let live = frames.live.len();
+        // Then the whole 2 MiB goes at once: its table of small pages is
+        // the caller's to free, and nothing leaks.
+        let t = ept.unmap(&mem, &mut frames, Gpa(base.0), 2).unwrap().expect("a table was there");
+        assert!(ept.lookup(&mem, Gpa(base.0 + 0x5000)).is_none());
+        Ept::free_subtree(&mem, &mut frames, t, 1);
+        assert_eq!(frames.live.len(), live - 1);
+        // Pages given back one by one: once the 2 MiB is whole again, it
+        // is one large leaf again and its table is the caller's to free.
+        let other = Hpa(0x1_5040_0000);
+        host_unmap_page(&mut ept, &mem, &mut frames, other).unwrap();
+        assert_eq!(ept.coalesce_identity(&mem, Gpa(other.0)), None, "a page is missing");
+        host_map_page(&mut ept, &mem, &mut frames, &map, other).unwrap();
+        let live = frames.live.len();
+        let t = ept.coalesce_identity(&mem, Gpa(other.0)).expect("whole again");
+        Ept::free_subtree(&mem, &mut frames, t, 1);
+        assert_eq!(frames.live.len(), live - 1);
+        let (_, e, level) = ept.lookup(&mem, Gpa(other.0 + 0x1234)).unwrap();
+        assert_eq!((level, e.mem_type(), e.addr()), (2, MT_WB, other.0));
+        assert!(e.flags().contains(EptFlags::RWX));
+        assert_eq!(ept.coalesce_identity(&mem, Gpa(other.0)), None, "already large");
+        // A large leaf unmapped has no table to hand back.
+        assert_eq!(ept.unmap(&mem, &mut frames, Gpa(base.0 + (2 << 20)), 2).unwrap(), None);
     }
 
     #[test]

@@ -546,7 +546,11 @@ pub struct HvStats {
     /// they did at start-up.
     pub image_intact: u32,
     pub reserved0b: u32,
-    pub reserved: [u64; 3],
+    /// The hypervisor's own heap (page tables of the host EPT, the pool's
+    /// bookkeeping, VM records), in bytes.
+    pub heap_bytes_total: u64,
+    pub heap_bytes_free: u64,
+    pub reserved: [u64; 1],
     pub cpus: [CpuStats; MAX_CPUS],
 }
 const _: () = assert_size(

@@ -60,14 +60,16 @@ run uxenctl merge
 used2=$(($(pool_total) - $(pool_free)))
 echo "frames in use after the merges: $used2 (was $used1)"
 if [ "$used2" -lt "$used1" ]; then pass merge-frees; else fail merge-frees "$used1 -> $used2"; fi
+g=$(uxenctl fork "$first")
+check merged-memory-intact wait_console "$g" "forkee: vm$g forked from vm$first: memory intact"
 run uxenctl list
 
 say "5. Stats: what the hypervisor counted"
 run uxenctl stats
 
 say "6. Unload: destroy the VMs, rmmod gives the machine back"
-for c in $ids $p; do uxenctl destroy "$c"; done
-for c in $ids $p; do wait_gone "$c"; done
+for c in $ids $g $p; do uxenctl destroy "$c"; done
+for c in $ids $g $p; do wait_gone "$c"; done
 run uxenctl list
 check rmmod rmmod uxen
 for cpu in 0 1; do

@@ -266,10 +266,10 @@ inputs 3
 check hotplug-memtest-finishes wait_gone "$a"
 expect_match hotplug-memtest-ok "$(cat /run/uxen/vm-$a.console)" "memtest: ok 6 MiB"
 expect_match hotplug-spin-still-runs "$(uxenctl list --json | tr '{' '\n' | grep "\"id\":$s,")" '"state":"(running|paused)"'
-# (A fork of the idle VM right after these cycles hangs its VMM: a known
-# bug, not yet found, so it is not tried here.)
-for v in $s $i; do uxenctl destroy "$v"; done
-for v in $s $i; do wait_gone "$v"; done
+f=$(fork_vm "$i")
+check hotplug-idle-forks wait_console "$f" "idle: vm$f halting"
+for v in $s $i $f; do uxenctl destroy "$v"; done
+for v in $s $i $f; do wait_gone "$v"; done
 expect_match hotplug-spin-destroyed "$(cat /run/uxen/vm-$s.status)" "stopped: destroyed"
 
 # --- rmmod while a VM exists (its VMM holds the descriptor), and while only

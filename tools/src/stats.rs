@@ -44,6 +44,12 @@ pub struct HostEpt {
 }
 
 #[derive(Serialize)]
+pub struct Heap {
+    pub bytes_total: u64,
+    pub bytes_free: u64,
+}
+
+#[derive(Serialize)]
 pub struct Merge {
     pub scanned: u64,
     pub merged: u64,
@@ -66,6 +72,7 @@ pub struct StatsJson {
     pub merge: Merge,
     pub vms: u32,
     pub host_ept: HostEpt,
+    pub heap: Heap,
 }
 
 /// Names of the SDM's basic exit reasons, by number.
@@ -132,6 +139,7 @@ pub fn to_json(s: &abi::HvStats) -> StatsJson {
         merge: Merge { scanned: s.merge_scanned, merged: s.merge_merged, zero: s.merge_zero },
         vms: s.vms,
         host_ept: HostEpt { pages_1g: s.host_ept_1g, pages_2m: s.host_ept_2m, pages_4k: s.host_ept_4k },
+        heap: Heap { bytes_total: s.heap_bytes_total, bytes_free: s.heap_bytes_free },
     }
 }
 
@@ -146,6 +154,7 @@ pub fn print_text(s: &abi::HvStats) {
         "host EPT           {} x 1G, {} x 2M, {} x 4K pages",
         j.host_ept.pages_1g, j.host_ept.pages_2m, j.host_ept.pages_4k
     );
+    println!("hypervisor heap    {} KiB, {} KiB free", j.heap.bytes_total >> 10, j.heap.bytes_free >> 10);
     if j.iommu.enabled {
         println!("DMA protection     on: {} remapping units, {} faults", j.iommu.units, j.iommu.faults);
     } else {

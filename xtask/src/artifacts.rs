@@ -18,6 +18,8 @@ pub fn build_all() -> Result<Artifacts> {
     std::fs::create_dir_all(&out)?;
     let kb = kernel::build()?;
     util::copy(&kb.join("arch/x86/boot/bzImage"), &out.join("bzImage"))?;
+    // For the debugger's dump of a hung run (`runner::hang_dump`).
+    util::copy(&kb.join("System.map"), &out.join("System.map"))?;
     let flat = image::build()?;
     let flat_bytes = std::fs::read(&flat)?;
     step("module: building uxen.ko");

@@ -37,6 +37,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             mem_mib: 1536,
             qemu_devices: runner::QEMU_DEVICES,
             live: args.iter().any(|a| a == "--live"),
+            stall: None,
         };
         util::step(&format!("bench {name} in Bochs"));
         let o = runner::run(Backend::Bochs.machine().as_ref(), &spec, &a)?;

@@ -27,7 +27,7 @@ commands:
                             set up, build, run the unit tests and every system test
   setup                     install the toolchain and the emulators
   build                     build every artifact into target/uxen/
-  run BACKEND SUITE [--timeout S] [--live] [--no-build]
+  run BACKEND SUITE [--timeout S] [--stall S] [--live] [--no-build]
                             boot one suite (BACKEND: bochs, qemu, kvm)
   soak [--cycles N] [--ops N] [--calls N] [--seed S] [--timeout S] [--no-build]
                             the long robustness run in Bochs (module cycles, VM churn, ioctl fuzz)
@@ -97,6 +97,7 @@ fn spec_for(s: &suites::Suite, live: bool) -> RunSpec {
         mem_mib: s.mem_mib,
         qemu_devices: s.qemu_devices,
         live,
+        stall: None,
     }
 }
 
@@ -110,6 +111,9 @@ fn run_one(args: &[String]) -> Result<ExitCode> {
     let mut spec = spec_for(&suite, args.iter().any(|a| a == "--live"));
     if let Some(t) = flag_value(args, "--timeout") {
         spec.timeout = Duration::from_secs(t.parse()?);
+    }
+    if let Some(t) = flag_value(args, "--stall") {
+        spec.stall = Some(Duration::from_secs(t.parse()?));
     }
     let a = if args.iter().any(|a| a == "--no-build") { artifacts::existing()? } else { artifacts::build_all()? };
     let o = runner::run(backend.machine().as_ref(), &spec, &a)?;

@@ -68,6 +68,8 @@ pub struct RunSpec {
     pub qemu_devices: &'static [&'static str],
     /// Echo the serial console while running (the demo).
     pub live: bool,
+    /// Treat the run as hung once its console has been silent this long.
+    pub stall: Option<Duration>,
 }
 
 /// QEMU TCG's devices unless a suite asks otherwise: the Intel IOMMU (which
@@ -82,6 +84,12 @@ pub trait Machine {
     fn available(&self) -> std::result::Result<(), String>;
     /// Starts the machine; its serial console goes to `serial`.
     fn start(&self, spec: &RunSpec, a: &Artifacts, dir: &Path, serial: &Path) -> Result<Child>;
+    /// Stops a machine that ran out of time, leaving what it can of its
+    /// state in the run's directory first.
+    fn stop_hung(&self, child: &mut Child) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 /// One in-guest check.
@@ -181,8 +189,13 @@ pub fn run(machine: &dyn Machine, spec: &RunSpec, a: &Artifacts) -> Result<Outco
     let mut echoed = 0usize;
     let mut ended_at: Option<Instant> = None;
     let mut timed_out = false;
+    let mut stalled = false;
+    let (mut seen, mut quiet_since) = (0usize, Instant::now());
     loop {
         let text = read_lossy(&serial);
+        if text.len() != seen {
+            (seen, quiet_since) = (text.len(), Instant::now());
+        }
         if spec.live && text.len() > echoed {
             eprint!("{}", &text[echoed..]);
             echoed = text.len();
@@ -201,10 +214,10 @@ pub fn run(machine: &dyn Machine, spec: &RunSpec, a: &Artifacts) -> Result<Outco
             let _ = child.wait();
             break;
         }
-        if t0.elapsed() > spec.timeout {
+        stalled = spec.stall.map(|d| quiet_since.elapsed() > d).unwrap_or(false);
+        if t0.elapsed() > spec.timeout || stalled {
             timed_out = true;
-            let _ = child.kill();
-            let _ = child.wait();
+            machine.stop_hung(&mut child);
             break;
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -215,7 +228,9 @@ pub fn run(machine: &dyn Machine, spec: &RunSpec, a: &Artifacts) -> Result<Outco
         eprint!("{}", &text[echoed..]);
     }
     let (checks, rc, mut problems) = parse_serial(&text);
-    if timed_out {
+    if stalled {
+        problems.push(format!("no console output for {}s", spec.stall.unwrap_or_default().as_secs()));
+    } else if timed_out {
         problems.push(format!("timed out after {}s", spec.timeout.as_secs()));
     }
     Ok(Outcome {
@@ -240,6 +255,44 @@ fn read_lossy(p: &Path) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// Debugger commands: run; once interrupted, each CPU's registers, its
+/// stack and a short trace of what it executes next, then quit.
+fn hang_dump(cpus: u32) -> String {
+    let mut s = String::from("c\n");
+    for c in 0..cpus {
+        s += &format!("set $cpu = {c}\nr\nsreg\ncreg\nprint-stack 32\n");
+        // The local APIC (the debugger reads it as the CPU would): TPR,
+        // PPR, then ISR and IRR, 8 words each, 16 bytes apart.
+        s += "xp /1wx 0xfee00080\nxp /1wx 0xfee000a0\n";
+        for r in [0x100u32, 0x200] {
+            for k in 0..8 {
+                s += &format!("xp /1wx {:#x}\n", 0xfee0_0000u32 + r + k * 0x10);
+            }
+        }
+        s += &format!("trace on\ns {c} 400\ntrace off\nr\n");
+    }
+    s += "info device ioapic\ninfo device pic\n";
+    // The kernel's clock, twice, some instructions apart: whether time
+    // still moves, and on which clocksource.
+    let map = std::fs::read_to_string(util::out().join("System.map")).unwrap_or_default();
+    let sym = |name: &str| map.lines().find_map(|l| l.strip_suffix(name).and_then(|l| l.strip_suffix(" D ").or(l.strip_suffix(" d ")).or(l.strip_suffix(" b ")).or(l.strip_suffix(" B "))).map(str::to_string));
+    let mut probe = String::new();
+    for (name, n) in [("jiffies_64", 1), ("curr_clocksource", 1), ("tick_do_timer_cpu", 1), ("tk_core", 24)] {
+        if let Some(a) = sym(name) {
+            probe += &format!("x /{n}gx 0x{a}\n");
+        }
+    }
+    for name in ["clocksource_tsc", "clocksource_acpi_pm", "clocksource_jiffies", "refined_jiffies"] {
+        if let Some(a) = sym(name) {
+            probe += &format!("x /1gx 0x{a}\n");
+        }
+    }
+    s += &probe;
+    s += "s all 20000000\n";
+    s += &probe;
+    s + "quit\n"
+}
+
 /// Bochs with VMX (`corei7_skylake_x`), `clock: sync=none`.
 pub struct Bochs;
 
@@ -256,8 +309,28 @@ impl Machine for Bochs {
         which("bochs").map_err(|_| "bochs is not installed (run `cargo xtask setup`)".to_string())
     }
 
+    /// Interrupts Bochs into its debugger, which runs the rest of
+    /// `dbg.rc` (the CPUs' state, into `bochs.stdout`) and quits.
+    fn stop_hung(&self, child: &mut Child) {
+        let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     fn start(&self, spec: &RunSpec, a: &Artifacts, dir: &Path, serial: &Path) -> Result<Child> {
-        let iso = artifacts::iso(a, &spec.suite, &spec.cmdline)?;
+        // With `sync=none` the TSC advances one tick per emulated
+        // instruction, BOCHS_IPS a second, but the CPU model claims some
+        // GHz: Linux would keep time (sleeps, timeouts) at a small fraction
+        // of the emulated clock that drives jiffies and the PIT.
+        let cmdline = format!("tsc_early_khz={} {}", BOCHS_IPS / 1000, spec.cmdline);
+        let iso = artifacts::iso(a, &spec.suite, cmdline.trim())?;
         let rc = format!(
             "plugin_ctrl: unmapped=1, biosdev=1, speaker=0, extfpuirq=1, parallel=0, serial=1, gameport=0, \
              e1000=0, ne2k=0, sb16=0, es1370=0, usb_uhci=0, usb_ohci=0, usb_ehci=0, usb_xhci=0\n\
@@ -287,8 +360,9 @@ impl Machine for Bochs {
             log = dir.join("bochs.log").display(),
         );
         std::fs::write(dir.join("bochsrc.txt"), rc)?;
-        // The Debian build has the internal debugger: feed it "continue".
-        std::fs::write(dir.join("dbg.rc"), "c\nquit\n")?;
+        // The Debian build has the internal debugger: feed it "continue",
+        // then, should the run hang and be interrupted, where every CPU is.
+        std::fs::write(dir.join("dbg.rc"), hang_dump(spec.cpus))?;
         let out = std::fs::File::create(dir.join("bochs.stdout"))?;
         Command::new("bochs")
             .current_dir(dir)

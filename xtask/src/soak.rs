@@ -29,6 +29,7 @@ pub fn soak(args: &[String]) -> Result<ExitCode> {
         mem_mib: s.mem_mib,
         qemu_devices: s.qemu_devices,
         live: args.iter().any(|a| a == "--live"),
+        stall: None,
     };
     crate::setup::setup()?;
     let a = if args.iter().any(|a| a == "--no-build") { artifacts::existing()? } else { artifacts::build_all()? };

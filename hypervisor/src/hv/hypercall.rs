@@ -85,22 +85,31 @@ fn donate(arg: u64, len: u64) -> Result<i64, HcError> {
     // Also refuses pages already donated (no longer the host's) and
     // overlaps between ranges of this call (the first unmaps them).
     let ranges = decode::donate(&memory::HostBlocks, arg, len)?;
-    {
+    // Tables of 4 KiB pages that whole 2 MiB donations replace (pages
+    // given back earlier, one by one).
+    let mut dropped = alloc::vec::Vec::new();
+    let unmapped: Result<(), HcError> = {
         let mut ept = h.host_ept.lock();
         let mut frames = memory::HeapFrames;
-        for r in &ranges {
+        ranges.iter().try_for_each(|r| {
             let mut a = r.base;
             while a < r.base + r.size {
                 let big = a % (2 << 20) == 0 && a + (2 << 20) <= r.base + r.size;
                 let (level, step) = if big { (2, 2u64 << 20) } else { (1, 4096) };
-                ept.set(&memory::DirectMap, &mut frames, crate::addr::Gpa(a), level, crate::arch::x86::ept_entry::EptEntry::empty())
-                    .ok_or(HcError::NoMemory)?;
+                let old = ept.unmap(&memory::DirectMap, &mut frames, crate::addr::Gpa(a), level).ok_or(HcError::NoMemory)?;
+                dropped.extend(old.map(|t| (t, level - 1)));
                 a += step;
             }
-        }
-    }
-    // No CPU may keep a translation to the donated pages.
+            Ok(())
+        })
+    };
+    // No CPU may keep a translation to the donated pages, nor walk the
+    // tables dropped above.
     super::tlb::shootdown();
+    for (t, level) in dropped {
+        crate::ept::Ept::free_subtree(&memory::DirectMap, &mut memory::HeapFrames, t, level);
+    }
+    unmapped?;
     // Nor any device: the pages leave the DMA map before they are scrubbed.
     let dma: alloc::vec::Vec<PhysRange> = ranges.iter().map(|r| PhysRange::new(r.base, r.size)).collect();
     if let Err(e) = super::iommu::remove(&dma) {
@@ -145,12 +154,23 @@ fn reclaim(arg: u64, len: u64) -> Result<i64, HcError> {
     // Devices may reach them again. If the IOMMU cannot follow (it logs
     // why), the host still gets the pages; DMA to them keeps faulting.
     let _ = super::iommu::restore(&runs(&frames));
-    {
+    let tables = {
         let mut ept = h.host_ept.lock();
         let map = crate::ept::HostMap { ram: &h.ram, top: h.host_ept_top, holes: &[], huge_pages: h.host_ept_huge };
         for f in &frames {
             // Scrubbed when freed; mapped back for the host.
             crate::ept::host_map_page(&mut ept, &memory::DirectMap, &mut memory::HeapFrames, &map, *f).ok_or(HcError::NoMemory)?;
+        }
+        // 2 MiB wholly the host's again go back to one large leaf, and
+        // their table to the heap.
+        let mut bases: alloc::vec::Vec<u64> = frames.iter().map(|f| f.0 & !(crate::addr::LARGE_PAGE_SIZE - 1)).collect();
+        bases.dedup();
+        bases.into_iter().filter_map(|b| ept.coalesce_identity(&memory::DirectMap, crate::addr::Gpa(b))).collect::<alloc::vec::Vec<_>>()
+    };
+    if !tables.is_empty() {
+        super::tlb::shootdown();
+        for t in tables {
+            crate::ept::Ept::free_subtree(&memory::DirectMap, &mut memory::HeapFrames, t, 1);
         }
     }
     decode::reclaimed(&memory::HostBlocks, arg, &frames);
@@ -370,6 +390,7 @@ fn stats(arg: u64, len: u64) -> Result<i64, HcError> {
     s.host_ept_2m = c.large;
     s.host_ept_4k = c.small;
     s.image_intact = super::setup::image_intact() as u32;
+    (s.heap_bytes_total, s.heap_bytes_free) = super::setup::heap_usage();
     super::iommu::poll();
     super::iommu::summary().fill(&mut s);
     {

@@ -76,6 +76,12 @@ fn header() -> ImageHeader {
 #[global_allocator]
 static HEAP: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
 
+/// The heap's size and free bytes.
+pub fn heap_usage() -> (u64, u64) {
+    let h = HEAP.lock();
+    (h.size() as u64, h.free() as u64)
+}
+
 /// Results published by CPU 0: 1 while pending, then 0 or `-errno`.
 static TABLES: AtomicI64 = AtomicI64::new(1);
 static GLOBAL: AtomicI64 = AtomicI64::new(1);

@@ -32,6 +32,9 @@ pub struct Running {
     pub arg_pa: u64,
     /// A pending MMIO load, to complete on the next RUN.
     pub mmio: Option<MmioOp>,
+    /// TSC at which the slice ends and the guest yields to the host,
+    /// however often it exits to the hypervisor meanwhile.
+    pub deadline: u64,
 }
 
 /// Default time slice, in TSC cycles, before the guest yields to the host.
@@ -167,7 +170,8 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
     }
 
     // Enter: the host context is kept for the way back.
-    pc.guest = Some(Box::new(Running { vm: vm.clone(), vcpu: idx, host_regs: *regs, arg_pa: arg, mmio: None }));
+    let deadline = instr::rdtsc().saturating_add(slice);
+    pc.guest = Some(Box::new(Running { vm: vm.clone(), vcpu: idx, host_regs: *regs, arg_pa: arg, mmio: None, deadline }));
     let bit = 1u64 << (pc.index % 64);
     if vm.tlb_dirty.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
         // SAFETY: INVEPT of this guest's EPT.
@@ -265,8 +269,28 @@ fn stop_vm(pc: &mut PerCpu, regs: &mut GuestRegs, reason: u32) {
     leave(pc, regs, rec, Pending::None, 0, 0);
 }
 
-/// Handles an exit of the guest this CPU runs.
+/// Handles an exit of the guest this CPU runs; unless that left the guest,
+/// ends the guest's slice if it is over.
 pub fn guest_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
+    handle_exit(pc, regs, raw);
+    let Some(deadline) = pc.guest.as_ref().map(|g| g.deadline) else {
+        return;
+    };
+    // The preemption timer restarts from its full value at every VM
+    // entry: a guest that exits often (a CPUID loop, hypercalls the
+    // hypervisor answers) would never see it fire. The slice is counted
+    // here, across exits, and the timer gets what is left. (An external
+    // interrupt should end the slice earlier, but Bochs 2.7 takes none
+    // while the guest keeps interrupts off and only bounces through the
+    // hypervisor.)
+    let now = instr::rdtsc();
+    if now >= deadline {
+        return leave(pc, regs, record(exit::INTR), Pending::None, 0, 0);
+    }
+    vmx::set(PREEMPTION_TIMER_VALUE, ((deadline - now) >> (hv().caps.misc & 0x1f)).max(1));
+}
+
+fn handle_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
     let (reason, entry_failed) = ExitReason::decode(raw);
     tlb::flush_if_needed(pc);
     if entry_failed {

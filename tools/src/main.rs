@@ -142,6 +142,15 @@ enum Cmd {
         #[arg(long, default_value = "512", value_parser = clap::value_parser!(u32).range(1..=512))]
         pages: u32,
     },
+    /// The VMM of a forked child VM, started by its parent's VMM, which
+    /// passes the child's descriptor (internal).
+    #[command(hide = true, name = "__vmm-child")]
+    VmmChild {
+        fd: i32,
+        id: u32,
+        #[arg(value_parser = ["detached", "foreground"])]
+        mode: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -262,6 +271,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{hpa:#x}");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::VmmChild { fd, id, mode } => Ok(ExitCode::from(vmm::child_main(fd, id, mode == "detached"))),
         Cmd::Pool { op, pages } => {
             let d = dev::Device::open()?;
             let (base, n) = d.debug_pool(if op == "donate" { pages } else { 0 }).map_err(|e| anyhow!("{e}"))?;
@@ -376,4 +386,22 @@ fn version(json: bool) -> Result<ExitCode> {
         println!("hypervisor: not running");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_child_vmm_takes_its_descriptor_id_and_mode() {
+        let c = Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "detached"]).unwrap();
+        assert!(matches!(c.cmd, Cmd::VmmChild { fd: 5, id: 17, ref mode } if mode == "detached"));
+        assert!(Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "sideways"]).is_err());
+    }
 }

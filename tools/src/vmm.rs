@@ -257,30 +257,69 @@ fn take_child(id: u32, fd: i64, mode: Mode) -> i64 {
     }
 }
 
-/// Forks this process; the child process runs `vm` and exits.
+/// Starts a VMM process for `vm`: this process forks and the child at
+/// once executes `uxenctl __vmm-child`, handing it the descriptor. A VMM
+/// has other threads (its control thread, other vCPUs), so a forked copy
+/// that went on running Rust code could inherit a lock one of them held at
+/// the fork, and hang on it for good; a fresh program holds none.
 pub fn spawn_vmm(vm: Vm, mode: Mode) -> std::io::Result<()> {
-    // SAFETY: the only other threads are vCPU threads of single-vCPU VMs
-    // (none) or the control thread, which holds no lock across fork; the
-    // child only runs `serve` and exits.
+    use std::ffi::CString;
+    use std::os::fd::AsRawFd;
+    let exe = std::env::current_exe()?;
+    let fd = vm.fd.as_raw_fd();
+    let mode_arg = if mode == Mode::Detached { "detached" } else { "foreground" };
+    // Everything the child needs is built before the fork: after it, the
+    // child only makes async-signal-safe calls.
+    let bad = |_| std::io::Error::from(std::io::ErrorKind::InvalidInput);
+    let path = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(bad)?;
+    let args: Vec<CString> = ["uxenctl".to_string(), "__vmm-child".into(), fd.to_string(), vm.id.to_string(), mode_arg.to_string()]
+        .into_iter()
+        .map(|a| CString::new(a).map_err(bad))
+        .collect::<Result<_, _>>()?;
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    // SAFETY: the child runs only fcntl, execv and _exit before it is a
+    // new program.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(std::io::Error::last_os_error());
     }
     if pid == 0 {
-        let id = vm.id;
-        let e = serve(vm, 1, mode);
-        if mode == Mode::Foreground && !matches!(e, End::Exited(_)) {
-            eprintln!("uxenctl: vm {id} {}", e.describe());
+        // SAFETY: in the child: the descriptor must survive the exec.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, 0);
+            libc::execv(path.as_ptr(), argv.as_ptr());
+            libc::_exit(127);
         }
-        std::io::stdout().flush().ok();
-        // SAFETY: ends the child process without running the parent's
-        // destructors.
-        unsafe { libc::_exit(e.status() as i32) };
     }
     // The parent keeps running its own VM; the child's descriptor closes
     // here with `vm`.
     drop(vm);
     Ok(())
+}
+
+/// `uxenctl __vmm-child FD ID MODE`: runs the forked child VM whose
+/// descriptor the parent's VMM passed; returns the exit status.
+pub fn child_main(fd: i32, id: u32, detached: bool) -> u8 {
+    // SAFETY: F_GETFD only asks whether the descriptor is open.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        eprintln!("uxenctl: __vmm-child: descriptor {fd} is not open (only a VMM starts this command)");
+        return 2;
+    }
+    // SAFETY: the parent's VMM handed this descriptor over at exec; it is
+    // this process's alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain fcntl on our descriptor: children of this VMM must not
+    // inherit it.
+    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::F_SETFD, libc::FD_CLOEXEC) };
+    install_signal_handlers();
+    let mode = if detached { Mode::Detached } else { Mode::Foreground };
+    let e = serve(Vm { fd, id }, 1, mode);
+    if mode == Mode::Foreground && !matches!(e, End::Exited(_)) {
+        eprintln!("uxenctl: vm {id} {}", e.describe());
+    }
+    std::io::stdout().flush().ok();
+    e.status()
 }
 
 /// The control socket of a detached VM: one request per connection,

@@ -64,14 +64,16 @@ pub fn step() -> Result<Option<Done>, vm::VmError> {
     if let Some(&id) = pass.vms.first() {
         let next = match vm::get(id) {
             Ok(v) => {
-                let mut g = v.mem.lock();
-                match g.as_mut() {
+                let mut vm_mem = v.mem.lock();
+                match vm_mem.as_mut() {
                     Some(g) => {
                         let (cands, next) = protect(g, &mem, &POOL.lock(), pass.from, CHUNK);
                         // No CPU may write the pages while they are compared.
                         tlb::shootdown();
                         let dropped = pass.merger.fold(&mem, &mut POOL.lock(), &cands);
-                        drop(g);
+                        // The VM's memory is consistent again: its vCPUs may
+                        // take faults while the dropped frames wait.
+                        drop(vm_mem);
                         if !dropped.is_empty() {
                             // Stale translations may still read them.
                             tlb::shootdown();

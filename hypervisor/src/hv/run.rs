@@ -138,9 +138,8 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
         st.ready = true;
     }
     let _ = vmx::write_host_state(pc, h.cr3, &pc.linux);
-    let misc_rate = h.caps.misc & 0x1f;
     let slice = if req.slice_tsc == 0 { DEFAULT_SLICE } else { req.slice_tsc.min(1 << 32) };
-    vmx::set(PREEMPTION_TIMER_VALUE, (slice >> misc_rate).max(1));
+    arm_preemption_timer(slice);
 
     // Complete what the previous exit left to the VMM.
     let mut mmio = None;
@@ -287,7 +286,13 @@ pub fn guest_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
     if now >= deadline {
         return leave(pc, regs, record(exit::INTR), Pending::None, 0, 0);
     }
-    vmx::set(PREEMPTION_TIMER_VALUE, ((deadline - now) >> (hv().caps.misc & 0x1f)).max(1));
+    arm_preemption_timer(deadline - now);
+}
+
+/// Makes the VMX-preemption timer fire after about `ticks` TSC ticks (it
+/// counts at the TSC rate divided by 2^IA32_VMX_MISC[4:0]).
+fn arm_preemption_timer(ticks: u64) {
+    vmx::set(PREEMPTION_TIMER_VALUE, (ticks >> (hv().caps.misc & 0x1f)).max(1));
 }
 
 fn handle_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {

@@ -256,41 +256,28 @@ fn read_lossy(p: &Path) -> String {
 }
 
 /// Debugger commands: run; once interrupted, each CPU's registers, its
-/// stack and a short trace of what it executes next, then quit.
+/// stack and a short trace of what it executes next; the IOAPIC and PIC;
+/// the kernel's jiffies, clocksource and timekeeper before and after 20
+/// million more instructions (whether time still moves); then quit.
 fn hang_dump(cpus: u32) -> String {
     let mut s = String::from("c\n");
     for c in 0..cpus {
-        s += &format!("set $cpu = {c}\nr\nsreg\ncreg\nprint-stack 32\n");
-        // The local APIC (the debugger reads it as the CPU would): TPR,
-        // PPR, then ISR and IRR, 8 words each, 16 bytes apart.
-        s += "xp /1wx 0xfee00080\nxp /1wx 0xfee000a0\n";
-        for r in [0x100u32, 0x200] {
-            for k in 0..8 {
-                s += &format!("xp /1wx {:#x}\n", 0xfee0_0000u32 + r + k * 0x10);
-            }
-        }
-        s += &format!("trace on\ns {c} 400\ntrace off\nr\n");
+        s += &format!("set $cpu = {c}\nr\nsreg\ncreg\nprint-stack 32\ntrace on\ns {c} 400\ntrace off\nr\n");
     }
     s += "info device ioapic\ninfo device pic\n";
-    // The kernel's clock, twice, some instructions apart: whether time
-    // still moves, and on which clocksource.
+    // System.map lines: address, type, name.
     let map = std::fs::read_to_string(util::out().join("System.map")).unwrap_or_default();
-    let sym = |name: &str| map.lines().find_map(|l| l.strip_suffix(name).and_then(|l| l.strip_suffix(" D ").or(l.strip_suffix(" d ")).or(l.strip_suffix(" b ")).or(l.strip_suffix(" B "))).map(str::to_string));
-    let mut probe = String::new();
-    for (name, n) in [("jiffies_64", 1), ("curr_clocksource", 1), ("tick_do_timer_cpu", 1), ("tk_core", 24)] {
-        if let Some(a) = sym(name) {
-            probe += &format!("x /{n}gx 0x{a}\n");
-        }
-    }
-    for name in ["clocksource_tsc", "clocksource_acpi_pm", "clocksource_jiffies", "refined_jiffies"] {
-        if let Some(a) = sym(name) {
-            probe += &format!("x /1gx 0x{a}\n");
-        }
-    }
-    s += &probe;
-    s += "s all 20000000\n";
-    s += &probe;
-    s + "quit\n"
+    let addr = |want: &str| {
+        map.lines().find_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [a, _, name] if name == want => Some(a.to_string()),
+            _ => None,
+        })
+    };
+    let probe: String = [("jiffies_64", 1), ("curr_clocksource", 1), ("tick_do_timer_cpu", 1), ("tk_core", 24)]
+        .into_iter()
+        .filter_map(|(name, qwords)| addr(name).map(|a| format!("x /{qwords}gx 0x{a}\n")))
+        .collect();
+    s + &probe + "s all 20000000\n" + &probe + "quit\n"
 }
 
 /// Bochs with VMX (`corei7_skylake_x`), `clock: sync=none`.
@@ -446,6 +433,17 @@ fn which(prog: &str) -> std::result::Result<(), ()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hang_dump_runs_first_then_visits_every_cpu_and_quits() {
+        let d = hang_dump(2);
+        assert!(d.starts_with("c\n"));
+        assert!(d.ends_with("quit\n"));
+        for c in 0..2 {
+            assert!(d.contains(&format!("set $cpu = {c}\nr\n")), "{d}");
+        }
+        assert!(!d.contains("set $cpu = 2"));
+    }
 
     #[test]
     fn markers_decide() {

@@ -51,13 +51,13 @@ expect_eq forks-running "$ok" 8
 first=$(printf '%s\n' $ids | head -n1)
 run uxenctl console "$first"
 run uxenctl list
-used1=$(($(pool_total) - $(pool_free)))
+used1=$(pool_used)
 echo "frames in use: parent alone $used0; parent and 8 forks, each with 6 MiB written: $used1"
 
 say "4. Merge: the forks wrote the same 4 MiB and 2 MiB of zeros; fold them"
 m=$(uxenctl merge --json)
 run uxenctl merge
-used2=$(($(pool_total) - $(pool_free)))
+used2=$(pool_used)
 echo "frames in use after the merges: $used2 (was $used1)"
 if [ "$used2" -lt "$used1" ]; then pass merge-frees; else fail merge-frees "$used1 -> $used2"; fi
 g=$(uxenctl fork "$first")

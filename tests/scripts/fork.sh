@@ -4,13 +4,6 @@
 . /tests/lib.sh
 check insmod insmod /lib/modules/uxen.ko debug=1
 
-# used: frames in use in the pool.
-used() {
-    s=$(uxenctl stats --json)
-    t=$(printf '%s' "$s" | sed -n 's/.*"pool":{"frames_total":\([0-9]*\),.*/\1/p')
-    f=$(printf '%s' "$s" | sed -n 's/.*"pool":{"frames_total":[0-9]*,"frames_free":\([0-9]*\)}.*/\1/p')
-    echo $((t - f))
-}
 
 # vm_field ID KEY: a number from the VM's entry in `uxenctl list --json`.
 vm_field() {
@@ -21,7 +14,7 @@ vm_field() {
 # baseline every destroy must return to.
 keep=$(uxenctl create /guests/idle --name keeper)
 wait_console "$keep" "halting"
-base=$(used)
+base=$(pool_used)
 info "baseline: $base frames in use with one idle VM"
 
 # --- 1. The guest forks itself 4 times through the hypercall. ---
@@ -45,14 +38,14 @@ expect_eq forker-all-see-fork-time-memory \
     "$(printf '%s\n' "$out" | grep -c "sees the memory as at the fork sum=$sum\$")" 5
 expect_eq forker-all-isolated "$(printf '%s\n' "$out" | grep -c "isolated ok: 3 rounds")" 5
 check_fails forker-no-failures sh -c "printf '%s\n' \"\$1\" | grep -q FAIL" sh "$out"
-expect_eq forker-leaves-nothing "$(used)" "$base"
+expect_eq forker-leaves-nothing "$(pool_used)" "$base"
 
 # --- 2. 64 forks of a running guest, from outside. ---
 p=$(uxenctl create /guests/forkee --mem 40 --cmdline "touch=32" --name forkee)
 check forkee-ready wait_console "$p" "forkee: vm$p ready"
 psum=$(sed -n 's/.*ready: touched .* sum=\([0-9a-f]*\).*/\1/p' "/run/uxen/vm-$p.console" | tr -d '\r')
 usleep 500000
-alone=$(($(used) - base))
+alone=$(($(pool_used) - base))
 kids=$(fork_vm "$p" --count 64); rc=$?
 expect_eq fork-64-rc "$rc" 0
 expect_eq fork-64-ids "$(printf '%s\n' $kids | sort -u | grep -c .)" 64
@@ -62,7 +55,7 @@ for c in $kids; do
 done
 expect_eq fork-64-children-print-identity "$ok" 64
 usleep 500000
-after=$(($(used) - base))
+after=$(($(pool_used) - base))
 ratio=$((after * 1000 / alone))
 info "fork: parent alone $alone frames; parent and 64 idle children $after frames; ratio $ratio/1000"
 if [ "$ratio" -lt 1100 ]; then pass fork-64-under-1.1x; else fail fork-64-under-1.1x "$after / $alone frames"; fi
@@ -94,7 +87,7 @@ for c in $kids $g $g2; do
 done
 expect_eq destroy-all-children "$ok" 66
 for c in $kids $g $g2; do wait_gone "$c"; done
-expect_eq parent-first-frees-everything "$(used)" "$base"
+expect_eq parent-first-frees-everything "$(pool_used)" "$base"
 
 # Children first, then the parent, which must still see its memory.
 p=$(uxenctl create /guests/forkee --mem 8 --cmdline "touch=4" --name forkee2)
@@ -108,7 +101,7 @@ check parent-forks-again wait_console "$c" "forkee: vm$c forked from vm$p: memor
 check destroy-parent uxenctl destroy "$p"
 check destroy-last-child uxenctl destroy "$c"
 wait_gone "$p"; wait_gone "$c"
-expect_eq children-first-frees-everything "$(used)" "$base"
+expect_eq children-first-frees-everything "$(pool_used)" "$base"
 
 # --- 4. Re-merging: children that wrote the same data fold back. ---
 p=$(uxenctl create /guests/forkee --mem 16 --cmdline "touch=4 same=2 zero=1" --name merger)
@@ -120,10 +113,10 @@ for c in $kids; do
 done
 expect_eq merge-children-wrote "$ok" 8
 s0=$(stats_json)
-u1=$(used)
+u1=$(pool_used)
 m=$(uxenctl merge --json); rc=$?
 expect_eq merge-rc "$rc" 0
-u2=$(used)
+u2=$(pool_used)
 info "merge: $m; frames in use $u1 -> $u2"
 merged=$(jnum "$m" merged)
 zero=$(jnum "$m" zero)
@@ -150,7 +143,7 @@ expect_eq merge-unknown-rc "$rc" 1
 expect_match merge-unknown-message "$out" "no VM with id 9999"
 for c in $kids $g $g2 $p; do uxenctl destroy "$c"; done
 for c in $kids $g $g2 $p; do wait_gone "$c"; done
-expect_eq merge-then-destroy-frees-everything "$(used)" "$base"
+expect_eq merge-then-destroy-frees-everything "$(pool_used)" "$base"
 
 # --- Bad requests: clear errors, nothing changes. ---
 before=$(uxenctl list --json)

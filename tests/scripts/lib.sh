@@ -138,3 +138,11 @@ pool_free() {
 pool_total() {
     uxenctl stats --json | sed -n 's/.*"pool":{"frames_total":\([0-9]*\),.*/\1/p'
 }
+
+# pool_used: frames in use in the pool (total less free, from one reading).
+pool_used() {
+    _s=$(uxenctl stats --json)
+    _t=$(printf '%s' "$_s" | sed -n 's/.*"pool":{"frames_total":\([0-9]*\),.*/\1/p')
+    _f=$(printf '%s' "$_s" | sed -n 's/.*"pool":{"frames_total":[0-9]*,"frames_free":\([0-9]*\)}.*/\1/p')
+    echo $((_t - _f))
+}

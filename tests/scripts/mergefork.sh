@@ -5,14 +5,12 @@
 . /tests/lib.sh
 check insmod insmod /lib/modules/uxen.ko debug=1
 
-# used: frames in use in the pool. heap_free: free bytes of the
-# hypervisor's heap.
-used() { echo $(($(pool_total) - $(pool_free))); }
+# heap_free: free bytes of the hypervisor's heap.
 heap_free() { uxenctl stats --json | sed -n 's/.*"heap":{"bytes_total":[0-9]*,"bytes_free":\([0-9]*\)}.*/\1/p'; }
 
 keep=$(uxenctl create /guests/idle --name keeper)
 wait_console "$keep" "halting"
-base=$(used)
+base=$(pool_used)
 rounds=${ROUNDS:-12}
 ok=0
 for round in $(seq 1 "$rounds"); do
@@ -34,7 +32,7 @@ for round in $(seq 1 "$rounds"); do
     fi
     for c in $kids $g $g2 $p; do uxenctl destroy "$c"; done
     for c in $kids $g $g2 $p; do wait_gone "$c"; done
-    u=$(used)
+    u=$(pool_used)
     [ "$u" = "$base" ] || fail "round-$round-frees-everything" "$u frames in use, $base before"
     h=$(heap_free)
     [ "$round" = 1 ] && heap1=$h

@@ -10,7 +10,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 /// Bumped on every change to anything in this file.
-pub const ABI_REVISION: u32 = 2;
+pub const ABI_REVISION: u32 = 3;
 
 /// Version of the uxen-rs release, NUL-padded.
 pub const VERSION: [u8; 16] = *b"0.1.0\0\0\0\0\0\0\0\0\0\0\0";
@@ -458,6 +458,9 @@ pub mod hc {
     pub const VM_FORK: u64 = 0x16;
     /// Out: an array of [`super::VmInfo`]. Returns how many were written.
     pub const VM_LIST: u64 = 0x17;
+    /// Sets the level of, or pulses, an interrupt line of a VM's IOAPIC
+    /// ([`VmIrq`]).
+    pub const VM_IRQ: u64 = 0x18;
     /// In/out: [`super::MergeScan`].
     pub const MERGE: u64 = 0x20;
     /// In/out: [`super::DebugTranslate`]. Only with `BOOT_FLAG_DEBUG`.
@@ -568,13 +571,24 @@ pub struct VmCreate {
     /// Guest memory in bytes; a multiple of 2 MiB.
     pub mem_bytes: u64,
     pub vcpus: u32,
+    /// `VM_FLAG_*`.
     pub flags: u32,
     pub name: [u8; VM_NAME_LEN],
     /// Out: the new VM's id.
     pub id: u32,
-    pub reserved0: u32,
+    /// The TSC rate in kHz that a [`VM_FLAG_LINUX`] guest is told (CPUID
+    /// leaves 0x15 and 0x16). The ioctl takes 0 and the driver fills in the
+    /// host kernel's own rate: the guest's TSC is the host's.
+    pub tsc_khz: u32,
 }
 const _: () = assert_size(core::mem::size_of::<VmCreate>(), 56);
+
+/// [`VmCreate::flags`]: the VM is a PC for a Linux guest
+/// (`docs/guest-abi.md`, part 2): a local x2APIC per vCPU and an IOAPIC
+/// emulated in the hypervisor, Linux's CPUID and MSR policy, the 64-bit boot
+/// protocol's entry state, and port I/O outside the COM1 UART answered by
+/// the hypervisor.
+pub const VM_FLAG_LINUX: u32 = 1 << 0;
 
 /// Largest guest, in bytes.
 pub const VM_MAX_MEM: u64 = 4 << 30;
@@ -584,6 +598,29 @@ pub const VM_MEM_ALIGN: u64 = 2 << 20;
 pub const VM_MAX_VCPUS: u32 = 8;
 /// Most VMs at once.
 pub const MAX_VMS: u32 = 1024;
+
+/// [`hc::VM_IRQ`] and the `VM_IRQ` ioctl: drive input `gsi` of a
+/// [`VM_FLAG_LINUX`] VM's IOAPIC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VmIrq {
+    pub vm: u32,
+    /// The IOAPIC input (0 to [`IOAPIC_PINS`] - 1).
+    pub gsi: u32,
+    /// [`IRQ_LOW`], [`IRQ_HIGH`] or [`IRQ_PULSE`].
+    pub level: u32,
+    pub reserved0: u32,
+}
+const _: () = assert_size(core::mem::size_of::<VmIrq>(), 16);
+
+/// [`VmIrq::level`]: the line goes low.
+pub const IRQ_LOW: u32 = 0;
+/// [`VmIrq::level`]: the line goes high.
+pub const IRQ_HIGH: u32 = 1;
+/// [`VmIrq::level`]: the line goes high and low again (an edge).
+pub const IRQ_PULSE: u32 = 2;
+/// Inputs of the emulated IOAPIC.
+pub const IOAPIC_PINS: u32 = 24;
 
 /// A VM id (VM ids start at 1; 0 means none).
 #[repr(C)]
@@ -696,6 +733,12 @@ pub mod stop {
     pub const ENTRY_FAILED: u32 = 6;
     /// The guest's memory could not be provided.
     pub const OUT_OF_MEMORY: u32 = 7;
+    /// A Linux guest reset itself (`reboot`): a triple fault without the
+    /// warm-reset flag ([`super::linux::RESET_FLAG_GPA`]).
+    pub const REBOOT: u32 = 8;
+    /// A Linux guest reset itself after a kernel panic: a triple fault with
+    /// the warm-reset flag that `reboot=panic_warm` makes Linux set.
+    pub const PANIC: u32 = 9;
 
     pub const fn name(reason: u32) -> &'static str {
         match reason {
@@ -707,6 +750,8 @@ pub mod stop {
             DESTROYED => "destroyed",
             ENTRY_FAILED => "entry-failed",
             OUT_OF_MEMORY => "out-of-memory",
+            REBOOT => "reboot",
+            PANIC => "panic",
             _ => "unknown",
         }
     }
@@ -784,6 +829,10 @@ pub mod vm_state {
     pub const PAUSED: u32 = 3;
     pub const EXITED: u32 = 4;
     pub const STOPPED: u32 = 5;
+    /// A Linux guest rebooted (`stop::REBOOT`).
+    pub const REBOOTED: u32 = 6;
+    /// A Linux guest's kernel panicked (`stop::PANIC`).
+    pub const PANICKED: u32 = 7;
 
     pub const fn name(state: u32) -> &'static str {
         match state {
@@ -792,6 +841,8 @@ pub mod vm_state {
             PAUSED => "paused",
             EXITED => "exited",
             STOPPED => "stopped",
+            REBOOTED => "rebooted",
+            PANICKED => "panicked",
             _ => "unknown",
         }
     }
@@ -953,6 +1004,8 @@ pub mod ioctl {
     pub const VM_FORK: u32 = ioc(IOC_READ | IOC_WRITE, 0x14, size_of::<VmFork>());
     /// VM descriptor: out [`VmId`].
     pub const VM_ID: u32 = ioc(IOC_READ, 0x15, size_of::<VmId>());
+    /// VM descriptor: in [`VmIrq`] (`vm` is ignored).
+    pub const VM_IRQ: u32 = ioc(IOC_WRITE, 0x16, size_of::<VmIrq>());
 }
 
 // ---------------------------------------------------------------------------
@@ -981,6 +1034,49 @@ pub mod guest {
     pub const UART_PORT: u16 = 0x3f8;
     /// A write of `v` ends the VM with exit code `v`.
     pub const EXIT_PORT: u16 = 0xf4;
+}
+
+/// The PC that a [`VM_FLAG_LINUX`] VM is (`docs/guest-abi.md`, part 2):
+/// what the hypervisor emulates and where the VMM puts the boot structures.
+pub mod linux {
+    /// The IOAPIC's registers (one 4 KiB page).
+    pub const IOAPIC_BASE: u64 = 0xfec0_0000;
+    /// The IOAPIC's APIC id (MP table and IOAPIC ID register).
+    pub const IOAPIC_ID: u8 = 0x10;
+    /// The local APIC's xAPIC address, reported in IA32_APIC_BASE; the
+    /// guest's APIC runs in x2APIC mode and has no MMIO page.
+    pub const LAPIC_BASE: u64 = 0xfee0_0000;
+    /// The IOAPIC input of the COM1 UART.
+    pub const UART_GSI: u32 = 4;
+    /// First and last port of COM1, the only ports that reach the VMM.
+    pub const UART_PORT_FIRST: u16 = 0x3f8;
+    pub const UART_PORT_LAST: u16 = 0x3ff;
+    /// The BIOS data area word Linux writes before a reset: 0x1234 for a
+    /// warm reset (`reboot_mode`), else 0.
+    pub const RESET_FLAG_GPA: u64 = 0x472;
+    pub const RESET_FLAG_WARM: u16 = 0x1234;
+    /// The boot GDT (null, null, 0x10 code, 0x18 data).
+    pub const GDT_GPA: u64 = 0x500;
+    /// The identity page tables: PML4, PDPT, then up to four page
+    /// directories of 2 MiB pages.
+    pub const PML4_GPA: u64 = 0x9000;
+    pub const PDPT_GPA: u64 = 0xa000;
+    pub const PD_GPA: u64 = 0xb000;
+    /// `struct boot_params` (the zero page); RSI at entry.
+    pub const ZERO_PAGE_GPA: u64 = 0x7000;
+    /// The MP floating pointer and configuration table (Linux scans the
+    /// last KiB of base memory).
+    pub const MPTABLE_GPA: u64 = 0x9_fc00;
+    /// End of the low RAM in the e820 map.
+    pub const LOW_RAM_END: u64 = 0x9_fc00;
+    /// The kernel command line.
+    pub const CMDLINE_GPA: u64 = 0x2_0000;
+    /// Longest command line, without its NUL.
+    pub const CMDLINE_MAX: usize = 4095;
+    /// Where a bzImage's protected-mode kernel is loaded.
+    pub const KERNEL_GPA: u64 = 0x100_0000;
+    pub const CODE_SELECTOR: u16 = 0x10;
+    pub const DATA_SELECTOR: u16 = 0x18;
 }
 
 /// Guest hypercalls: VMCALL with RAX = number, RDI/RSI/RDX = arguments; the

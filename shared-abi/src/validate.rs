@@ -14,7 +14,7 @@
 
 use crate::abi::{
     errno, DebugTranslate, IocBuf, IocLoad, MemRange, Regs, VmCreate, VmFork, VmId, VmInfo, VmLoad, VmRun, FORK_COPY,
-    MAX_VMS, VMRUN_NO_WAIT, VM_MAX_MEM, VM_MAX_VCPUS, VM_MEM_ALIGN,
+    MAX_VMS, VMRUN_NO_WAIT, VM_MAX_MEM, VM_MAX_VCPUS, VM_MEM_ALIGN, VmIrq, VM_FLAG_LINUX, IOAPIC_PINS, IRQ_PULSE,
 };
 
 /// Why an argument is refused. Every variant is `EINVAL` on the wire; the
@@ -69,10 +69,21 @@ pub const fn vm_create(c: &VmCreate) -> Result<(), Invalid> {
     if c.vcpus == 0 || c.vcpus > VM_MAX_VCPUS {
         return Err(Invalid::Size);
     }
-    if c.flags != 0 {
+    if c.flags & !VM_FLAG_LINUX != 0 {
         return Err(Invalid::Flags);
     }
-    if c.reserved0 != 0 {
+    Ok(())
+}
+
+/// `VmIrq`: an IOAPIC input and a level, `reserved0` zero.
+pub const fn vm_irq(q: &VmIrq) -> Result<(), Invalid> {
+    if q.gsi >= IOAPIC_PINS {
+        return Err(Invalid::Range);
+    }
+    if q.level > IRQ_PULSE {
+        return Err(Invalid::Flags);
+    }
+    if q.reserved0 != 0 {
         return Err(Invalid::Reserved);
     }
     Ok(())
@@ -262,10 +273,20 @@ mod tests {
         assert_eq!(vm_create(&create((2 << 20) + 4096, 1)), Err(Invalid::Size));
         assert_eq!(vm_create(&create(2 << 20, 0)), Err(Invalid::Size));
         assert_eq!(vm_create(&create(2 << 20, VM_MAX_VCPUS + 1)), Err(Invalid::Size));
-        assert_eq!(vm_create(&VmCreate { flags: 1, ..create(2 << 20, 1) }), Err(Invalid::Flags));
-        assert_eq!(vm_create(&VmCreate { reserved0: 1, ..create(2 << 20, 1) }), Err(Invalid::Reserved));
+        assert_eq!(vm_create(&VmCreate { flags: VM_FLAG_LINUX, ..create(2 << 20, 1) }), Ok(()));
+        assert_eq!(vm_create(&VmCreate { flags: 2, ..create(2 << 20, 1) }), Err(Invalid::Flags));
         // Outputs and the name are not checked.
         assert_eq!(vm_create(&VmCreate { id: 7, name: [0xff; 32], ..create(2 << 20, 1) }), Ok(()));
+    }
+
+    #[test]
+    fn vm_irq_lines_and_levels() {
+        let q = VmIrq { vm: 1, gsi: 4, level: IRQ_PULSE, reserved0: 0 };
+        assert_eq!(vm_irq(&q), Ok(()));
+        assert_eq!(vm_irq(&VmIrq { gsi: IOAPIC_PINS - 1, level: crate::abi::IRQ_LOW, ..q }), Ok(()));
+        assert_eq!(vm_irq(&VmIrq { gsi: IOAPIC_PINS, ..q }), Err(Invalid::Range));
+        assert_eq!(vm_irq(&VmIrq { level: 3, ..q }), Err(Invalid::Flags));
+        assert_eq!(vm_irq(&VmIrq { reserved0: 1, ..q }), Err(Invalid::Reserved));
     }
 
     #[test]

@@ -1032,7 +1032,7 @@ impl Fuzz {
         let one = matches!(prog, Some(Prog::Count | Prog::Twins));
         let vcpus = if one || self.rng.chance(80) { 1 } else { 2 };
         let name: [u8; abi::VM_NAME_LEN] = abi::padded(format!("fz{}", self.calls).as_bytes());
-        let id = self.create(VmCreate { mem_bytes: mem, vcpus, flags: 0, name, id: 0, reserved0: 0 }, Ptr::Good)?;
+        let id = self.create(VmCreate { mem_bytes: mem, vcpus, flags: 0, name, id: 0, tsc_khz: 0 }, Ptr::Good)?;
         let p = prog.unwrap_or_else(|| self.random_prog(mem, vcpus));
         self.program(id, p);
         Some(id)

@@ -1782,7 +1782,7 @@ pub mod seeds {
             flags: 0,
             steps: vec![
                 io(ioctl::CREATE_VM, None, &VmCreate { mem_bytes: 1 << 20, vcpus: 1, ..Default::default() }),
-                io(ioctl::CREATE_VM, None, &VmCreate { mem_bytes: 2 << 20, vcpus: 1, reserved0: 5, ..Default::default() }),
+                io(ioctl::CREATE_VM, None, &VmCreate { mem_bytes: 2 << 20, vcpus: 1, tsc_khz: 5, flags: 8, ..Default::default() }),
                 IoStep::Ioctl { cmd: ioctl::CREATE_VM, fd: None, ptr: Some(8), arg: Vec::new() },
                 io(ioctl::CREATE_VM, None, &VmCreate { mem_bytes: 2 << 20, vcpus: 1, ..Default::default() }),
                 io(ioctl::VM_LOAD, Some(0), &IocLoad { gpa: 0, data: USER_BASE, len: 0 }),

@@ -91,8 +91,13 @@ fn need_active(drv: &crate::Driver) -> Result {
 
 fn create_vm(drv: &crate::Driver, arg: usize) -> Result<i64> {
     need_active(drv)?;
-    let req: abi::VmCreate = read_user(arg)?;
+    let mut req: abi::VmCreate = read_user(arg)?;
     validate::vm_create(&req).map_err(invalid)?;
+    if req.tsc_khz != 0 {
+        return Err(EINVAL);
+    }
+    // A Linux guest runs on the host's TSC and is told its rate.
+    req.tsc_khz = crate::shim::tsc_khz();
     let mut b = HcBuf::new(req)?;
     let id = b.call_donating(drv, abi::hc::VM_CREATE)? as u32;
     let fd = match vm_fd(id) {
@@ -132,9 +137,15 @@ fn vm_fd(id: u32) -> Result<i32> {
 /// After a destroy: wake halted vCPUs (theirs may be gone) and give the
 /// pool back if no VM is left.
 fn destroyed(drv: &crate::Driver) {
-    drv.destroy_gen.fetch_add(1, Ordering::AcqRel);
-    drv.halt_wq.wake();
+    wake_halted(drv);
     drv.hv.reclaim_if_idle();
+}
+
+/// Wakes every vCPU halted in RUN, to look again at its VM: it may have
+/// been destroyed, or have an interrupt to take.
+fn wake_halted(drv: &crate::Driver) {
+    drv.wake_gen.fetch_add(1, Ordering::AcqRel);
+    drv.halt_wq.wake();
 }
 
 fn destroy_id(drv: &crate::Driver, id: u32) -> i64 {
@@ -323,6 +334,7 @@ extern "C" fn uxen_vm_ioctl(private: *mut c_void, cmd: u32, arg: usize) -> core:
         ioctl::VM_SET_REGS => vm_regs(drv, h, arg, true),
         ioctl::VM_RUN => vm_run(drv, h, arg),
         ioctl::VM_FORK => vm_fork(drv, h, arg),
+        ioctl::VM_IRQ => vm_irq(drv, h, arg),
         ioctl::VM_ID => write_user(arg, &abi::VmId { id: h.id, reserved0: 0 }).map(|_| 0),
         _ => Err(ENOTTY),
     })
@@ -376,6 +388,18 @@ fn vm_fork(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
     Ok(fd as i64)
 }
 
+/// VM_IRQ: drives an input of a Linux guest's IOAPIC, then wakes halted
+/// vCPUs so that the one the interrupt went to takes it.
+fn vm_irq(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
+    let mut q: abi::VmIrq = read_user(arg)?;
+    q.vm = h.id;
+    validate::vm_irq(&q).map_err(invalid)?;
+    let mut b = HcBuf::new(q)?;
+    b.call(drv, abi::hc::VM_IRQ)?;
+    wake_halted(drv);
+    Ok(0)
+}
+
 /// Longest sleep of a halted vCPU before RUN looks again. A destroy wakes
 /// it at once; so does a signal.
 const HALT_POLL_MS: u32 = 1000;
@@ -387,6 +411,9 @@ fn vm_run(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
     let mut b = HcBuf::new(req)?;
     loop {
         let pa = b.pa();
+        // Read before the guest runs: a wake-up that comes after the guest
+        // halted, but before the sleep below, is not missed.
+        let gen = drv.wake_gen.load(Ordering::Acquire);
         let (s, aux) = crate::shim::with_fpu(|| crate::hv::vmcall(abi::hc::VM_RUN, pa, core::mem::size_of::<abi::VmRun>() as u64));
         drv.hv.drain_log();
         if s == abi::HC_NEED_PAGES {
@@ -417,8 +444,7 @@ fn vm_run(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
                     _ => HALT_POLL_MS,
                 };
                 if ms > 0 {
-                    let gen = drv.destroy_gen.load(Ordering::Acquire);
-                    drv.halt_wq.wait(&drv.destroy_gen, gen, ms);
+                    drv.halt_wq.wait(&drv.wake_gen, gen, ms);
                 }
                 if crate::shim::signal_pending() {
                     return Err(EINTR);

@@ -35,10 +35,10 @@ pub(crate) static IMAGE: &[u8] = include_bytes!("hypervisor.bin");
 pub(crate) struct Driver {
     pub(crate) header: abi::ImageHeader,
     pub(crate) hv: hv::Hypervisor,
-    /// Halted vCPUs sleep here; a destroy wakes them to notice.
+    /// Halted vCPUs sleep here; a destroy or an interrupt wakes them.
     pub(crate) halt_wq: shim::WaitQueue,
-    /// Bumped by every destroy.
-    pub(crate) destroy_gen: core::sync::atomic::AtomicI32,
+    /// Bumped by every destroy and every `VM_IRQ`.
+    pub(crate) wake_gen: core::sync::atomic::AtomicI32,
 }
 
 static DRIVER: AtomicPtr<Driver> = AtomicPtr::new(core::ptr::null_mut());
@@ -79,7 +79,7 @@ impl kernel::Module for Uxen {
         );
         let halt_wq = shim::WaitQueue::new()?;
         let hv = hv::Hypervisor::start(&header)?;
-        let driver = KBox::new(Driver { header, hv, halt_wq, destroy_gen: core::sync::atomic::AtomicI32::new(0) }, GFP_KERNEL)?;
+        let driver = KBox::new(Driver { header, hv, halt_wq, wake_gen: core::sync::atomic::AtomicI32::new(0) }, GFP_KERNEL)?;
         let ptr = KBox::into_raw(driver);
         DRIVER.store(ptr, Ordering::Release);
         if let Err(e) = shim::misc_register() {

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod addr;
 pub mod arch;
 pub mod control;
+pub mod devices;
 pub mod emulate;
 pub mod logring;
 pub mod ept;

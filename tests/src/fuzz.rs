@@ -572,7 +572,7 @@ fn vfs_owned(cmd: u32) -> bool {
 
 const DEV_CMDS: [u32; 8] =
     [ioctl::VERSION, ioctl::STATS, ioctl::CREATE_VM, ioctl::LIST, ioctl::DESTROY, ioctl::MERGE, ioctl::DEBUG_TRANSLATE, ioctl::DEBUG_POOL];
-const VM_CMDS: [u32; 6] = [ioctl::VM_LOAD, ioctl::VM_GET_REGS, ioctl::VM_SET_REGS, ioctl::VM_RUN, ioctl::VM_FORK, ioctl::VM_ID];
+const VM_CMDS: [u32; 7] = [ioctl::VM_LOAD, ioctl::VM_GET_REGS, ioctl::VM_SET_REGS, ioctl::VM_RUN, ioctl::VM_FORK, ioctl::VM_ID, ioctl::VM_IRQ];
 
 // ---------------------------------------------------------------------------
 // The fuzzer.
@@ -1041,7 +1041,8 @@ impl Fuzz {
     /// CREATE_VM with `c` placed as `p`; returns the new VM's id if the
     /// model knows it.
     fn create(&mut self, c: VmCreate, p: Ptr) -> Option<u32> {
-        let valid = validate::vm_create(&c).is_ok();
+        // The driver fills in the TSC rate itself and refuses a caller's.
+        let valid = validate::vm_create(&c).is_ok() && c.tsc_khz == 0;
         let (addr, off) = self.arena.place(p, &bytes_of(&c), &mut self.rng);
         let fd = self.ctl_fd();
         let r = self.ioctl(fd, ioctl::CREATE_VM, addr);
@@ -1094,14 +1095,14 @@ impl Fuzz {
                 2 => c.mem_bytes = self.rng.pick(&[abi::VM_MAX_MEM + 2 * MIB, !(2 * MIB - 1), 1 << 63]),
                 3 => c.vcpus = 0,
                 4 => c.vcpus = self.rng.pick(&[abi::VM_MAX_VCPUS + 1, u32::MAX, 64]),
-                5 => c.flags = 1 + self.rng.below(u32::MAX as u64 - 1) as u32,
-                6 => c.reserved0 = 1 + self.rng.below(1000) as u32,
+                5 => c.flags = 2 + self.rng.below(u32::MAX as u64 - 2) as u32,
+                6 => c.tsc_khz = 1 + self.rng.below(1000) as u32,
                 _ => {
                     let b: Vec<u8> = (0..std::mem::size_of::<VmCreate>()).map(|_| self.rng.next() as u8).collect();
                     c = from_bytes(&b);
                     // Keep any accident valid-but-huge small enough to run.
                     if self.live() >= LIVE_CAP {
-                        c.flags |= 1;
+                        c.flags |= 2;
                     }
                 }
             }

@@ -14,7 +14,7 @@ use core::mem::{offset_of, size_of, MaybeUninit};
 use shared_abi::validate;
 use shared_abi::{
     DebugTranslate, ExitRecord, HvStats, HvVersion, IocBuf, IocLoad, IocVersion, MemRange, MergeScan, VmCreate, VmFork, VmId, VmInfo, VmLoad, VmRegs,
-    VmRun, VM_NAME_LEN,
+    VmIrq, VmRun, VM_NAME_LEN,
 };
 
 /// Host memory as a hypercall sees it.
@@ -45,7 +45,7 @@ macro_rules! blocks {
         $(unsafe impl Block for $t {})*
     };
 }
-blocks!(u64, MemRange, VmCreate, VmId, VmLoad, VmRegs, VmRun, ExitRecord, VmFork, VmInfo, DebugTranslate, HvVersion, HvStats, MergeScan);
+blocks!(u64, MemRange, VmCreate, VmId, VmIrq, VmLoad, VmRegs, VmRun, ExitRecord, VmFork, VmInfo, DebugTranslate, HvVersion, HvStats, MergeScan);
 // The ioctl arguments, for the driver model of the fuzz harnesses.
 blocks!(IocVersion, IocBuf, IocLoad);
 
@@ -143,6 +143,11 @@ pub fn reclaimed(h: &impl HostMem, arg: u64, frames: &[Hpa]) {
 pub fn vm_create(h: &impl HostMem, arg: u64, len: u64) -> Result<VmCreate, HcError> {
     let mut c: VmCreate = copy_in(h, arg, len)?;
     validate::vm_create(&c)?;
+    // A Linux guest is told its TSC rate (the driver fills it in); without
+    // one it could not boot without a PIT.
+    if c.flags & shared_abi::VM_FLAG_LINUX != 0 && c.tsc_khz == 0 {
+        return Err(HcError::Invalid);
+    }
     c.name[VM_NAME_LEN - 1] = 0;
     Ok(c)
 }
@@ -152,6 +157,13 @@ pub fn vm_id(h: &impl HostMem, arg: u64, len: u64) -> Result<VmId, HcError> {
     let v: VmId = copy_in(h, arg, len)?;
     validate::vm_id(&v)?;
     Ok(v)
+}
+
+/// VM_IRQ.
+pub fn vm_irq(h: &impl HostMem, arg: u64, len: u64) -> Result<VmIrq, HcError> {
+    let q: VmIrq = copy_in(h, arg, len)?;
+    validate::vm_irq(&q)?;
+    Ok(q)
 }
 
 /// VM_LOAD: the request and the bytes to load, read from the host page

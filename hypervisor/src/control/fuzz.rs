@@ -1655,7 +1655,7 @@ pub mod seeds {
                 create(0, 1),
                 create(3 << 20, 1),
                 create(2 << 20, 9),
-                call(hc::VM_CREATE, BLOCK, &VmCreate { mem_bytes: 2 << 20, vcpus: 1, flags: 1, ..Default::default() }),
+                call(hc::VM_CREATE, BLOCK, &VmCreate { mem_bytes: 2 << 20, vcpus: 1, flags: 2, ..Default::default() }),
                 create(2 << 20, 1),
                 call(hc::VM_DESTROY, BLOCK, &VmId { id: 9, reserved0: 0 }),
                 call(hc::VM_DESTROY, BLOCK, &VmId { id: 1, reserved0: 1 }),

@@ -248,8 +248,8 @@ mod prop {
             6 => (vm_id(), gpa(), load_src(), zero_mostly::<u32>())
                 .prop_map(|(vm, gpa, (src, len), reserved0)| (hc::VM_LOAD, bytes(VmLoad { vm, reserved0, gpa, src, len }))),
             2 => (vm_id(), 0..9u32, regs(), any::<bool>()).prop_map(|(vm, vcpu, regs, set)| (if set { hc::VM_SET_REGS } else { hc::VM_GET_REGS }, bytes(VmRegs { vm, vcpu, regs }))),
-            1 => (vm_id(), 0..9u32, 0..3u32, zero_mostly::<u32>()).prop_map(|(vm, vcpu, flags, reserved0)| (hc::VM_RUN, bytes(VmRun { vm, vcpu, flags, tsc_khz: reserved0, ..Default::default() }))),
-            4 => (vm_id(), 0..3u32, zero_mostly::<u32>()).prop_map(|(vm, flags, reserved0)| (hc::VM_FORK, bytes(VmFork { vm, flags, tsc_khz: reserved0, ..Default::default() }))),
+            1 => (vm_id(), 0..9u32, 0..3u32, zero_mostly::<u32>()).prop_map(|(vm, vcpu, flags, reserved0)| (hc::VM_RUN, bytes(VmRun { vm, vcpu, flags, reserved0, ..Default::default() }))),
+            4 => (vm_id(), 0..3u32, zero_mostly::<u32>()).prop_map(|(vm, flags, reserved0)| (hc::VM_FORK, bytes(VmFork { vm, flags, reserved0, ..Default::default() }))),
             1 => Just((hc::VM_LIST, Vec::new())),
             2 => (vm_id(), gpa(), zero_mostly::<u32>()).prop_map(|(vm, gpa, reserved0)| (hc::DEBUG_TRANSLATE, bytes(DebugTranslate { vm, reserved0, gpa, hpa: 0 }))),
             1 => prop_oneof![Just(hc::VERSION), Just(hc::STATS), Just(hc::UNLOAD), Just(hc::MERGE), any::<u64>()].prop_map(|nr| (nr, Vec::new())),
@@ -330,9 +330,9 @@ mod prop {
                 .prop_map(|(mem_bytes, vcpus, flags, reserved0)| (ioctl::CREATE_VM, bytes(VmCreate { mem_bytes, vcpus, flags, tsc_khz: reserved0, ..Default::default() }))),
             3 => (gpa(), prop_oneof![Just(USER_BASE), any::<u64>()], prop_oneof![1..9000u64, any::<u64>()])
                 .prop_map(|(gpa, data, len)| (ioctl::VM_LOAD, bytes(IocLoad { gpa, data, len }))),
-            2 => (0..3u32, zero_mostly::<u32>()).prop_map(|(flags, reserved0)| (ioctl::VM_FORK, bytes(VmFork { flags, tsc_khz: reserved0, ..Default::default() }))),
+            2 => (0..3u32, zero_mostly::<u32>()).prop_map(|(flags, reserved0)| (ioctl::VM_FORK, bytes(VmFork { flags, reserved0, ..Default::default() }))),
             1 => (0..9u32, regs(), any::<bool>()).prop_map(|(vcpu, regs, set)| (if set { ioctl::VM_SET_REGS } else { ioctl::VM_GET_REGS }, bytes(VmRegs { vm: 0, vcpu, regs }))),
-            1 => (0..3u32, 0..9u32, zero_mostly::<u32>()).prop_map(|(flags, vcpu, reserved0)| (ioctl::VM_RUN, bytes(VmRun { vcpu, flags, tsc_khz: reserved0, ..Default::default() }))),
+            1 => (0..3u32, 0..9u32, zero_mostly::<u32>()).prop_map(|(flags, vcpu, reserved0)| (ioctl::VM_RUN, bytes(VmRun { vcpu, flags, reserved0, ..Default::default() }))),
             1 => (vm_id(), zero_mostly::<u32>()).prop_map(|(id, reserved0)| (ioctl::DESTROY, bytes(VmId { id, reserved0 }))),
             1 => (prop_oneof![Just(USER_BASE + 0x1000), any::<u64>()], prop_oneof![0..2000u64, any::<u64>()]).prop_map(|(ptr, len)| (ioctl::LIST, bytes(IocBuf { ptr, len }))),
             1 => (prop_oneof![Just(USER_BASE + 0x1000), any::<u64>()], prop_oneof![Just(core::mem::size_of::<HvStats>() as u64), any::<u64>()]).prop_map(|(ptr, len)| (ioctl::STATS, bytes(IocBuf { ptr, len }))),

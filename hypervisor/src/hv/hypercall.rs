@@ -40,6 +40,7 @@ pub fn dispatch(nr: u64, arg: u64, len: u64, regs: &mut GuestRegs) -> Switch {
         hc::VM_RUN => return run::run(regs, arg, len),
         hc::VM_LIST => vm_list(arg, len),
         hc::VM_FORK => vm_fork(arg, len),
+        hc::VM_IRQ => vm_irq(arg, len),
         hc::MERGE => merge(arg, len),
         hc::DEBUG_TRANSLATE => debug_translate(arg, len),
         _ => Err(HcError::NoSys),
@@ -67,6 +68,7 @@ pub fn direct(nr: u64, arg: u64, len: u64) -> (i64, u64) {
         | hc::VM_SET_REGS
         | hc::VM_RUN
         | hc::VM_FORK
+        | hc::VM_IRQ
         | hc::MERGE
         | hc::DEBUG_TRANSLATE => Err(HcError::NoVmx),
         _ => Err(HcError::NoSys),
@@ -179,11 +181,20 @@ fn reclaim(arg: u64, len: u64) -> Result<i64, HcError> {
 
 fn vm_create(arg: u64, len: u64) -> Result<i64, HcError> {
     let mut c = decode::vm_create(&memory::HostBlocks, arg, len)?;
-    let vm = vm::create(c.mem_bytes, c.vcpus, c.name, 0)?;
+    let linux = (c.flags & shared_abi::VM_FLAG_LINUX != 0).then_some(c.tsc_khz);
+    let vm = vm::create(c.mem_bytes, c.vcpus, c.name, 0, linux)?;
     c.id = vm.id;
-    log::info!("vm{}: created, {} MiB, {} vCPU", vm.id, c.mem_bytes >> 20, c.vcpus);
+    log::info!("vm{}: created, {} MiB, {} vCPU{}", vm.id, c.mem_bytes >> 20, c.vcpus, if linux.is_some() { ", Linux PC" } else { "" });
     copy_out(arg, len, &c)?;
     Ok(vm.id as i64)
+}
+
+/// VM_IRQ: drives an input of a Linux guest's IOAPIC.
+fn vm_irq(arg: u64, len: u64) -> Result<i64, HcError> {
+    let q = decode::vm_irq(&memory::HostBlocks, arg, len)?;
+    let vm = vm::get(q.vm)?;
+    super::linux::irq(&vm, q.gsi, q.level).ok_or(HcError::Invalid)?;
+    Ok(0)
 }
 
 fn vm_destroy(arg: u64, len: u64) -> Result<i64, HcError> {

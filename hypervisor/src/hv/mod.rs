@@ -6,6 +6,7 @@ pub mod exits;
 pub mod hypercall;
 pub mod iommu;
 pub mod ipi;
+pub mod linux;
 pub mod logger;
 pub mod memory;
 pub mod merge;

@@ -16,6 +16,7 @@ use crate::arch::x86::vmx;
 use crate::emulate::{complete_mmio_read, decode_mmio, EmuRegs, MmioOp};
 use crate::guestmem::{MemError, Touch};
 use crate::mem::PhysMem;
+use crate::policy::linux::{classify, Msr as LinuxMsr, SWITCHED};
 use crate::policy::{guest_cpuid, guest_efer_ok, guest_msr, Cpuid, GuestMsr};
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -35,6 +36,9 @@ pub struct Running {
     /// TSC at which the slice ends and the guest yields to the host,
     /// however often it exits to the hypervisor meanwhile.
     pub deadline: u64,
+    /// The host's values of the MSRs a Linux guest has its own of
+    /// (`policy::linux::SWITCHED`), put back when the RUN ends.
+    pub host_msrs: [u64; 5],
 }
 
 /// Default time slice, in TSC cycles, before the guest yields to the host.
@@ -102,7 +106,7 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
         return Err(-EIO);
     }
     if !st.ready {
-        let init = vmx::GuestInit { regs: &st.init, eptp: vm.eptp, vpid: vm.vpid, msr_bitmap: msr_all_bitmap() };
+        let init = vmx::GuestInit { regs: &st.init, eptp: vm.eptp, vpid: vm.vpid, msr_bitmap: msr_all_bitmap(), linux: vm.linux.is_some() };
         // SAFETY: the guest's VMCS is current.
         let r = unsafe { vmx::setup_guest_vm(&h.caps, &init) };
         if let Err(e) = r {
@@ -139,7 +143,6 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
     }
     let _ = vmx::write_host_state(pc, h.cr3, &pc.linux);
     let slice = if req.slice_tsc == 0 { DEFAULT_SLICE } else { req.slice_tsc.min(1 << 32) };
-    arm_preemption_timer(slice);
 
     // Complete what the previous exit left to the VMM.
     let mut mmio = None;
@@ -170,7 +173,19 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
 
     // Enter: the host context is kept for the way back.
     let deadline = instr::rdtsc().saturating_add(slice);
-    pc.guest = Some(Box::new(Running { vm: vm.clone(), vcpu: idx, host_regs: *regs, arg_pa: arg, mmio: None, deadline }));
+    let mut host_msrs = [0u64; 5];
+    if vm.linux.is_some() {
+        for (i, m) in SWITCHED.iter().enumerate() {
+            // SAFETY: the syscall MSRs and KERNEL_GS_BASE exist on every
+            // 64-bit CPU; the host's values are put back in `leave`, and the
+            // hypervisor itself uses none of them.
+            unsafe {
+                host_msrs[i] = instr::rdmsr(*m);
+                instr::wrmsr(*m, st.msrs[i]);
+            }
+        }
+    }
+    pc.guest = Some(Box::new(Running { vm: vm.clone(), vcpu: idx, host_regs: *regs, arg_pa: arg, mmio: None, deadline, host_msrs }));
     let bit = 1u64 << (pc.index % 64);
     if vm.tlb_dirty.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
         // SAFETY: INVEPT of this guest's EPT.
@@ -178,7 +193,12 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
             let _ = instr::invept(1, vm.eptp);
         }
     }
-    deliver_timer(&vm, idx);
+    if vm.linux.is_some() {
+        super::linux::before_entry(&vm, idx);
+    } else {
+        deliver_timer(&vm, idx);
+    }
+    arm_timers(&vm, idx, deadline);
     // The guest's own x87/SSE registers and CR2: the driver saved the
     // host's (kernel_fpu_begin) and the host's CR2 is dead.
     // SAFETY: the area was saved by FXSAVE or is the reset state; writing
@@ -235,6 +255,16 @@ fn leave(pc: &mut PerCpu, regs: &mut GuestRegs, mut rec: ExitRecord, pending: Pe
         st.pending = pending;
         instr::fxsave(&mut st.fx);
         st.cr2 = instr::read_cr2();
+        if g.vm.linux.is_some() {
+            for (i, m) in SWITCHED.iter().enumerate() {
+                // SAFETY: as in `try_run`: the guest's values are kept, the
+                // host's restored.
+                unsafe {
+                    st.msrs[i] = instr::rdmsr(*m);
+                    instr::wrmsr(*m, g.host_msrs[i]);
+                }
+            }
+        }
     }
     // SAFETY: the guest's VMCS goes back to memory (so that any CPU can
     // load it next) and the host VM's becomes current again.
@@ -261,9 +291,14 @@ fn record(kind: u32) -> ExitRecord {
 
 /// Ends the VM and returns the stop to the host.
 fn stop_vm(pc: &mut PerCpu, regs: &mut GuestRegs, reason: u32) {
+    end_vm(pc, regs, vm_state::STOPPED, reason)
+}
+
+/// Ends the VM in `state` (STOPPED, REBOOTED or PANICKED) with `reason`.
+fn end_vm(pc: &mut PerCpu, regs: &mut GuestRegs, state: u32, reason: u32) {
     let vm = pc.guest.as_ref().unwrap().vm.clone();
-    log::info!("vm{}: stopped: {} at rip {:#x}", vm.id, stop::name(reason), vmx::read(GUEST_RIP));
-    vm.stop(vm_state::STOPPED, reason, 0);
+    log::info!("vm{}: {}: {} at rip {:#x}", vm.id, vm_state::name(state), stop::name(reason), vmx::read(GUEST_RIP));
+    vm.stop(state, reason, 0);
     let rec = vm.final_record();
     leave(pc, regs, rec, Pending::None, 0, 0);
 }
@@ -282,11 +317,28 @@ pub fn guest_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
     // interrupt should end the slice earlier, but Bochs 2.7 takes none
     // while the guest keeps interrupts off and only bounces through the
     // hypervisor.)
-    let now = instr::rdtsc();
-    if now >= deadline {
+    if instr::rdtsc() >= deadline {
         return leave(pc, regs, record(exit::INTR), Pending::None, 0, 0);
     }
-    arm_preemption_timer(deadline - now);
+    let g = pc.guest.as_ref().unwrap();
+    let (vm, idx) = (g.vm.clone(), g.vcpu);
+    if vm.linux.is_some() {
+        super::linux::before_entry(&vm, idx);
+    }
+    arm_timers(&vm, idx, deadline);
+}
+
+/// Arms the VMX-preemption timer for whichever comes first: the end of the
+/// slice, or a Linux guest's APIC timer (served here, without leaving the
+/// guest to the host).
+fn arm_timers(vm: &Vm, idx: usize, slice_end: u64) {
+    let mut until = slice_end;
+    if vm.linux.is_some() {
+        if let Some(t) = super::linux::next_timer(vm, idx) {
+            until = until.min(t);
+        }
+    }
+    arm_preemption_timer(until.saturating_sub(instr::rdtsc()));
 }
 
 /// Makes the VMX-preemption timer fire after about `ticks` TSC ticks (it
@@ -305,10 +357,17 @@ fn handle_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
     }
     let vm = pc.guest.as_ref().unwrap().vm.clone();
     let idx = pc.guest.as_ref().unwrap().vcpu;
+    // An event whose delivery this exit interrupted is delivered again at
+    // the next entry, whenever that is.
+    super::linux::requeue_interrupted_event();
+    let linux = vm.linux.is_some();
     match reason {
-        Ok(ExitReason::ExternalInterrupt) | Ok(ExitReason::PreemptionTimer) => {
+        Ok(ExitReason::ExternalInterrupt) => {
             return leave(pc, regs, record(exit::INTR), Pending::None, 0, 0);
         }
+        // The end of the slice (checked by the caller), or an APIC timer,
+        // which `linux::before_entry` fires.
+        Ok(ExitReason::PreemptionTimer) | Ok(ExitReason::InterruptWindow) => {}
         Ok(ExitReason::ExceptionOrNmi) => {
             let info = vmx::read(EXIT_INTERRUPTION_INFO) as u32;
             if (info >> 8) & 7 == 2 {
@@ -319,7 +378,33 @@ fn handle_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
                 return stop_vm(pc, regs, stop::BAD_INSTRUCTION);
             }
         }
+        Ok(ExitReason::TripleFault) if linux => {
+            let reason = super::linux::reset_reason(&vm);
+            let state = if reason == stop::PANIC { vm_state::PANICKED } else { vm_state::REBOOTED };
+            return end_vm(pc, regs, state, reason);
+        }
         Ok(ExitReason::TripleFault) => return stop_vm(pc, regs, stop::TRIPLE_FAULT),
+        Ok(ExitReason::Hlt) if linux => {
+            skip_instruction();
+            if vmx::read(GUEST_RFLAGS) & (1 << 9) == 0 {
+                // Linux halts with interrupts off when it powers off
+                // without ACPI (`kernel_halt`, `stop_this_cpu`): on the
+                // boot vCPU that is the end of the machine.
+                if idx == 0 {
+                    log::info!("vm{}: powered off", vm.id);
+                    vm.stop(vm_state::EXITED, stop::NONE, 0);
+                    return leave(pc, regs, vm.final_record(), Pending::None, 0, 0);
+                }
+                let mut rec = record(exit::HLT);
+                rec.data = 0;
+                return leave(pc, regs, rec, Pending::None, 0, 0);
+            }
+            if !super::linux::has_pending(&vm, idx) {
+                let mut rec = record(exit::HLT);
+                rec.data = super::linux::next_timer(&vm, idx).unwrap_or(0);
+                return leave(pc, regs, rec, Pending::None, 0, 0);
+            }
+        }
         Ok(ExitReason::Hlt) => {
             if vmx::read(GUEST_RFLAGS) & (1 << 9) == 0 {
                 return stop_vm(pc, regs, stop::HLT_IRQS_OFF);
@@ -335,16 +420,23 @@ fn handle_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
         Ok(ExitReason::EptViolation) => return ept_violation(pc, regs, &vm),
         Ok(ExitReason::EptMisconfig) => return stop_vm(pc, regs, stop::ENTRY_FAILED),
         Ok(ExitReason::Cpuid) => {
-            let r = guest_cpuid(regs[RAX] as u32, regs[RCX] as u32, |l, s| {
+            let native = |l, s| {
                 let [eax, ebx, ecx, edx] = instr::cpuid(l, s);
                 Cpuid { eax, ebx, ecx, edx }
-            });
+            };
+            let (leaf, sub) = (regs[RAX] as u32, regs[RCX] as u32);
+            let r = match vm.linux.as_ref() {
+                Some(p) => crate::policy::linux::cpuid(leaf, sub, idx as u32, p.tsc_khz, native),
+                None => guest_cpuid(leaf, sub, native),
+            };
             regs[RAX] = r.eax as u64;
             regs[3] = r.ebx as u64;
             regs[RCX] = r.ecx as u64;
             regs[RDX] = r.edx as u64;
             skip_instruction();
         }
+        Ok(ExitReason::Rdmsr) if linux => linux_rdmsr(regs, &vm, idx),
+        Ok(ExitReason::Wrmsr) if linux => linux_wrmsr(regs, &vm, idx),
         Ok(ExitReason::Rdmsr) => match guest_msr(regs[RCX] as u32) {
             GuestMsr::Vmcs(f) => {
                 let v = vmx::read(f);
@@ -405,6 +497,69 @@ fn handle_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
     }
 }
 
+/// A Linux guest's RDMSR (`policy::linux::classify`).
+fn linux_rdmsr(regs: &mut GuestRegs, vm: &Vm, idx: usize) {
+    let msr = regs[RCX] as u32;
+    let v = match classify(msr) {
+        LinuxMsr::Apic => super::linux::apic_rdmsr(vm, idx, msr),
+        // SAFETY: the guest's own value is in the real MSR while it runs.
+        LinuxMsr::Switched(_) => Some(unsafe { instr::rdmsr(msr) }),
+        LinuxMsr::Constant(v) | LinuxMsr::ReadOnly(v) => Some(v),
+        LinuxMsr::Common(GuestMsr::Vmcs(f)) => Some(vmx::read(f)),
+        LinuxMsr::Common(GuestMsr::Tsc) => Some(instr::rdtsc()),
+        LinuxMsr::Common(GuestMsr::None) | LinuxMsr::Gp => None,
+    };
+    match v {
+        Some(v) => {
+            regs[RAX] = v & 0xffff_ffff;
+            regs[RDX] = v >> 32;
+            skip_instruction();
+        }
+        None => super::exits::inject_gp(),
+    }
+}
+
+/// A Linux guest's WRMSR.
+fn linux_wrmsr(regs: &mut GuestRegs, vm: &Vm, idx: usize) {
+    let msr = regs[RCX] as u32;
+    let v = (regs[RDX] << 32) | (regs[RAX] & 0xffff_ffff);
+    let canonical = ((v as i64) << 16 >> 16) as u64 == v;
+    let ok = match classify(msr) {
+        LinuxMsr::Apic => super::linux::apic_wrmsr(vm, idx, msr, v),
+        LinuxMsr::Switched(i) if crate::policy::linux::switched_is_address(i) && !canonical => false,
+        LinuxMsr::Switched(_) => {
+            // SAFETY: a syscall MSR or KERNEL_GS_BASE, canonical where it
+            // holds an address; the host's value is restored in `leave`.
+            unsafe { instr::wrmsr(msr, v) };
+            true
+        }
+        LinuxMsr::Constant(_) => true,
+        LinuxMsr::Common(GuestMsr::Vmcs(GUEST_IA32_EFER)) => {
+            let ok = guest_efer_ok(vmx::read(GUEST_IA32_EFER), v);
+            if ok {
+                vmx::set(GUEST_IA32_EFER, v);
+            }
+            ok
+        }
+        LinuxMsr::Common(GuestMsr::Vmcs(f)) if f == GUEST_FS_BASE || f == GUEST_GS_BASE => {
+            if canonical {
+                vmx::set(f, v);
+            }
+            canonical
+        }
+        LinuxMsr::Common(GuestMsr::Vmcs(f)) => {
+            vmx::set(f, v);
+            true
+        }
+        LinuxMsr::Common(_) | LinuxMsr::ReadOnly(_) | LinuxMsr::Gp => false,
+    };
+    if ok {
+        skip_instruction();
+    } else {
+        super::exits::inject_gp();
+    }
+}
+
 fn port_io(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
     let q = vmx::read(EXIT_QUALIFICATION);
     let size = (q & 7) as u8 + 1;
@@ -416,6 +571,12 @@ fn port_io(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
     }
     let mask = if size == 4 { 0xffff_ffff } else { (1u64 << (8 * size as u32)) - 1 };
     skip_instruction();
+    if vm.linux.is_some() && port != guest::EXIT_PORT && !super::linux::port_to_vmm(port) {
+        if is_in {
+            regs[RAX] = (regs[RAX] & !mask) | super::linux::port_in(mask);
+        }
+        return;
+    }
     if port == guest::EXIT_PORT && !is_in {
         let code = regs[RAX] & mask;
         log::info!("vm{}: exited with code {}", vm.id, code);
@@ -476,6 +637,9 @@ fn ept_violation(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
         // The guest's page tables, or its code, lie outside its memory.
         return stop_vm(pc, regs, stop::BAD_INSTRUCTION);
     }
+    if vm.linux.is_some() {
+        return platform_mmio(pc, regs, vm, gpa);
+    }
     // MMIO: decode the access for the VMM.
     let rip = vmx::read(GUEST_RIP);
     let mut bytes = [0u8; 15];
@@ -502,6 +666,34 @@ fn ept_violation(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
         next_rip: op.next_rip,
     };
     leave(pc, regs, rec, pending, 0, 0)
+}
+
+/// An access of a Linux guest outside its RAM, emulated here: the
+/// instruction is decoded and performed on the IOAPIC, or, anywhere else,
+/// reads all ones and writes nothing, as a PC's unclaimed addresses do.
+/// The guest goes on after it.
+fn platform_mmio(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm, gpa: u64) {
+    let rip = vmx::read(GUEST_RIP);
+    let mut bytes = [0u8; 15];
+    let n = read_guest_code(vm, rip, &mut bytes);
+    let er = EmuRegs { gpr: *regs, rip, ..Default::default() };
+    let Some(op) = (n > 0).then(|| decode_mmio(&bytes[..n], 64, &er)).flatten() else {
+        return stop_vm(pc, regs, stop::BAD_INSTRUCTION);
+    };
+    let ioapic = super::linux::is_ioapic(gpa);
+    if op.is_write {
+        if ioapic {
+            super::linux::ioapic_access(vm, gpa, Some(op.data as u32));
+        }
+        vmx::set(GUEST_RIP, op.next_rip);
+        return;
+    }
+    let v = if ioapic { super::linux::ioapic_access(vm, gpa, None) as u64 } else { u64::MAX };
+    let mut er = er;
+    let full = MmioOp { dest_size: op.size.max(op.dest_size), ..op };
+    complete_mmio_read(&mut er, &full, v);
+    *regs = er.gpr;
+    vmx::set(GUEST_RIP, er.rip);
 }
 
 /// Reads up to 15 bytes of guest code at linear `rip`; returns how many.

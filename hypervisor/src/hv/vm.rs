@@ -9,6 +9,7 @@ use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use crate::devices::lapic::Lapic;
 use shared_abi::{exit, stop, vm_state, ExitRecord, Regs, VmInfo, VM_NAME_LEN};
 
 /// The frame pool, shared by all VMs.
@@ -42,6 +43,9 @@ pub struct VcpuState {
     /// registers in between): x87/SSE and CR2.
     pub fx: crate::arch::x86::instr::FxArea,
     pub cr2: u64,
+    /// A Linux guest's syscall MSRs and KERNEL_GS_BASE
+    /// (`policy::linux::SWITCHED`), in the real MSRs while it runs.
+    pub msrs: [u64; 5],
 }
 
 /// What the next RUN must complete before entering the guest.
@@ -65,6 +69,10 @@ pub struct Vcpu {
     /// Index of the CPU running it, while `running`.
     pub cpu: AtomicU32,
     pub state: spin::Mutex<VcpuState>,
+    /// Its local APIC (used by `VM_FLAG_LINUX` VMs only). Locked on its
+    /// own, so that another CPU can post an interrupt while this vCPU runs;
+    /// never held together with `Vm::linux`'s IOAPIC lock.
+    pub lapic: spin::Mutex<Lapic>,
 }
 
 /// A guest VM.
@@ -87,11 +95,13 @@ pub struct Vm {
     pub children: AtomicU32,
     /// Per-CPU bit: that CPU may hold stale translations for this EPT.
     pub tlb_dirty: AtomicU64,
+    /// The PC of a `VM_FLAG_LINUX` VM (`hv/linux.rs`).
+    pub linux: Option<super::linux::Platform>,
 }
 
 impl Vm {
     pub fn is_stopped(&self) -> bool {
-        matches!(self.state.load(Ordering::Acquire), vm_state::EXITED | vm_state::STOPPED)
+        matches!(self.state.load(Ordering::Acquire), vm_state::EXITED | vm_state::STOPPED | vm_state::REBOOTED | vm_state::PANICKED)
     }
 
     /// Ends the VM for good with `reason` (a `stop` value) or an exit code.
@@ -163,9 +173,12 @@ fn free_vpid(id: u16) {
 /// The initial register file of vCPU 0 (docs/guest-abi.md).
 pub use crate::control::vmops::boot_regs;
 
-/// Creates a VM. Needs pool frames for its EPT root and VMCS pages.
-pub fn create(mem_bytes: u64, vcpus: u32, name: [u8; VM_NAME_LEN], parent: u32) -> Result<Arc<Vm>, VmError> {
-    create_with(mem_bytes, vcpus, name, parent, None, None)
+/// Creates a VM. Needs pool frames for its EPT root and VMCS pages. A
+/// Linux guest's VM (`linux_tsc_khz` given) gets a PC: local APICs and an
+/// IOAPIC.
+pub fn create(mem_bytes: u64, vcpus: u32, name: [u8; VM_NAME_LEN], parent: u32, linux_tsc_khz: Option<u32>) -> Result<Arc<Vm>, VmError> {
+    let platform = linux_tsc_khz.map(super::linux::Platform::new);
+    create_with(mem_bytes, vcpus, name, parent, None, None, platform)
 }
 
 /// Creates a VM, with its memory and vCPU states given (a fork) or new.
@@ -176,7 +189,9 @@ fn create_with(
     parent: u32,
     memory: Option<GuestMem>,
     states: Option<Vec<VcpuState>>,
+    linux: Option<super::linux::Platform>,
 ) -> Result<Arc<Vm>, VmError> {
+    let tsc_khz = linux.as_ref().map_or(0, |p| p.tsc_khz);
     let mem = DirectMap;
     // Counted before the pool is locked: VMS is never taken under POOL.
     let vms = count();
@@ -208,8 +223,10 @@ fn create_with(
                     snapshot: None,
                     fx: crate::arch::x86::instr::FxArea::reset(),
                     cr2: 0,
+                    msrs: [0; 5],
                 },
             }),
+            lapic: spin::Mutex::new(Lapic::new(i as u32, i == 0, tsc_khz)),
         });
     }
     let Some(vpid) = alloc_vpid() else {
@@ -236,6 +253,7 @@ fn create_with(
         dying: AtomicBool::new(false),
         children: AtomicU32::new(0),
         tlb_dirty: AtomicU64::new(u64::MAX),
+        linux,
     });
     VMS.lock().insert(id, vm.clone());
     Ok(vm)
@@ -345,7 +363,13 @@ pub fn fork(parent: &Arc<Vm>, states: Vec<VcpuState>, copy: bool) -> Result<Arc<
     if !copy {
         parent.mark_tlbs_stale();
     }
-    let child = create_with(parent.mem_bytes, parent.vcpus.len() as u32, parent.name, parent.id, Some(child_mem), Some(states))?;
+    // The child's PC is the parent's as it stands: its APICs with their
+    // pending interrupts and armed timers, its IOAPIC.
+    let platform = parent.linux.as_ref().map(|p| p.clone_state());
+    let child = create_with(parent.mem_bytes, parent.vcpus.len() as u32, parent.name, parent.id, Some(child_mem), Some(states), platform)?;
+    for (c, p) in child.vcpus.iter().zip(&parent.vcpus) {
+        *c.lapic.lock() = *p.lapic.lock();
+    }
     parent.children.fetch_add(1, Ordering::AcqRel);
     Ok(child)
 }

@@ -447,6 +447,10 @@ pub struct GuestInit<'a> {
     pub vpid: u16,
     /// An MSR bitmap that intercepts every MSR.
     pub msr_bitmap: u64,
+    /// Enter as the 64-bit Linux boot protocol asks (`VM_FLAG_LINUX`):
+    /// CS = `__BOOT_CS` (0x10), DS/ES/SS = `__BOOT_DS` (0x18), and the
+    /// VMM's boot GDT at `shared_abi::linux::GDT_GPA`.
+    pub linux: bool,
 }
 
 /// Fills the current VMCS for a guest vCPU (docs/guest-abi.md): 64-bit
@@ -504,8 +508,13 @@ pub unsafe fn setup_guest_vm(caps: &VmxCaps, g: &GuestInit) -> Result<(), VmxErr
     write(GUEST_CR3, r.cr3)?;
     write(GUEST_CR4, (r.cr4 | caps.cr4_fixed0 | (1 << 13)) & caps.cr4_fixed1)?;
     write(GUEST_DR7, 0x400)?;
-    let code = shared_abi::guest::CODE_SELECTOR as u64;
-    let data = shared_abi::guest::DATA_SELECTOR as u64;
+    let (code, data, gdt, gdt_limit) = if g.linux {
+        use shared_abi::linux as l;
+        (l::CODE_SELECTOR as u64, l::DATA_SELECTOR as u64, l::GDT_GPA, 0x1f)
+    } else {
+        use shared_abi::guest as t;
+        (t::CODE_SELECTOR as u64, t::DATA_SELECTOR as u64, t::GDT_GPA, 23)
+    };
     write(GUEST_CS_SELECTOR, code)?;
     write(GUEST_CS_BASE, 0)?;
     write(GUEST_CS_LIMIT, 0xffff_ffff)?;
@@ -530,8 +539,8 @@ pub unsafe fn setup_guest_vm(caps: &VmxCaps, g: &GuestInit) -> Result<(), VmxErr
     write(GUEST_TR_BASE, 0)?;
     write(GUEST_TR_LIMIT, 0x67)?;
     write(GUEST_TR_AR, 0x8b)?;
-    write(GUEST_GDTR_BASE, shared_abi::guest::GDT_GPA)?;
-    write(GUEST_GDTR_LIMIT, 23)?;
+    write(GUEST_GDTR_BASE, gdt)?;
+    write(GUEST_GDTR_LIMIT, gdt_limit)?;
     write(GUEST_IDTR_BASE, 0)?;
     write(GUEST_IDTR_LIMIT, 0)?;
     write(GUEST_IA32_DEBUGCTL, 0)?;

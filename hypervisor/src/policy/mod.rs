@@ -8,6 +8,8 @@
 use crate::arch::x86::msr::*;
 use shared_abi::{ABI_REVISION, CPUID_LEAF_HV, CPUID_SIGNATURE};
 
+pub mod linux;
+
 /// CPUID output registers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cpuid {

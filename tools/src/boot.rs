@@ -44,17 +44,7 @@ pub fn prepare(image: &std::path::Path, mem_bytes: u64, cmdline: &str) -> Result
     }
     write_boot_structures(&staging, mem_bytes)?;
     staging.write_slice(cmdline.as_bytes(), GuestAddress(guest::CMDLINE_GPA)).context("staging write")?;
-    let mut pages = Vec::new();
-    let top = (end + 4095) & !4095;
-    let mut a = 0u64;
-    while a < top {
-        let mut page = vec![0u8; 4096];
-        staging.read_slice(&mut page, GuestAddress(a)).context("staging read")?;
-        if page.iter().any(|&b| b != 0) {
-            pages.push((a, page));
-        }
-        a += 4096;
-    }
+    let pages = nonzero_pages(&staging, &[(0, end)])?;
     Ok(Prepared { pages, entry })
 }
 
@@ -72,19 +62,6 @@ pub fn start_regs(entry: u64, mem_bytes: u64, cpu: u32) -> Regs {
     }
 }
 
-/// Loads `image` into `vm` (of `mem_bytes` bytes) with its command line and
-/// sets vCPU registers; returns how many bytes went into guest memory.
-pub fn load(vm: &Vm, image: &std::path::Path, mem_bytes: u64, vcpus: u32, cmdline: &str) -> Result<u64> {
-    let p = prepare(image, mem_bytes, cmdline)?;
-    for (gpa, page) in &p.pages {
-        vm.load(*gpa, page).map_err(|e| anyhow::anyhow!("cannot load the image: {e}"))?;
-    }
-    for cpu in 0..vcpus {
-        vm.set_regs(cpu, &start_regs(p.entry, mem_bytes, cpu)).map_err(|e| anyhow::anyhow!("cannot set vCPU {cpu}'s registers: {e}"))?;
-    }
-    Ok(p.pages.len() as u64 * 4096)
-}
-
 /// A guest command line: printable ASCII, at most `CMDLINE_MAX` bytes.
 pub fn check_cmdline(s: &str) -> Result<()> {
     if s.len() > guest::CMDLINE_MAX {
@@ -96,37 +73,134 @@ pub fn check_cmdline(s: &str) -> Result<()> {
     Ok(())
 }
 
-/// The GDT and page tables that identity-map guest memory with 2 MiB pages.
-fn write_boot_structures(m: &GuestMemoryMmap<()>, mem_bytes: u64) -> Result<()> {
-    let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-    for (i, d) in gdt.iter().enumerate() {
-        m.write_obj(*d, GuestAddress(guest::GDT_GPA + 8 * i as u64))?;
+/// A flat 64-bit code segment (L = 1, present, execute/read).
+pub const GDT_CODE64: u64 = 0x00af_9b00_0000_ffff;
+/// A flat data segment (present, read/write, 4 GiB).
+pub const GDT_DATA: u64 = 0x00cf_9300_0000_ffff;
+
+/// Writes the descriptors `entries` as a GDT at `gpa`.
+pub fn write_gdt(m: &GuestMemoryMmap<()>, gpa: u64, entries: &[u64]) -> Result<()> {
+    for (i, d) in entries.iter().enumerate() {
+        m.write_obj(*d, GuestAddress(gpa + 8 * i as u64))?;
     }
+    Ok(())
+}
+
+/// Where the identity page tables go: one PML4, one PDPT, and up to four
+/// consecutive page directories starting at `pd`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageTables {
+    pub pml4: u64,
+    pub pdpt: u64,
+    pub pd: u64,
+}
+
+/// The test guests' tables (docs/guest-abi.md, part 1).
+pub const TEST_TABLES: PageTables = PageTables { pml4: guest::PML4_GPA, pdpt: guest::PDPT_GPA, pd: guest::PD_GPA };
+
+/// Page tables at `t` that identity-map `[0, mem_bytes)` with 2 MiB pages
+/// (present, writable, supervisor); at most 4 GiB, one page directory per
+/// started GiB.
+pub fn write_identity_map(m: &GuestMemoryMmap<()>, t: PageTables, mem_bytes: u64) -> Result<()> {
     const P_RW: u64 = 3;
-    m.write_obj(guest::PDPT_GPA | P_RW, GuestAddress(guest::PML4_GPA))?;
+    const PS: u64 = 0x80;
     let gigs = mem_bytes.div_ceil(1 << 30);
     if gigs > 4 {
         bail!("at most 4 GiB of guest memory");
     }
+    m.write_obj(t.pdpt | P_RW, GuestAddress(t.pml4))?;
     for g in 0..gigs {
-        m.write_obj((guest::PD_GPA + g * 4096) | P_RW, GuestAddress(guest::PDPT_GPA + 8 * g))?;
+        m.write_obj((t.pd + g * 4096) | P_RW, GuestAddress(t.pdpt + 8 * g))?;
     }
     let mut a = 0;
     while a < mem_bytes {
-        let entry = a | P_RW | 0x80;
-        m.write_obj(entry, GuestAddress(guest::PD_GPA + 8 * (a >> 21)))?;
+        m.write_obj(a | P_RW | PS, GuestAddress(t.pd + 8 * (a >> 21)))?;
         a += 2 << 20;
     }
     Ok(())
 }
 
+/// The GDT and page tables of a test guest.
+fn write_boot_structures(m: &GuestMemoryMmap<()>, mem_bytes: u64) -> Result<()> {
+    write_gdt(m, guest::GDT_GPA, &[0, GDT_CODE64, GDT_DATA])?;
+    write_identity_map(m, TEST_TABLES, mem_bytes)
+}
+
+/// Every 4 KiB page of `ranges` (page-aligned outwards) in `m` that is not
+/// all zeros, in address order: guest memory starts zeroed, so only these
+/// need uploading.
+pub fn nonzero_pages(m: &GuestMemoryMmap<()>, ranges: &[(u64, u64)]) -> Result<Vec<(u64, Vec<u8>)>> {
+    let mut pages = Vec::new();
+    let mut starts: Vec<u64> = Vec::new();
+    for &(start, end) in ranges {
+        let mut a = start & !4095;
+        while a < end {
+            starts.push(a);
+            a += 4096;
+        }
+    }
+    starts.sort_unstable();
+    starts.dedup();
+    for a in starts {
+        let mut page = vec![0u8; 4096];
+        m.read_slice(&mut page, GuestAddress(a)).context("staging read")?;
+        if page.iter().any(|&b| b != 0) {
+            pages.push((a, page));
+        }
+    }
+    Ok(pages)
+}
+
+/// Copies `pages` into `vm`'s memory.
+pub fn upload(vm: &Vm, pages: &[(u64, Vec<u8>)], what: &str) -> Result<()> {
+    for (gpa, page) in pages {
+        vm.load(*gpa, page).map_err(|e| anyhow::anyhow!("cannot load the {what}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// What `uxenctl run` or `create` puts into a new VM, prepared (and so
+/// checked) before the VM exists.
+pub enum Guest {
+    /// A test guest (docs/guest-abi.md, part 1).
+    Test(Prepared),
+    /// A Linux kernel (docs/guest-abi.md, part 2).
+    Linux(Box<crate::linux::Prepared>),
+}
+
+impl Guest {
+    /// `VmCreate::flags` for this guest.
+    pub fn vm_flags(&self) -> u32 {
+        match self {
+            Guest::Test(_) => 0,
+            Guest::Linux(_) => shared_abi::VM_FLAG_LINUX,
+        }
+    }
+
+    /// Loads the guest into `vm` (of `mem_bytes` bytes and `vcpus` vCPUs)
+    /// and sets the registers of the vCPUs that start at once.
+    pub fn install(&self, vm: &Vm, mem_bytes: u64, vcpus: u32) -> Result<()> {
+        match self {
+            Guest::Test(p) => {
+                upload(vm, &p.pages, "image")?;
+                for cpu in 0..vcpus {
+                    vm.set_regs(cpu, &start_regs(p.entry, mem_bytes, cpu))
+                        .map_err(|e| anyhow::anyhow!("cannot set vCPU {cpu}'s registers: {e}"))?;
+                }
+                Ok(())
+            }
+            Guest::Linux(p) => crate::linux::install(vm, p),
+        }
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A minimal static ELF64 x86-64 executable: one PT_LOAD of `code` at
     /// physical `paddr`, entry at its start, `memsz` bytes in memory.
-    fn elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
+    pub(crate) fn elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
         let mut e = vec![0u8; 64 + 56];
         e[..4].copy_from_slice(b"\x7fELF");
         e[4] = 2; // 64-bit
@@ -159,7 +233,7 @@ mod tests {
         p
     }
 
-    fn page<'a>(p: &'a Prepared, gpa: u64) -> Option<&'a [u8]> {
+    fn page(p: &Prepared, gpa: u64) -> Option<&[u8]> {
         p.pages.iter().find(|(a, _)| *a == gpa).map(|(_, b)| b.as_slice())
     }
 

@@ -2,10 +2,11 @@
 //! as long as its descriptor), with its console and status in a run
 //! directory.
 
-use crate::{boot, dev, vmm};
+use crate::boot::Guest;
+use crate::{dev, vmm};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Where detached VMs keep their console, status and pid files.
 pub fn run_dir() -> PathBuf {
@@ -28,8 +29,9 @@ pub fn socket_path(id: u32) -> PathBuf {
     run_dir().join(format!("vm-{id}.sock"))
 }
 
-/// Creates a VM run by a detached VMM process; returns its id.
-pub fn create(image: &Path, name: &str, mem_mib: u64, vcpus: u32, cmdline: &str) -> Result<u32> {
+/// Creates a VM run by a detached VMM process; returns its id. The guest
+/// was prepared (and so checked) before: the VMM process inherits it.
+pub fn create(guest: &Guest, name: &str, mem_mib: u64, vcpus: u32) -> Result<u32> {
     std::fs::create_dir_all(run_dir()).with_context(|| format!("cannot create {}", run_dir().display()))?;
     let mut fds = [0i32; 2];
     // SAFETY: creating a pipe.
@@ -50,7 +52,7 @@ pub fn create(image: &Path, name: &str, mem_mib: u64, vcpus: u32, cmdline: &str)
             libc::close(rfd);
             libc::setsid();
             if libc::fork() == 0 {
-                let code = vmm_process(image, name, mem_mib, vcpus, cmdline, wfd);
+                let code = vmm_process(guest, name, mem_mib, vcpus, wfd);
                 libc::_exit(code);
             }
             libc::_exit(0);
@@ -74,13 +76,13 @@ pub fn create(image: &Path, name: &str, mem_mib: u64, vcpus: u32, cmdline: &str)
 
 /// The detached VMM: creates and loads the VM, reports its id on `wfd`,
 /// then runs it until it ends.
-fn vmm_process(image: &Path, name: &str, mem_mib: u64, vcpus: u32, cmdline: &str, wfd: i32) -> i32 {
+fn vmm_process(guest: &Guest, name: &str, mem_mib: u64, vcpus: u32, wfd: i32) -> i32 {
     // SAFETY: `wfd` is this process's write end of the pipe.
     let mut reply = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(wfd) };
     let setup = || -> Result<dev::Vm> {
         let d = dev::Device::open()?;
-        let vm = d.create_vm(mem_mib << 20, vcpus, name).map_err(|e| anyhow!("{e}"))?;
-        boot::load(&vm, image, mem_mib << 20, vcpus, cmdline)?;
+        let vm = d.create_vm(mem_mib << 20, vcpus, name, guest.vm_flags()).map_err(|e| anyhow!("{e}"))?;
+        guest.install(&vm, mem_mib << 20, vcpus)?;
         Ok(vm)
     };
     let vm = match setup() {
@@ -100,7 +102,11 @@ fn vmm_process(image: &Path, name: &str, mem_mib: u64, vcpus: u32, cmdline: &str
         }
     }
     vmm::install_signal_handlers();
-    vmm::serve(vm, vcpus, vmm::Mode::Detached);
+    let kind = match guest {
+        Guest::Test(_) => vmm::Kind::Test,
+        Guest::Linux(_) => vmm::Kind::Linux { stdin: vmm::Stdin::No },
+    };
+    vmm::serve(vm, vcpus, vmm::Mode::Detached, kind);
     0
 }
 

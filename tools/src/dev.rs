@@ -73,9 +73,10 @@ impl Device {
         Ok(s)
     }
 
-    /// Creates a VM; it lives as long as the returned descriptor.
-    pub fn create_vm(&self, mem_bytes: u64, vcpus: u32, name: &str) -> std::result::Result<Vm, IoctlError> {
-        let mut c = abi::VmCreate { mem_bytes, vcpus, name: abi::padded(name.as_bytes()), ..Default::default() };
+    /// Creates a VM with `VM_FLAG_*` `flags`; it lives as long as the
+    /// returned descriptor. The driver fills in `tsc_khz`.
+    pub fn create_vm(&self, mem_bytes: u64, vcpus: u32, name: &str, flags: u32) -> std::result::Result<Vm, IoctlError> {
+        let mut c = abi::VmCreate { mem_bytes, vcpus, flags, name: abi::padded(name.as_bytes()), ..Default::default() };
         // SAFETY: CREATE_VM takes a `VmCreate`.
         let fd = unsafe { ioctl_ptr(self.fd(), "create VM", abi::ioctl::CREATE_VM, &mut c) }?;
         // SAFETY: the driver installed `fd` for this process.
@@ -152,6 +153,15 @@ impl Vm {
         let mut r = abi::VmRegs { vm: self.id, vcpu, regs: *regs };
         // SAFETY: SET_REGS takes a `VmRegs`.
         unsafe { ioctl_ptr(self.fd(), "set regs", abi::ioctl::VM_SET_REGS, &mut r) }?;
+        Ok(())
+    }
+
+    /// Drives input `gsi` of the VM's IOAPIC: `IRQ_LOW`, `IRQ_HIGH` or
+    /// `IRQ_PULSE` (a Linux VM only). A vCPU halted in RUN wakes up.
+    pub fn irq(&self, gsi: u32, level: u32) -> std::result::Result<(), IoctlError> {
+        let mut q = abi::VmIrq { vm: self.id, gsi, level, reserved0: 0 };
+        // SAFETY: VM_IRQ takes a `VmIrq`.
+        unsafe { ioctl_ptr(self.fd(), "irq", abi::ioctl::VM_IRQ, &mut q) }?;
         Ok(())
     }
 

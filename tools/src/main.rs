@@ -1,15 +1,18 @@
 //! `uxenctl`: the uxen-rs control CLI and VMM.
 
 use anyhow::{anyhow, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use shared_abi as abi;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod boot;
+mod console;
 mod daemon;
 mod dev;
+mod linux;
+mod mptable;
 mod stats;
 mod vmm;
 
@@ -47,6 +50,85 @@ fn parse_name(s: &str) -> std::result::Result<String, String> {
     Ok(s.to_string())
 }
 
+/// What `uxenctl run --help` says after the options.
+const RUN_AFTER_HELP: &str = "\
+Exit status: the guest's exit code (a Linux guest that powers off: 0); 71 when a
+Linux guest rebooted; 72 after a kernel panic; 70 when the VM was stopped
+otherwise; 1 when uxenctl failed before the VM ran.
+
+With --kernel, standard input (a terminal, in raw mode, or a pipe) goes to the
+guest's console, COM1. On a terminal, Ctrl-A x ends the VM.";
+
+/// A VM's name when `--name` is not given: its file's name, cut to fit.
+fn default_name(file: Option<&std::path::Path>) -> String {
+    file.and_then(|f| f.file_name())
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty())
+        .unwrap_or("vm")
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(abi::VM_NAME_LEN - 1)
+        .collect()
+}
+
+/// `--mem` of a test guest when it is not given.
+const TEST_MEM_MIB: u64 = 16;
+
+/// What `run` and `create` start: a test guest or a Linux kernel.
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("guest").args(["image", "kernel"]).required(true)))]
+struct GuestArgs {
+    /// A test guest: a static ELF64 x86-64 executable (docs/guest-abi.md, part 1).
+    #[arg(conflicts_with = "kernel")]
+    image: Option<PathBuf>,
+    /// A Linux kernel, a bzImage or an uncompressed vmlinux (docs/guest-abi.md, part 2).
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// An initrd or initramfs for --kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel", conflicts_with = "image")]
+    initrd: Option<PathBuf>,
+    /// Guest memory in MiB [default: 16 with IMAGE, 64 with --kernel].
+    #[arg(long, value_name = "MIB", value_parser = parse_mem)]
+    mem: Option<u64>,
+    /// Number of vCPUs, 1 to 8.
+    #[arg(long, default_value = "1", value_parser = parse_vcpus)]
+    vcpus: u32,
+    /// The guest's command line [default: empty with IMAGE; with --kernel
+    /// "console=ttyS0 quiet tsc=reliable mitigations=off"]. With --kernel,
+    /// " reboot=t,panic_warm panic=-1 x2apic_phys" is always appended.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+}
+
+impl GuestArgs {
+    fn mem_mib(&self) -> u64 {
+        self.mem.unwrap_or(if self.kernel.is_some() { linux::DEFAULT_MEM_MIB } else { TEST_MEM_MIB })
+    }
+
+    /// Reads and checks everything, and lays the guest out; no VM exists
+    /// yet, so that bad input creates none.
+    fn prepare(&self) -> Result<boot::Guest> {
+        let mem_bytes = self.mem_mib() << 20;
+        if let Some(kernel) = &self.kernel {
+            let spec = linux::Spec {
+                kernel,
+                initrd: self.initrd.as_deref(),
+                cmdline: self.cmdline.as_deref(),
+                mem_bytes,
+                vcpus: self.vcpus,
+            };
+            return Ok(boot::Guest::Linux(Box::new(linux::prepare(&spec)?)));
+        }
+        let image = self.image.as_deref().ok_or_else(|| anyhow!("give IMAGE or --kernel"))?;
+        Ok(boot::Guest::Test(boot::prepare(image, mem_bytes, self.cmdline.as_deref().unwrap_or(""))?))
+    }
+
+    /// The file a VM takes its default name from.
+    fn file(&self) -> Option<&std::path::Path> {
+        self.kernel.as_deref().or(self.image.as_deref())
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Print the driver's and the hypervisor image's versions and ABI revisions.
@@ -62,33 +144,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run a guest image in the foreground; exit with the guest's exit code.
+    /// Run a guest in the foreground: a test guest IMAGE, or a Linux
+    /// kernel with --kernel.
+    #[command(after_help = RUN_AFTER_HELP)]
     Run {
-        image: PathBuf,
-        /// Guest memory in MiB.
-        #[arg(long, default_value = "16", value_parser = parse_mem)]
-        mem: u64,
-        #[arg(long, default_value = "1", value_parser = parse_vcpus)]
-        vcpus: u32,
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// The VM's name in `uxenctl list`.
         #[arg(long, default_value = "run", value_parser = parse_name)]
         name: String,
-        /// The guest's command line (docs/guest-abi.md).
-        #[arg(long, default_value = "")]
-        cmdline: String,
     },
-    /// Start a guest image in the background; print its VM id.
+    /// Start a guest in the background (a test guest IMAGE, or a Linux
+    /// kernel with --kernel); print its VM id.
     Create {
-        image: PathBuf,
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// The VM's name in `uxenctl list` [default: the file name of IMAGE
+        /// or --kernel].
         #[arg(long, value_parser = parse_name)]
         name: Option<String>,
-        /// Guest memory in MiB.
-        #[arg(long, default_value = "16", value_parser = parse_mem)]
-        mem: u64,
-        #[arg(long, default_value = "1", value_parser = parse_vcpus)]
-        vcpus: u32,
-        /// The guest's command line (docs/guest-abi.md).
-        #[arg(long, default_value = "")]
-        cmdline: String,
     },
     /// List the VMs.
     List {
@@ -96,11 +170,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Print a detached VM's console output so far (-f: follow it).
+    /// Print a detached VM's console output so far (-f: follow it), or
+    /// with --send type into a Linux guest's console.
     Console {
         vm: u32,
+        /// Keep printing the console as it grows, until the VM ends.
         #[arg(short, long)]
         follow: bool,
+        /// Send TEXT to the console's input (a Linux guest), and print the
+        /// console only with -f. Escapes: \n, \r, \t, \\ and \xHH.
+        #[arg(long, value_name = "TEXT")]
+        send: Option<String>,
     },
     /// Destroy a VM.
     Destroy { vm: u32 },
@@ -150,6 +230,9 @@ enum Cmd {
         id: u32,
         #[arg(value_parser = ["detached", "foreground"])]
         mode: String,
+        /// The VM is a Linux guest (UART interrupts, console input).
+        #[arg(long)]
+        linux: bool,
     },
 }
 
@@ -176,14 +259,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { image, mem, vcpus, name, cmdline } => {
-            boot::check_cmdline(&cmdline)?;
+        Cmd::Run { guest, name } => {
+            let (mem, vcpus) = (guest.mem_mib(), guest.vcpus);
+            let g = guest.prepare()?;
             let d = dev::Device::open()?;
-            let vm = d.create_vm(mem << 20, vcpus, &name).map_err(|e| anyhow!("{e}"))?;
-            boot::load(&vm, &image, mem << 20, vcpus, &cmdline)?;
+            let vm = d.create_vm(mem << 20, vcpus, &name, g.vm_flags()).map_err(|e| anyhow!("{e}"))?;
+            g.install(&vm, mem << 20, vcpus)?;
+            drop(g);
             vmm::install_signal_handlers();
             let id = vm.id;
-            let end = vmm::serve(vm, vcpus, vmm::Mode::Foreground);
+            // A Linux guest's console takes standard input: a terminal in raw
+            // mode (with the Ctrl-A escapes), or a pipe as it is.
+            let (kind, raw) = if guest.kernel.is_none() {
+                (vmm::Kind::Test, None)
+            } else {
+                match console::stdin_kind() {
+                    console::StdinKind::Terminal => match console::RawTerminal::enter() {
+                        Some(raw) => {
+                            eprintln!("uxenctl: vm {id}: the console is on this terminal; Ctrl-A x ends the VM, Ctrl-A h lists the escapes");
+                            (vmm::Kind::Linux { stdin: vmm::Stdin::Terminal }, Some(raw))
+                        }
+                        None => (vmm::Kind::Linux { stdin: vmm::Stdin::Plain }, None),
+                    },
+                    console::StdinKind::Background => (vmm::Kind::Linux { stdin: vmm::Stdin::No }, None),
+                    console::StdinKind::Other => (vmm::Kind::Linux { stdin: vmm::Stdin::Plain }, None),
+                }
+            };
+            let end = vmm::serve(vm, vcpus, vmm::Mode::Foreground, kind);
+            // The terminal comes back before anything more is printed.
+            drop(raw);
             if !matches!(end, vmm::End::Exited(_)) {
                 eprintln!("uxenctl: vm {id} {}", end.describe());
             }
@@ -206,21 +310,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::from(end.status()))
         }
-        Cmd::Create { image, name, mem, vcpus, cmdline } => {
-            if !image.exists() {
-                return Err(anyhow!("{}: no such file", image.display()));
+        Cmd::Create { guest, name } => {
+            if let Some(image) = &guest.image {
+                if !image.exists() {
+                    return Err(anyhow!("{}: no such file", image.display()));
+                }
             }
-            boot::check_cmdline(&cmdline)?;
+            let g = guest.prepare()?;
             dev::Device::open()?;
-            let name = name.unwrap_or_else(|| {
-                image.file_name().and_then(|n| n.to_str()).unwrap_or("vm").chars().take(abi::VM_NAME_LEN - 1).collect()
-            });
-            let id = daemon::create(&image, &name, mem, vcpus, &cmdline)?;
+            let name = name.unwrap_or_else(|| default_name(guest.file()));
+            let id = daemon::create(&g, &name, guest.mem_mib(), guest.vcpus)?;
             println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::List { json } => list(json),
-        Cmd::Console { vm, follow } => {
+        Cmd::Console { vm, follow, send } => {
+            if let Some(text) = send {
+                let bytes = console::parse_escapes(&text).map_err(|e| anyhow!(e))?;
+                vmm::request_input(vm, &bytes)?;
+                if !follow {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
             daemon::console(vm, follow)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -271,7 +382,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{hpa:#x}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::VmmChild { fd, id, mode } => Ok(ExitCode::from(vmm::child_main(fd, id, mode == "detached"))),
+        Cmd::VmmChild { fd, id, mode, linux } => Ok(ExitCode::from(vmm::child_main(fd, id, mode == "detached", linux))),
         Cmd::Pool { op, pages } => {
             let d = dev::Device::open()?;
             let (base, n) = d.debug_pool(if op == "donate" { pages } else { 0 }).map_err(|e| anyhow!("{e}"))?;
@@ -322,7 +433,7 @@ fn list(json: bool) -> Result<ExitCode> {
             frames_private: v.frames_private,
             frames_shared: v.frames_shared,
             parent: (v.parent != 0).then_some(v.parent),
-            stop_reason: (v.state == abi::vm_state::STOPPED).then(|| abi::stop::name(v.stop_reason)),
+            stop_reason: has_stop_reason(v.state).then(|| abi::stop::name(v.stop_reason)),
             exit_code: (v.state == abi::vm_state::EXITED).then_some(v.exit_code),
         })
         .collect();
@@ -330,20 +441,36 @@ fn list(json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:>4}  {:<16} {:<8} {:>8} {:>9} {:>8} {:>6}", "ID", "NAME", "STATE", "MEM_MIB", "PRIVATE", "SHARED", "PARENT");
+    println!("{:>4}  {:<16} {:<8} {:>8} {:>9} {:>8} {:>6}  END", "ID", "NAME", "STATE", "MEM_MIB", "PRIVATE", "SHARED", "PARENT");
     for r in rows {
         println!(
-            "{:>4}  {:<16} {:<8} {:>8} {:>9} {:>8} {:>6}",
+            "{:>4}  {:<16} {:<8} {:>8} {:>9} {:>8} {:>6}  {}",
             r.id,
             r.name,
             r.state,
             r.mem_mib,
             r.frames_private,
             r.frames_shared,
-            r.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+            r.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            end_text(r.exit_code, r.stop_reason)
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// States that come with a `stop` reason: a stop, a Linux guest's reboot
+/// or its kernel panic.
+fn has_stop_reason(state: u32) -> bool {
+    matches!(state, abi::vm_state::STOPPED | abi::vm_state::REBOOTED | abi::vm_state::PANICKED)
+}
+
+/// The END column of `list`: how an ended VM ended.
+fn end_text(exit_code: Option<u64>, stop_reason: Option<&str>) -> String {
+    match (exit_code, stop_reason) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(r)) => r.to_string(),
+        (None, None) => "-".into(),
+    }
 }
 
 #[derive(Serialize)]
@@ -401,7 +528,59 @@ mod tests {
     #[test]
     fn a_child_vmm_takes_its_descriptor_id_and_mode() {
         let c = Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "detached"]).unwrap();
-        assert!(matches!(c.cmd, Cmd::VmmChild { fd: 5, id: 17, ref mode } if mode == "detached"));
+        assert!(matches!(c.cmd, Cmd::VmmChild { fd: 5, id: 17, ref mode, linux: false } if mode == "detached"));
+        let c = Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "foreground", "--linux"]).unwrap();
+        assert!(matches!(c.cmd, Cmd::VmmChild { linux: true, .. }));
         assert!(Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "sideways"]).is_err());
+    }
+
+    fn guest_of(args: &[&str]) -> std::result::Result<GuestArgs, clap::Error> {
+        let mut v = vec!["uxenctl"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).map(|c| match c.cmd {
+            Cmd::Run { guest, .. } | Cmd::Create { guest, .. } => guest,
+            _ => unreachable!(),
+        })
+    }
+
+    #[test]
+    fn image_or_kernel() {
+        for cmd in ["run", "create"] {
+            let g = guest_of(&[cmd, "guest.elf"]).unwrap();
+            assert_eq!((g.image.as_deref(), g.kernel.as_deref(), g.mem_mib()), (Some(std::path::Path::new("guest.elf")), None, 16));
+            let g = guest_of(&[cmd, "--kernel", "bzImage", "--initrd", "rd.gz", "--cmdline", "init=/bin/sh", "--vcpus", "2"]).unwrap();
+            assert_eq!(g.mem_mib(), 64, "--kernel defaults to 64 MiB");
+            assert_eq!((g.initrd.as_deref(), g.cmdline.as_deref(), g.vcpus), (Some(std::path::Path::new("rd.gz")), Some("init=/bin/sh"), 2));
+            assert_eq!(guest_of(&[cmd, "--kernel", "k", "--mem", "128"]).unwrap().mem_mib(), 128);
+            assert_eq!(guest_of(&[cmd, "g", "--mem", "4"]).unwrap().mem_mib(), 4);
+            // Exactly one of IMAGE and --kernel; --initrd only with --kernel.
+            assert!(guest_of(&[cmd]).is_err());
+            assert!(guest_of(&[cmd, "guest.elf", "--kernel", "bzImage"]).is_err());
+            assert!(guest_of(&[cmd, "guest.elf", "--initrd", "rd.gz"]).is_err());
+            assert!(guest_of(&[cmd, "--initrd", "rd.gz"]).is_err());
+            assert!(guest_of(&[cmd, "--kernel", "k", "--mem", "3"]).is_err());
+        }
+        assert_eq!(default_name(Some(std::path::Path::new("/boot/bzImage"))), "bzImage");
+        assert_eq!(default_name(None), "vm");
+        assert_eq!(default_name(Some(std::path::Path::new(&"k".repeat(40)))).len(), abi::VM_NAME_LEN - 1);
+    }
+
+    #[test]
+    fn console_send() {
+        let c = Cli::try_parse_from(["uxenctl", "console", "3", "--send", "ls\\n"]).unwrap();
+        assert!(matches!(c.cmd, Cmd::Console { vm: 3, follow: false, send: Some(ref t) } if t == "ls\\n"));
+        let c = Cli::try_parse_from(["uxenctl", "console", "3", "-f"]).unwrap();
+        assert!(matches!(c.cmd, Cmd::Console { vm: 3, follow: true, send: None }));
+    }
+
+    #[test]
+    fn list_shows_how_vms_ended() {
+        use abi::vm_state::*;
+        assert!(has_stop_reason(STOPPED) && has_stop_reason(REBOOTED) && has_stop_reason(PANICKED));
+        assert!(!has_stop_reason(RUNNING) && !has_stop_reason(EXITED));
+        assert_eq!(end_text(Some(0), None), "exit 0");
+        assert_eq!(end_text(None, Some(abi::stop::name(abi::stop::PANIC))), "panic");
+        assert_eq!(end_text(None, None), "-");
+        assert_eq!(abi::vm_state::name(REBOOTED), "rebooted");
     }
 }

@@ -1,5 +1,6 @@
 //! Everything the emulated machines boot: the module, the CLI, the in-guest
-//! tools, the test guests, the initramfs and the Bochs boot ISOs.
+//! tools, the test guests, the Linux guest, the initramfs and the Bochs boot
+//! ISOs.
 
 use crate::util::{self, step};
 use crate::{image, kernel};
@@ -13,13 +14,24 @@ pub struct Artifacts {
     pub initramfs: PathBuf,
 }
 
+/// Debian's busybox-static, the userland of the host and of the Linux guest.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// The Linux guest that runs under `uxenctl run --kernel`, in
+/// `target/uxen/linux-guest/`.
+pub struct LinuxGuest {
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+}
+
 pub fn build_all() -> Result<Artifacts> {
     let out = util::out();
     std::fs::create_dir_all(&out)?;
-    let kb = kernel::build()?;
+    let kb = kernel::HOST.build()?;
     util::copy(&kb.join("arch/x86/boot/bzImage"), &out.join("bzImage"))?;
     // For the debugger's dump of a hung run (`runner::hang_dump`).
     util::copy(&kb.join("System.map"), &out.join("System.map"))?;
+    let guest = build_linux_guest()?;
     let flat = image::build()?;
     let flat_bytes = std::fs::read(&flat)?;
     step("module: building uxen.ko");
@@ -31,7 +43,7 @@ pub fn build_all() -> Result<Artifacts> {
     build_static("uxen-tests", "uxtest", &out.join("test/uxtest"))?;
     build_guests()?;
     step("initramfs");
-    let initramfs = build_initramfs(&kb)?;
+    let initramfs = build_initramfs(&kb, &guest)?;
     Ok(Artifacts { bzimage: out.join("bzImage"), initramfs })
 }
 
@@ -131,18 +143,65 @@ pub fn build_guests() -> Result<()> {
     Ok(())
 }
 
+/// The Linux guest: the guest kernel (with its `vmlinux` and `System.map`,
+/// to read a guest's crash) and a busybox initramfs whose `/init` is
+/// `tests/linux-guest/init`.
+fn build_linux_guest() -> Result<LinuxGuest> {
+    let kb = kernel::GUEST.build()?;
+    let dir = util::out().join("linux-guest");
+    let bzimage = dir.join("bzImage");
+    util::copy(&kb.join("arch/x86/boot/bzImage"), &bzimage)?;
+    util::copy(&kb.join("vmlinux"), &dir.join("vmlinux"))?;
+    util::copy(&kb.join("System.map"), &dir.join("System.map"))?;
+    step("linux guest: initramfs");
+    let mut list = String::new();
+    for d in ["/dev", "/proc", "/sys", "/bin", "/tmp", "/root", "/etc"] {
+        list += &format!("dir {d} 0755 0 0\n");
+    }
+    list += &busybox_entries();
+    list += &format!("file /init {} 0755 0 0\n", util::root().join("tests/linux-guest/init").display());
+    let initramfs = dir.join("initramfs.cpio.gz");
+    pack_cpio(&kb, &list, "linux-guest-initramfs", &initramfs)?;
+    Ok(LinuxGuest { bzimage, initramfs })
+}
+
+/// The console node, which the kernel opens before devtmpfs is mounted, and
+/// busybox with the `/bin/sh` that `/init`'s `#!` line needs before
+/// `busybox --install` has run.
+fn busybox_entries() -> String {
+    format!(
+        "nod /dev/console 0600 0 0 c 5 1\n\
+         file /bin/busybox {BUSYBOX} 0755 0 0\n\
+         slink /bin/sh busybox 0777 0 0\n"
+    )
+}
+
+/// Packs a `gen_init_cpio` list into a gzip-compressed newc archive at
+/// `dest`, with the `gen_init_cpio` of the kernel build `kb`; the list and the
+/// raw archive stay in the work directory as `<stem>.list` and `<stem>.cpio`.
+fn pack_cpio(kb: &Path, list: &str, stem: &str, dest: &Path) -> Result<()> {
+    let list_path = util::work().join(format!("{stem}.list"));
+    std::fs::create_dir_all(util::work())?;
+    std::fs::write(&list_path, list)?;
+    let raw = util::work().join(format!("{stem}.cpio"));
+    let f = std::fs::File::create(&raw)?;
+    util::run(Command::new(kb.join("usr/gen_init_cpio")).arg(&list_path).stdout(f))?;
+    std::fs::create_dir_all(dest.parent().unwrap())?;
+    let f = std::fs::File::create(dest)?;
+    util::run(Command::new("gzip").args(["-6", "-n", "-c"]).arg(&raw).stdout(f))
+}
+
 /// The initramfs: busybox, the module, `uxenctl`, the in-guest tools and
-/// scripts, and the test guests.
-fn build_initramfs(kb: &Path) -> Result<PathBuf> {
+/// scripts, the test guests, and the Linux guest in `/linux-guest/`.
+fn build_initramfs(kb: &Path, guest: &LinuxGuest) -> Result<PathBuf> {
     let out = util::out();
     let root = util::root();
     let mut list = String::new();
-    for d in ["/dev", "/proc", "/sys", "/bin", "/sbin", "/tmp", "/run", "/lib", "/lib/modules", "/tests", "/guests", "/etc"] {
+    let dirs = ["/dev", "/proc", "/sys", "/bin", "/sbin", "/tmp", "/run", "/lib", "/lib/modules", "/tests", "/guests", "/etc", "/linux-guest"];
+    for d in dirs {
         list += &format!("dir {d} 0755 0 0\n");
     }
-    list += "nod /dev/console 0600 0 0 c 5 1\n";
-    list += "file /bin/busybox /bin/busybox 0755 0 0\n";
-    list += "slink /bin/sh busybox 0777 0 0\n";
+    list += &busybox_entries();
     list += &format!("file /init {} 0755 0 0\n", root.join("tests/scripts/init").display());
     list += &format!("file /lib/modules/uxen.ko {} 0644 0 0\n", out.join("uxen.ko").display());
     list += &format!("file /lib/modules/uxen-corrupt.ko {} 0644 0 0\n", out.join("test/uxen-corrupt.ko").display());
@@ -162,14 +221,10 @@ fn build_initramfs(kb: &Path) -> Result<PathBuf> {
             list += &format!("file /guests/{} {} 0755 0 0\n", p.file_name().unwrap().to_str().unwrap(), p.display());
         }
     }
-    let list_path = util::work().join("initramfs.list");
-    std::fs::write(&list_path, list)?;
-    let raw = util::work().join("initramfs.cpio");
-    let f = std::fs::File::create(&raw)?;
-    util::run(Command::new(kb.join("usr/gen_init_cpio")).arg(&list_path).stdout(f))?;
+    list += &format!("file /linux-guest/bzImage {} 0644 0 0\n", guest.bzimage.display());
+    list += &format!("file /linux-guest/initramfs.cpio.gz {} 0644 0 0\n", guest.initramfs.display());
     let gz = out.join("initramfs.cpio.gz");
-    let f = std::fs::File::create(&gz)?;
-    util::run(Command::new("gzip").args(["-6", "-n", "-c"]).arg(&raw).stdout(f))?;
+    pack_cpio(kb, &list, "initramfs", &gz)?;
     Ok(gz)
 }
 

@@ -433,6 +433,13 @@ fn vm_run(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
                 }
                 crate::shim::cond_resched();
             }
+            abi::exit::KICK => {
+                // The guest sent an IPI to a vCPU that may sleep below.
+                wake_halted(drv);
+                if crate::shim::signal_pending() {
+                    return Err(EINTR);
+                }
+            }
             abi::exit::HLT if req.flags & abi::VMRUN_NO_WAIT == 0 => {
                 let deadline = b.value.exit.data;
                 let ms = match crate::shim::tsc_khz() {

@@ -715,6 +715,10 @@ pub mod exit {
     pub const SHUTDOWN: u32 = 6;
     /// RUN returned early because the host needs its CPU (a signal).
     pub const INTR: u32 = 7;
+    /// Another vCPU of this VM may have been sent an interrupt while it
+    /// sleeps in a halted RUN: the driver wakes halted vCPUs and goes on
+    /// running this one. The VMM never sees it.
+    pub const KICK: u32 = 8;
 }
 
 /// Why a VM stopped ([`exit::SHUTDOWN`]).

@@ -16,7 +16,7 @@
 //!   warm-reset word at 0x472 says whether a panic caused it.
 
 use super::memory::DirectMap;
-use super::vm::Vm;
+use super::vm::{Start, Vm};
 use crate::addr::Gpa;
 use crate::arch::x86::cpu::this_cpu;
 use crate::arch::x86::instr;
@@ -49,22 +49,27 @@ impl Platform {
 
 /// Makes vCPU `i` notice an interrupt just posted to its APIC: a CPU that
 /// runs it takes a kick NMI, whose exit re-evaluates what to inject. A vCPU
-/// out of RUN sees it at its next entry; one halted in the driver is woken
-/// by the driver (the `VM_IRQ` ioctl wakes halted vCPUs).
-fn notify(vm: &Vm, i: usize) {
+/// out of RUN sees it at its next entry, but one asleep in a halted RUN
+/// must be woken by the driver: returns true then (the `VM_IRQ` ioctl
+/// wakes halted vCPUs itself; a guest's IPI makes its RUN return
+/// `exit::KICK`).
+fn notify(vm: &Vm, i: usize) -> bool {
     let v = &vm.vcpus[i];
     if v.running.load(Ordering::Acquire) {
         let cpu = v.cpu.load(Ordering::Acquire) as usize;
         if cpu != this_cpu().index as usize {
             super::tlb::kick(cpu);
         }
+        return false;
     }
+    true
 }
 
 /// Routes an interrupt message (from the IOAPIC or an IPI) to the local
 /// APICs it addresses. Lowest-priority delivery goes to the first match, which
 /// Linux accepts (SDM 11.6.2.4 leaves the choice to the platform).
-fn deliver(vm: &Vm, d: &Delivery) {
+fn deliver(vm: &Vm, d: &Delivery) -> bool {
+    let mut wake = false;
     for (i, v) in vm.vcpus.iter().enumerate() {
         let hit = {
             let mut l = v.lapic.lock();
@@ -82,12 +87,13 @@ fn deliver(vm: &Vm, d: &Delivery) {
             }
         };
         if hit {
-            notify(vm, i);
+            wake |= notify(vm, i);
             if d.mode == DeliveryMode::LowestPriority {
                 break;
             }
         }
     }
+    wake
 }
 
 /// The `VM_IRQ` hypercall: input `gsi` of the IOAPIC goes low, high, or
@@ -109,9 +115,31 @@ pub fn irq(vm: &Vm, gsi: u32, level: u32) -> Option<()> {
     Some(())
 }
 
+/// INIT to vCPU `i`: its APIC is reset and it waits for a STARTUP IPI. Linux
+/// sends it to application processors that have not started, or that it
+/// took offline (they halt with interrupts off meanwhile).
+fn init(vm: &Vm, i: usize) {
+    vm.vcpus[i].lapic.lock().init();
+    vm.vcpus[i].state.lock().start = Start::WaitSipi;
+}
+
+/// STARTUP to vCPU `i`: a vCPU waiting for one starts at `vector << 12` at
+/// its next RUN; any other ignores it, as a CPU does (SDM Vol. 3A, 10.4.4.1:
+/// the second STARTUP of Linux's INIT-SIPI-SIPI).
+fn startup(vm: &Vm, i: usize, vector: u8) -> bool {
+    let mut st = vm.vcpus[i].state.lock();
+    if st.start != Start::WaitSipi {
+        return false;
+    }
+    st.start = Start::Sipi(vector);
+    true
+}
+
 /// Sends an IPI from vCPU `from`: fixed interrupts reach their targets'
-/// APICs; INIT and STARTUP are taken by `start_ap` (SMP guests).
-fn send_ipi(vm: &Vm, from: usize, ipi: &Ipi) {
+/// APICs, INIT and STARTUP start application processors. Returns whether a
+/// halted vCPU must be woken.
+fn send_ipi(vm: &Vm, from: usize, ipi: &Ipi) -> bool {
+    let mut wake = false;
     for (i, v) in vm.vcpus.iter().enumerate() {
         let target = match ipi.shorthand {
             Shorthand::None => v.lapic.lock().matches(ipi.dest, ipi.logical),
@@ -125,21 +153,23 @@ fn send_ipi(vm: &Vm, from: usize, ipi: &Ipi) {
         match ipi.mode {
             DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
                 v.lapic.lock().accept(ipi.vector, false);
-                notify(vm, i);
+                wake |= notify(vm, i);
             }
+            DeliveryMode::Init if i != from && !ipi.is_init_deassert() => init(vm, i),
+            DeliveryMode::Init => {}
+            DeliveryMode::StartUp if i != from => wake |= startup(vm, i, ipi.vector),
             _ => log::warn!("vm{}: vCPU {from} sent an IPI of mode {:?}, which this platform does not deliver", vm.id, ipi.mode),
         }
     }
+    wake
 }
 
 /// A level-triggered interrupt was acknowledged: the IOAPIC lets its line
 /// deliver again.
-fn eoi(vm: &Vm, vector: u8) {
-    let Some(p) = vm.linux.as_ref() else { return };
+fn eoi(vm: &Vm, vector: u8) -> bool {
+    let Some(p) = vm.linux.as_ref() else { return false };
     let again = p.ioapic.lock().eoi(vector);
-    for d in again.iter() {
-        deliver(vm, d);
-    }
+    again.iter().fold(false, |w, d| deliver(vm, d) | w)
 }
 
 /// RDMSR of an APIC MSR (IA32_APIC_BASE, IA32_TSC_DEADLINE, x2APIC).
@@ -152,32 +182,25 @@ pub fn apic_rdmsr(vm: &Vm, idx: usize, msr: u32) -> Option<u64> {
     }
 }
 
-/// WRMSR of an APIC MSR; `false` raises #GP.
-pub fn apic_wrmsr(vm: &Vm, idx: usize, msr: u32, value: u64) -> bool {
+/// WRMSR of an APIC MSR: `None` raises #GP; `Some(true)` when a halted
+/// vCPU must be woken (an IPI to it).
+pub fn apic_wrmsr(vm: &Vm, idx: usize, msr: u32, value: u64) -> Option<bool> {
     let effect = {
         let mut l = vm.vcpus[idx].lapic.lock();
         match msr {
-            0x1b => return l.set_apic_base(value).is_ok(),
+            0x1b => return l.set_apic_base(value).ok().map(|_| false),
             0x6e0 => {
                 l.set_tsc_deadline(value);
-                return true;
+                return Some(false);
             }
-            _ => match l.write_msr(msr, value, instr::rdtsc()) {
-                Ok(e) => e,
-                Err(_) => return false,
-            },
+            _ => l.write_msr(msr, value, instr::rdtsc()).ok()?,
         }
     };
-    match effect {
-        WriteEffect::None => {}
-        WriteEffect::Eoi { vector, level } => {
-            if level {
-                eoi(vm, vector);
-            }
-        }
+    Some(match effect {
+        WriteEffect::None => false,
+        WriteEffect::Eoi { vector, level } => level && eoi(vm, vector),
         WriteEffect::Ipi(ipi) => send_ipi(vm, idx, &ipi),
-    }
-    true
+    })
 }
 
 /// The TSC at which vCPU `idx`'s APIC timer next fires, if it is armed.

@@ -94,6 +94,13 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
     let pc = this_cpu();
     vcpu.cpu.store(pc.index, Ordering::Release);
     let mut st = *vcpu.state.lock();
+    if st.start == vm::Start::WaitSipi {
+        // An application processor that was not started: it sleeps in the
+        // driver until an IPI wakes it (`exit::KICK`).
+        vcpu.running.store(false, Ordering::Release);
+        write_record(arg, &record(exit::HLT));
+        return Ok(Switch::Return(0, 0));
+    }
 
     // SAFETY: the vCPU's own VMCS region, not current on any CPU (it is
     // VMCLEAR'ed whenever it leaves one).
@@ -140,6 +147,17 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
             }
         }
         st.ready = true;
+    }
+    if let vm::Start::Sipi(vector) = st.start {
+        // Started by a STARTUP IPI: real mode at the vector, registers as
+        // after INIT (SDM Vol. 3A, 10.1.1, Table 10-1).
+        vmx::real_mode_at_sipi(&h.caps, vector);
+        st.gpr = [0; 16];
+        st.gpr[RDX] = 0x600;
+        st.fx = instr::FxArea::reset();
+        st.cr2 = 0;
+        st.msrs = [0; 5];
+        st.start = vm::Start::Running;
     }
     let _ = vmx::write_host_state(pc, h.cr3, &pc.linux);
     let slice = if req.slice_tsc == 0 { DEFAULT_SLICE } else { req.slice_tsc.min(1 << 32) };
@@ -436,7 +454,11 @@ fn handle_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
             skip_instruction();
         }
         Ok(ExitReason::Rdmsr) if linux => linux_rdmsr(regs, &vm, idx),
-        Ok(ExitReason::Wrmsr) if linux => linux_wrmsr(regs, &vm, idx),
+        Ok(ExitReason::Wrmsr) if linux => {
+            if linux_wrmsr(regs, &vm, idx) {
+                return leave(pc, regs, record(exit::KICK), Pending::None, 0, 0);
+            }
+        }
         Ok(ExitReason::Rdmsr) => match guest_msr(regs[RCX] as u32) {
             GuestMsr::Vmcs(f) => {
                 let v = vmx::read(f);
@@ -519,13 +541,21 @@ fn linux_rdmsr(regs: &mut GuestRegs, vm: &Vm, idx: usize) {
     }
 }
 
-/// A Linux guest's WRMSR.
-fn linux_wrmsr(regs: &mut GuestRegs, vm: &Vm, idx: usize) {
+/// A Linux guest's WRMSR. Returns true when a halted vCPU of the VM must
+/// be woken (an IPI went to it).
+fn linux_wrmsr(regs: &mut GuestRegs, vm: &Vm, idx: usize) -> bool {
     let msr = regs[RCX] as u32;
     let v = (regs[RDX] << 32) | (regs[RAX] & 0xffff_ffff);
     let canonical = ((v as i64) << 16 >> 16) as u64 == v;
+    let mut wake = false;
     let ok = match classify(msr) {
-        LinuxMsr::Apic => super::linux::apic_wrmsr(vm, idx, msr, v),
+        LinuxMsr::Apic => match super::linux::apic_wrmsr(vm, idx, msr, v) {
+            Some(w) => {
+                wake = w;
+                true
+            }
+            None => false,
+        },
         LinuxMsr::Switched(i) if crate::policy::linux::switched_is_address(i) && !canonical => false,
         LinuxMsr::Switched(_) => {
             // SAFETY: a syscall MSR or KERNEL_GS_BASE, canonical where it
@@ -535,11 +565,14 @@ fn linux_wrmsr(regs: &mut GuestRegs, vm: &Vm, idx: usize) {
         }
         LinuxMsr::Constant(_) => true,
         LinuxMsr::Common(GuestMsr::Vmcs(GUEST_IA32_EFER)) => {
-            let ok = guest_efer_ok(vmx::read(GUEST_IA32_EFER), v);
-            if ok {
-                vmx::set(GUEST_IA32_EFER, v);
+            let paging = vmx::read(GUEST_CR0) & (1 << 31) != 0;
+            match crate::policy::linux::efer_write(vmx::read(GUEST_IA32_EFER), v, paging) {
+                Some(e) => {
+                    vmx::set(GUEST_IA32_EFER, e);
+                    true
+                }
+                None => false,
             }
-            ok
         }
         LinuxMsr::Common(GuestMsr::Vmcs(f)) if f == GUEST_FS_BASE || f == GUEST_GS_BASE => {
             if canonical {
@@ -558,6 +591,7 @@ fn linux_wrmsr(regs: &mut GuestRegs, vm: &Vm, idx: usize) {
     } else {
         super::exits::inject_gp();
     }
+    wake
 }
 
 fn port_io(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {

@@ -43,9 +43,23 @@ pub struct VcpuState {
     /// registers in between): x87/SSE and CR2.
     pub fx: crate::arch::x86::instr::FxArea,
     pub cr2: u64,
+    /// Whether the vCPU runs, or waits for a STARTUP IPI (a Linux guest's
+    /// application processors, before they are started and after INIT).
+    pub start: Start,
     /// A Linux guest's syscall MSRs and KERNEL_GS_BASE
     /// (`policy::linux::SWITCHED`), in the real MSRs while it runs.
     pub msrs: [u64; 5],
+}
+
+/// A vCPU's place in the INIT/STARTUP protocol (SDM Vol. 3A, 9.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    Running,
+    /// Waiting for a STARTUP IPI: RUN does not enter the guest.
+    WaitSipi,
+    /// Started by a STARTUP IPI with this vector: the next RUN enters in
+    /// real mode at `vector << 12`.
+    Sipi(u8),
 }
 
 /// What the next RUN must complete before entering the guest.
@@ -223,6 +237,7 @@ fn create_with(
                     snapshot: None,
                     fx: crate::arch::x86::instr::FxArea::reset(),
                     cr2: 0,
+                    start: if linux.is_some() && i > 0 { Start::WaitSipi } else { Start::Running },
                     msrs: [0; 5],
                 },
             }),

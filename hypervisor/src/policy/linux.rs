@@ -193,6 +193,23 @@ pub fn classify(msr: u32) -> Msr {
     }
 }
 
+/// EFER bits a Linux guest may set: SCE, LME, LMA (kept as the CPU has
+/// it), NXE.
+const EFER_ALLOWED: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11);
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+/// A Linux guest's WRMSR of EFER (now `old`) with paging on or off: the new
+/// value, or `None` for #GP. LME may change only while paging is off (the
+/// application processors' trampoline sets it on the way to long mode); LMA
+/// is the CPU's to set, so the written bit is ignored (SDM Vol. 3A, 9.8.5).
+pub fn efer_write(old: u64, v: u64, paging: bool) -> Option<u64> {
+    if v & !EFER_ALLOWED != 0 || (paging && (v ^ old) & EFER_LME != 0) {
+        return None;
+    }
+    Some((v & !EFER_LMA) | (old & EFER_LMA))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,6 +282,23 @@ mod tests {
         assert_eq!(cpuid(0x9000_0000, 0, 0, 50_000, native), Cpuid::default());
         // The hypervisor's own leaves stay.
         assert_eq!(cpuid(shared_abi::CPUID_LEAF_HV, 0, 0, 50_000, native).ebx, u32::from_le_bytes(*b"uXen"));
+    }
+
+    #[test]
+    fn efer_follows_the_trampoline_into_long_mode() {
+        // Real mode, paging off: the trampoline sets LME and NXE.
+        assert_eq!(efer_write(0, EFER_LME | (1 << 11) | 1, false), Some(EFER_LME | (1 << 11) | 1));
+        // In long mode the kernel writes back what it read, LMA included.
+        let lm = EFER_LME | EFER_LMA | 1;
+        assert_eq!(efer_write(lm, lm | (1 << 11), true), Some(lm | (1 << 11)));
+        // LMA is the CPU's: writing it does not set it, clearing it does
+        // not clear it.
+        assert_eq!(efer_write(0, EFER_LMA, false), Some(0));
+        assert_eq!(efer_write(lm, EFER_LME | 1, true), Some(lm));
+        // No leaving long mode with paging on; no other bits.
+        assert_eq!(efer_write(lm, EFER_LMA | 1, true), None);
+        assert_eq!(efer_write(0, 1 << 12, false), None);
+        assert_eq!(efer_write(0, 1 << 2, false), None);
     }
 
     #[test]

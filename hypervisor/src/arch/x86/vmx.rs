@@ -476,6 +476,11 @@ pub unsafe fn setup_guest_vm(caps: &VmxCaps, g: &GuestInit) -> Result<(), VmxErr
         | proc1::CR8_STORE_EXITING;
     write(PRIMARY_PROC_CONTROLS, adjust_controls(p1, caps.proc1) as u64)?;
     let mut p2 = proc2::ENABLE_EPT | proc2::ENABLE_VPID;
+    if g.linux {
+        // A Linux guest's application processors start in real mode at
+        // their STARTUP vector.
+        p2 |= proc2::UNRESTRICTED_GUEST;
+    }
     if controls_supported(proc2::ENABLE_RDTSCP, caps.proc2) {
         p2 |= proc2::ENABLE_RDTSCP;
     }
@@ -499,7 +504,7 @@ pub unsafe fn setup_guest_vm(caps: &VmxCaps, g: &GuestInit) -> Result<(), VmxErr
     write(VPID, g.vpid as u64)?;
     write(VMCS_LINK_POINTER, u64::MAX)?;
     write(TSC_OFFSET, 0)?;
-    write(CR0_GUEST_HOST_MASK, caps.cr0_fixed0 | !caps.cr0_fixed1 & 0xffff_ffff)?;
+    write(CR0_GUEST_HOST_MASK, if g.linux { caps.cr0_mask() } else { caps.cr0_fixed0 | !caps.cr0_fixed1 & 0xffff_ffff })?;
     write(CR4_GUEST_HOST_MASK, caps.cr4_mask())?;
     let r = g.regs;
     write(CR0_READ_SHADOW, r.cr0)?;
@@ -556,6 +561,55 @@ pub unsafe fn setup_guest_vm(caps: &VmxCaps, g: &GuestInit) -> Result<(), VmxErr
     write(GUEST_INTERRUPTIBILITY, 0)?;
     write(GUEST_PENDING_DBG_EXCEPTIONS, 0)?;
     Ok(())
+}
+
+/// Puts the current VMCS's guest in the state a STARTUP IPI with
+/// `vector` leaves an application processor in: real mode, CS:IP =
+/// `vector << 8`:0, other segments at 0 with 64 KiB limits, paging and
+/// protection off, interrupts off (SDM Vol. 3A, 9.1.1 and 10.4.4.1). Needs
+/// unrestricted guest (`setup_guest_vm` with `linux`).
+pub fn real_mode_at_sipi(caps: &VmxCaps, vector: u8) {
+    let cs = (vector as u64) << 8;
+    set(GUEST_CS_SELECTOR, cs);
+    set(GUEST_CS_BASE, cs << 4);
+    set(GUEST_CS_LIMIT, 0xffff);
+    set(GUEST_CS_AR, 0x9b);
+    for (sel, base, limit, ar) in [
+        (GUEST_DS_SELECTOR, GUEST_DS_BASE, GUEST_DS_LIMIT, GUEST_DS_AR),
+        (GUEST_ES_SELECTOR, GUEST_ES_BASE, GUEST_ES_LIMIT, GUEST_ES_AR),
+        (GUEST_FS_SELECTOR, GUEST_FS_BASE, GUEST_FS_LIMIT, GUEST_FS_AR),
+        (GUEST_GS_SELECTOR, GUEST_GS_BASE, GUEST_GS_LIMIT, GUEST_GS_AR),
+        (GUEST_SS_SELECTOR, GUEST_SS_BASE, GUEST_SS_LIMIT, GUEST_SS_AR),
+    ] {
+        set(sel, 0);
+        set(base, 0);
+        set(limit, 0xffff);
+        set(ar, 0x93);
+    }
+    set(GUEST_TR_SELECTOR, 0);
+    set(GUEST_TR_BASE, 0);
+    set(GUEST_TR_LIMIT, 0xffff);
+    set(GUEST_TR_AR, 0x8b);
+    set(GUEST_LDTR_AR, 1 << 16);
+    set(GUEST_GDTR_BASE, 0);
+    set(GUEST_GDTR_LIMIT, 0xffff);
+    set(GUEST_IDTR_BASE, 0);
+    set(GUEST_IDTR_LIMIT, 0xffff);
+    // CD and NW as at reset; ET; NE is fixed under VMX and hidden.
+    let cr0 = 0x6000_0010u64;
+    set(CR0_READ_SHADOW, cr0);
+    set(GUEST_CR0, (cr0 | (caps.cr0_fixed0 & !(1 | (1 << 31)))) & caps.cr0_fixed1);
+    set(CR4_READ_SHADOW, 0);
+    set(GUEST_CR4, caps.cr4_fixed0 & caps.cr4_fixed1);
+    set(GUEST_CR3, 0);
+    set(GUEST_IA32_EFER, 0);
+    set(ENTRY_CONTROLS, read(ENTRY_CONTROLS) & !(entry_ctl::IA32E_MODE_GUEST as u64));
+    set(GUEST_RIP, 0);
+    set(GUEST_RSP, 0);
+    set(GUEST_RFLAGS, 2);
+    set(GUEST_ACTIVITY_STATE, activity::ACTIVE);
+    set(GUEST_INTERRUPTIBILITY, 0);
+    set(ENTRY_INTERRUPTION_INFO, 0);
 }
 
 /// The guest-state fields a fork copies from parent to child (everything

@@ -1,0 +1,146 @@
+# Linux guests: the project's guest kernel boots to a shell on its console;
+# commands go in through a pipe and through `console --send`; poweroff,
+# reboot and a panic each end only their VM, with their own status; the host
+# keeps working meanwhile; bad input is refused before a VM exists; nothing
+# leaks.
+. /tests/lib.sh
+check insmod insmod /lib/modules/uxen.ko
+K=/linux-guest/bzImage
+I=/linux-guest/initramfs.cpio.gz
+READY="uxen-guest: ready"
+
+# wait_file FILE REGEX [TRIES]: waits until FILE matches (20 ms a try).
+wait_file() {
+    _n=${3:-3000}
+    while [ "$_n" -gt 0 ]; do
+        grep -qE "$2" "$1" 2>/dev/null && return 0
+        usleep 20000
+        _n=$((_n - 1))
+    done
+    return 1
+}
+
+# boot_pipe [ARGS...]: starts `uxenctl run` on the guest kernel with its
+# console on pipes (in: /tmp/lin.in, held open as descriptor 3; out:
+# /tmp/lin.out); $run is its pid. A run that outlives 15 minutes is ended.
+boot_pipe() {
+    rm -f /tmp/lin.in /tmp/lin.out
+    mkfifo /tmp/lin.in
+    timeout -s TERM 900 uxenctl run --kernel $K --initrd $I --mem 64 "$@" </tmp/lin.in >/tmp/lin.out 2>&1 &
+    run=$!
+    exec 3>/tmp/lin.in
+}
+
+# state VM: the VM's `state` in `uxenctl list --json`.
+state() {
+    uxenctl list --json | tr '{' '\n' | grep "\"id\":$1," | sed -n 's/.*"state":"\([a-z]*\)".*/\1/p'
+}
+
+base=$(pool_used)
+ref=$(uxtest checksum 2)
+[ -n "$ref" ] && pass host-checksum-reference || fail host-checksum-reference "no checksum"
+
+# 1. `uxenctl run` with its console on pipes: boot to the shell, a command
+# in, its output out, `poweroff -f` ends the run with status 0. The host
+# computes on both CPUs while the guest boots.
+boot_pipe
+t0=$(cut -d' ' -f1 /proc/uptime)
+sum0=$(taskset -c 0 uxtest checksum 2)
+sum1=$(taskset -c 1 uxtest checksum 2)
+expect_eq host-cpu0-works-during-boot "$sum0" "$ref"
+expect_eq host-cpu1-works-during-boot "$sum1" "$ref"
+if wait_file /tmp/lin.out "$READY" 15000; then
+    pass pipe-boots-to-shell
+    info "boot to the shell took $(awk -v a="$t0" -v b="$(cut -d' ' -f1 /proc/uptime)" 'BEGIN{print b-a}') s of host uptime"
+else
+    fail pipe-boots-to-shell "$(tail -c 600 /tmp/lin.out | tr '\n' ' ')"
+fi
+echo 'echo pipe-says-$((6 * 7))' >&3
+check pipe-command-output wait_file /tmp/lin.out "^pipe-says-42"
+echo 'cat /proc/cmdline' >&3
+check guest-cmdline wait_file /tmp/lin.out "console=ttyS0.*reboot=t,panic_warm"
+echo 'poweroff -f' >&3
+wait $run
+expect_eq poweroff-run-status-0 "$?" 0
+exec 3>&-
+expect_eq pool-back-after-poweroff "$(pool_used)" "$base"
+
+# 2. A detached guest: `console --send` runs a command; `console` shows it.
+a=$(uxenctl create --kernel $K --initrd $I --mem 64 --name lin-a)
+expect_match create-prints-id "$a" '^[0-9]+$'
+check detached-boots wait_console "$a" "$READY" 15000
+check send-command uxenctl console "$a" --send 'echo sent-$((2 + 3))\n'
+check send-output-on-console wait_console "$a" "^sent-5"
+check send-escapes uxenctl console "$a" --send 'printf "tab\\x3a[\\t]\\n"\n'
+check send-escape-output wait_console "$a" "tab:\[	\]"
+out=$(uxenctl console "$a" --send 'bad\q' 2>&1); rc=$?
+[ $rc -ne 0 ] && pass send-bad-escape-refused || fail send-bad-escape-refused "rc=0"
+expect_match send-bad-escape-message "$out" "escape"
+out=$(uxenctl console "$a")
+expect_match console-shows-output "$out" "sent-5"
+
+# 3. Reboot and panic end only their VM, with their own state; the other
+# guest carries on.
+b=$(uxenctl create --kernel $K --initrd $I --mem 64 --name lin-b)
+check b-boots wait_console "$b" "$READY" 15000
+check reboot-sent uxenctl console "$b" --send 'reboot -f\n'
+check reboot-ends-vm wait_gone "$b" 15000
+expect_eq reboot-state "$(state "$b")" rebooted
+c=$(uxenctl create --kernel $K --initrd $I --mem 64 --name lin-c)
+check c-boots wait_console "$c" "$READY" 15000
+check panic-sent uxenctl console "$c" --send 'echo c > /proc/sysrq-trigger\n'
+check panic-ends-vm wait_gone "$c" 15000
+expect_eq panic-state "$(state "$c")" panicked
+check panic-on-console wait_console "$c" "Kernel panic"
+check a-still-answers uxenctl console "$a" --send 'echo still-$((40 + 2))\n'
+check a-output wait_console "$a" "^still-42"
+
+# The guest's hostile side: every I/O port written but its own console
+# (COM1) and the port that ends a VM (0xf4), and unmapped physical memory
+# read; it carries on.
+check ports-written uxenctl console "$a" --send 'dd if=/dev/zero of=/dev/port bs=1 count=244 2>/dev/null; dd if=/dev/zero of=/dev/port bs=1 seek=245 count=771 2>/dev/null; dd if=/dev/zero of=/dev/port bs=1 seek=1024 count=64512 2>/dev/null; echo ports-done\n'
+check ports-guest-carries-on wait_console "$a" "^ports-done" 15000
+check unmapped-read uxenctl console "$a" --send 'dd if=/dev/mem bs=4096 skip=786432 count=1 2>/dev/null | od -An -tx1 | head -n1\n'
+check unmapped-reads-ones wait_console "$a" "ff ff ff ff ff ff ff ff"
+expect_eq a-still-running "$(state "$a")" running
+
+# `uxenctl run` statuses: 71 for a reboot, 72 for a panic.
+boot_pipe
+check run-reboot-boots wait_file /tmp/lin.out "$READY" 15000
+echo 'reboot -f' >&3
+wait $run
+expect_eq run-reboot-status "$?" 71
+exec 3>&-
+boot_pipe
+check run-panic-boots wait_file /tmp/lin.out "$READY" 15000
+echo 'echo c > /proc/sysrq-trigger' >&3
+wait $run
+expect_eq run-panic-status "$?" 72
+exec 3>&-
+
+# 4. Two vCPUs: the guest sees both.
+d=$(uxenctl create --kernel $K --initrd $I --mem 64 --vcpus 2 --name lin-smp)
+check smp-boots wait_console "$d" "$READY" 15000
+check smp-send uxenctl console "$d" --send 'echo cpus=$(nproc)\n'
+check smp-nproc-2 wait_console "$d" "^cpus=2"
+
+for v in $a $d; do uxenctl destroy "$v"; done
+for v in $a $b $c $d; do wait_gone "$v"; done
+
+# 5. Bad input: one readable line, a non-zero exit, no VM, nothing leaked.
+before=$(uxenctl list --json)
+out=$(uxenctl run --kernel /nonexistent 2>&1); rc=$?
+[ $rc -ne 0 ] && pass missing-kernel-fails || fail missing-kernel-fails "rc=0"
+expect_match missing-kernel-message "$out" "/nonexistent"
+out=$(uxenctl run --kernel /init 2>&1); rc=$?
+[ $rc -ne 0 ] && pass not-a-kernel-fails || fail not-a-kernel-fails "rc=0"
+expect_match not-a-kernel-message "$out" "not a Linux bzImage or vmlinux"
+out=$(uxenctl run --kernel $K --initrd /nonexistent 2>&1); rc=$?
+[ $rc -ne 0 ] && pass missing-initrd-fails || fail missing-initrd-fails "rc=0"
+out=$(uxenctl run --kernel $K --initrd $I --mem 2 2>&1); rc=$?
+[ $rc -ne 0 ] && pass too-small-mem-fails || fail too-small-mem-fails "rc=0"
+expect_match too-small-mem-message "$out" "MiB"
+expect_eq bad-input-one-line "$(printf '%s\n' "$out" | wc -l)" 1
+expect_eq no-vm-from-bad-input "$(uxenctl list --json)" "$before"
+expect_eq pool-back-at-end "$(pool_used)" "$base"
+finish

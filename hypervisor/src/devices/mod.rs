@@ -1,6 +1,6 @@
-//! The interrupt controllers of a Linux guest's PC platform
-//! (`docs/guest-abi.md`, part 2): a local APIC per vCPU, in x2APIC mode with
-//! the TSC-deadline timer, and one IOAPIC.
+//! The devices of a Linux guest's PC platform (`docs/guest-abi.md`, part
+//! 2) that the hypervisor emulates: a local APIC per vCPU, in x2APIC mode
+//! with the TSC-deadline timer, one IOAPIC, and a read-only CMOS clock.
 //!
 //! These are models and nothing more: plain data with no clock, no locks,
 //! no memory access and no `unsafe`, so they are portable and unit-tested on
@@ -10,8 +10,10 @@
 //! messages they hand back to the right vCPU's APIC, polls the timer and
 //! injects [`Lapic::pending_vector`] at VM entry.
 
+pub mod cmos;
 pub mod ioapic;
 pub mod lapic;
 
+pub use cmos::Cmos;
 pub use ioapic::{Deliveries, Delivery, Ioapic};
 pub use lapic::{ApicError, DeliveryMode, Ipi, Lapic, Shorthand, WriteEffect};

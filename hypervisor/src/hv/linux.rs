@@ -9,8 +9,9 @@
 //!   by the VMM through the `VM_IRQ` hypercall (the UART's IRQ 4).
 //! - Before every VM entry, [`before_entry`] injects the highest interrupt
 //!   the guest can take, or asks for an interrupt-window exit.
-//! - Port I/O outside COM1 is answered here: reads float high (all ones),
-//!   writes go nowhere. Linux's probes of the PIT, the PIC and the RTC find
+//! - Port I/O outside COM1 is answered here: the CMOS clock's ports by a
+//!   read-only clock (`devices::cmos`); elsewhere reads float high (all
+//!   ones) and writes go nowhere. Linux's probes of the PIT and the PIC find
 //!   nothing, as `apic_needs_pit()` and `probe_8259A()` expect.
 //! - A triple fault is a reset: Linux's reboot path (`reboot=t`). The
 //!   warm-reset word at 0x472 says whether a panic caused it.
@@ -22,6 +23,7 @@ use crate::arch::x86::cpu::this_cpu;
 use crate::arch::x86::instr;
 use crate::arch::x86::vmcs_fields::*;
 use crate::arch::x86::vmx;
+use crate::devices::cmos::{self, Cmos};
 use crate::devices::ioapic::{Delivery, Ioapic};
 use crate::devices::lapic::{DeliveryMode, Ipi, Shorthand, WriteEffect};
 use crate::mem::PhysMem;
@@ -34,16 +36,17 @@ pub struct Platform {
     /// APIC timer's input clock.
     pub tsc_khz: u32,
     pub ioapic: spin::Mutex<Ioapic>,
+    pub cmos: spin::Mutex<Cmos>,
 }
 
 impl Platform {
     pub fn new(tsc_khz: u32) -> Self {
-        Platform { tsc_khz, ioapic: spin::Mutex::new(Ioapic::new(linux::IOAPIC_ID)) }
+        Platform { tsc_khz, ioapic: spin::Mutex::new(Ioapic::new(linux::IOAPIC_ID)), cmos: spin::Mutex::new(Cmos::default()) }
     }
 
     /// A copy for a forked child.
     pub fn clone_state(&self) -> Self {
-        Platform { tsc_khz: self.tsc_khz, ioapic: spin::Mutex::new(*self.ioapic.lock()) }
+        Platform { tsc_khz: self.tsc_khz, ioapic: spin::Mutex::new(*self.ioapic.lock()), cmos: spin::Mutex::new(*self.cmos.lock()) }
     }
 }
 
@@ -289,13 +292,21 @@ pub fn reset_reason(vm: &Vm) -> u32 {
 }
 
 /// Whether `port` reaches the VMM (COM1); every other port is answered by
-/// [`port_in`] here.
+/// [`port_io`] here.
 pub fn port_to_vmm(port: u16) -> bool {
     (linux::UART_PORT_FIRST..=linux::UART_PORT_LAST).contains(&port)
 }
 
-/// An IN from a port nobody emulates: all ones, masked to the access size.
-pub fn port_in(mask: u64) -> u64 {
+/// An IN or OUT of a port the hypervisor answers: the CMOS clock's two
+/// ports; every other reads all ones, masked to the access size, and
+/// ignores writes. Returns the value of an IN.
+pub fn port_io(vm: &Vm, port: u16, write: Option<u64>, mask: u64) -> u64 {
+    let Some(p) = vm.linux.as_ref() else { return mask };
+    match (port, write) {
+        (cmos::INDEX_PORT, Some(v)) => p.cmos.lock().select(v as u8),
+        (cmos::DATA_PORT, None) => return p.cmos.lock().read() as u64,
+        _ => {}
+    }
     mask
 }
 

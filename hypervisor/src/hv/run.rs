@@ -606,8 +606,9 @@ fn port_io(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
     let mask = if size == 4 { 0xffff_ffff } else { (1u64 << (8 * size as u32)) - 1 };
     skip_instruction();
     if vm.linux.is_some() && port != guest::EXIT_PORT && !super::linux::port_to_vmm(port) {
+        let v = super::linux::port_io(vm, port, (!is_in).then_some(regs[RAX] & mask), mask);
         if is_in {
-            regs[RAX] = (regs[RAX] & !mask) | super::linux::port_in(mask);
+            regs[RAX] = (regs[RAX] & !mask) | (v & mask);
         }
         return;
     }

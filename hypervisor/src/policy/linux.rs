@@ -7,10 +7,18 @@
 //!   makes it a *known* frequency) and 0x16, and the TSC-deadline timer and
 //!   ARAT are advertised, so that `apic_needs_pit()` is false and Linux asks
 //!   for no PIT, HPET or calibration loop.
-//! - x2APIC is advertised and *locked* on (IA32_ARCH_CAPABILITIES
-//!   XAPIC_DISABLE with IA32_XAPIC_DISABLE_STATUS bit 0): without interrupt
-//!   remapping Linux would otherwise fall back to the xAPIC page, which the
-//!   hypervisor does not emulate.
+//! - x2APIC is advertised, and kept: without interrupt remapping Linux
+//!   keeps x2APIC only under a hypervisor it recognises
+//!   (`x86_init.hyper.x2apic_available`), and would otherwise fall back to
+//!   the xAPIC page, which the hypervisor does not emulate. (Reporting the
+//!   x2APIC as locked through IA32_ARCH_CAPABILITIES is not enough: Linux
+//!   6.12 then reads the APIC id through the xAPIC page before it installs
+//!   its x2APIC driver, and faults.) The smallest paravirtual interface
+//!   Linux knows is ACRN's: a CPUID signature, anywhere in the hypervisor
+//!   range, and the TSC rate in leaf 0x4000_0010. The guest presents it
+//!   beside its own signature, at [`ACRN_BASE`]; a kernel built with
+//!   `CONFIG_ACRN_GUEST` recognises it and asks for nothing else (its
+//!   callback vector is never raised).
 //! - Everything the hypervisor does not switch or emulate is hidden: XSAVE
 //!   and AVX, PCID/INVPCID, RDTSCP/RDPID, MTRRs and machine checks, the PMU,
 //!   APERF/MPERF, MONITOR, VMX/SMX, TSX, speculation-control MSRs, TSC_ADJUST,
@@ -21,6 +29,13 @@
 //! #GP, which Linux's `rdmsr_safe`/`wrmsr_safe` expect of a missing MSR.
 
 use super::{host_cpuid, Cpuid, CPUID_1_ECX_HYPERVISOR};
+
+/// Where the ACRN-compatible signature is (`hypervisor_cpuid_base` scans
+/// every 0x100 leaves from 0x4000_0000).
+pub const ACRN_BASE: u32 = 0x4000_0100;
+/// ACRN's timing leaf: EAX = the TSC rate in kHz (a fixed leaf number in
+/// Linux's `acrn_get_tsc_khz`).
+pub const ACRN_TIMING_LEAF: u32 = 0x4000_0010;
 
 /// Highest basic leaf a Linux guest sees: 0x16, the frequency leaf.
 pub const MAX_BASIC_LEAF: u32 = 0x16;
@@ -117,6 +132,11 @@ pub fn cpuid(leaf: u32, sub: u32, apic_id: u32, tsc_khz: u32, native: impl Fn(u3
         }
         2 if leaf <= basic_max => native(leaf, sub),
         l if l < 0x4000_0000 => Cpuid::default(),
+        ACRN_TIMING_LEAF => Cpuid { eax: tsc_khz, ..Cpuid::default() },
+        ACRN_BASE => {
+            let w = |i: usize| u32::from_le_bytes(*b"ACRNACRNACRN".split_at(4 * i).1.first_chunk::<4>().unwrap());
+            Cpuid { eax: ACRN_BASE, ebx: w(0), ecx: w(1), edx: w(2) }
+        }
         l if l < 0x8000_0000 => host_cpuid(l, sub, &native),
         0x8000_0000 => native(leaf, sub),
         0x8000_0001 => {
@@ -282,6 +302,23 @@ mod tests {
         assert_eq!(cpuid(0x9000_0000, 0, 0, 50_000, native), Cpuid::default());
         // The hypervisor's own leaves stay.
         assert_eq!(cpuid(shared_abi::CPUID_LEAF_HV, 0, 0, 50_000, native).ebx, u32::from_le_bytes(*b"uXen"));
+    }
+
+    #[test]
+    fn linux_recognises_the_acrn_interface() {
+        // Linux's hypervisor_cpuid_base("ACRNACRNACRN", 0): every 0x100
+        // leaves of the hypervisor range, signature in EBX, ECX, EDX.
+        let base = (0x4000_0000u32..0x4001_0000).step_by(0x100).find(|&b| {
+            let r = cpuid(b, 0, 0, 50_000, native);
+            let mut sig = [0u8; 12];
+            sig[..4].copy_from_slice(&r.ebx.to_le_bytes());
+            sig[4..8].copy_from_slice(&r.ecx.to_le_bytes());
+            sig[8..].copy_from_slice(&r.edx.to_le_bytes());
+            &sig == b"ACRNACRNACRN"
+        });
+        assert_eq!(base, Some(ACRN_BASE));
+        // acrn_get_tsc_khz: cpuid_eax(0x40000010).
+        assert_eq!(cpuid(0x4000_0010, 0, 0, 50_000, native).eax, 50_000);
     }
 
     #[test]

@@ -426,7 +426,17 @@ fn vm_run(drv: &crate::Driver, h: &VmHandle, arg: usize) -> Result<i64> {
             break;
         }
         crate::hv::status(s)?;
-        match b.value.exit.kind {
+        let kind = b.value.exit.kind;
+        if b.value.console_len != 0 && matches!(kind, abi::exit::INTR | abi::exit::HLT | abi::exit::KICK) {
+            // Console bytes for the VMM: it sees this exit (harmless to
+            // it) rather than losing them to the next RUN.
+            if kind == abi::exit::KICK {
+                wake_halted(drv);
+                b.value.exit.kind = abi::exit::INTR;
+            }
+            break;
+        }
+        match kind {
             abi::exit::INTR => {
                 if crate::shim::signal_pending() {
                     return Err(EINTR);

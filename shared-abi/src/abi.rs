@@ -794,7 +794,7 @@ pub const VMRUN_NO_WAIT: u32 = 1 << 0;
 /// [`hc::VM_RUN`] and the RUN ioctl. `exit` carries the completion of the
 /// previous exit in, and the new exit out.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct VmRun {
     pub vm: u32,
     pub vcpu: u32,
@@ -803,8 +803,37 @@ pub struct VmRun {
     /// Time slice in TSC cycles (0: the hypervisor's default).
     pub slice_tsc: u64,
     pub exit: ExitRecord,
+    /// Out (a [`VM_FLAG_LINUX`] VM): how many bytes of `console` are
+    /// valid. Bytes the guest wrote to COM1's transmit register while the
+    /// UART was in plain polled transmission (no divisor latch, no
+    /// loopback, no transmit interrupt) are kept by the hypervisor instead
+    /// of exiting for each, and handed over with the next RUN that
+    /// returns; the VMM writes them to its UART, in order, before it looks
+    /// at `exit`.
+    pub console_len: u32,
+    pub reserved1: u32,
+    pub console: [u8; CONSOLE_BATCH],
 }
-const _: () = assert_size(core::mem::size_of::<VmRun>(), 24 + 112);
+const _: () = assert_size(core::mem::size_of::<VmRun>(), 24 + 112 + 8 + CONSOLE_BATCH);
+
+impl Default for VmRun {
+    fn default() -> Self {
+        VmRun {
+            vm: 0,
+            vcpu: 0,
+            flags: 0,
+            reserved0: 0,
+            slice_tsc: 0,
+            exit: ExitRecord::default(),
+            console_len: 0,
+            reserved1: 0,
+            console: [0; CONSOLE_BATCH],
+        }
+    }
+}
+
+/// Most console bytes one RUN hands over ([`VmRun::console`]).
+pub const CONSOLE_BATCH: usize = 256;
 
 /// [`hc::VM_FORK`] and the FORK ioctl.
 #[repr(C)]

@@ -1605,7 +1605,7 @@ impl Fuzz {
             Ptr::Good
         };
         let reserved0 = if self.rng.chance(4) { 1 + self.rng.below(1 << 31) as u32 } else { 0 };
-        let run = VmRun { vm: self.rng.next() as u32, vcpu, flags, reserved0, slice_tsc: slice, exit: rec };
+        let run = VmRun { vm: self.rng.next() as u32, vcpu, flags, reserved0, slice_tsc: slice, exit: rec, ..Default::default() };
         let (addr, off) = self.arena.place(p, &bytes_of(&run), &mut self.rng);
         alarm_every(RUN_ALARM_MS);
         let r = self.ioctl(fd, ioctl::VM_RUN, addr);

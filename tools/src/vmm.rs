@@ -447,6 +447,16 @@ fn vcpu_loop<T: Trigger>(cx: &Cx<'_, T>, cpu: u32) {
         }
         let x = run.exit;
         run.exit = abi::ExitRecord::default();
+        // Console output the hypervisor batched (a Linux guest's polled
+        // writes) comes before anything this exit says.
+        let n = (run.console_len as usize).min(abi::CONSOLE_BATCH);
+        if n > 0 {
+            let mut s = cx.uart.lock().unwrap();
+            for b in &run.console[..n] {
+                let _ = s.write(0, *b);
+            }
+            run.console_len = 0;
+        }
         match x.kind {
             exit::IO => {
                 let port = x.port;

@@ -25,6 +25,7 @@ use crate::arch::x86::vmcs_fields::*;
 use crate::arch::x86::vmx;
 use crate::devices::cmos::{self, Cmos};
 use crate::devices::ioapic::{Delivery, Ioapic};
+use crate::devices::uart::{Access, UartShadow};
 use crate::devices::lapic::{DeliveryMode, Ipi, Shorthand, WriteEffect};
 use crate::mem::PhysMem;
 use core::sync::atomic::Ordering;
@@ -37,16 +38,18 @@ pub struct Platform {
     pub tsc_khz: u32,
     pub ioapic: spin::Mutex<Ioapic>,
     pub cmos: spin::Mutex<Cmos>,
+    /// What is known of the VMM's COM1, and console bytes batched for it.
+    pub uart: spin::Mutex<UartShadow>,
 }
 
 impl Platform {
     pub fn new(tsc_khz: u32) -> Self {
-        Platform { tsc_khz, ioapic: spin::Mutex::new(Ioapic::new(linux::IOAPIC_ID)), cmos: spin::Mutex::new(Cmos::default()) }
+        Platform { tsc_khz, ioapic: spin::Mutex::new(Ioapic::new(linux::IOAPIC_ID)), cmos: spin::Mutex::new(Cmos::default()), uart: spin::Mutex::new(UartShadow::default()) }
     }
 
     /// A copy for a forked child.
     pub fn clone_state(&self) -> Self {
-        Platform { tsc_khz: self.tsc_khz, ioapic: spin::Mutex::new(*self.ioapic.lock()), cmos: spin::Mutex::new(*self.cmos.lock()) }
+        Platform { tsc_khz: self.tsc_khz, ioapic: spin::Mutex::new(*self.ioapic.lock()), cmos: spin::Mutex::new(*self.cmos.lock()), uart: spin::Mutex::new(UartShadow::default()) }
     }
 }
 
@@ -308,6 +311,20 @@ pub fn port_io(vm: &Vm, port: u16, write: Option<u64>, mask: u64) -> u64 {
         _ => {}
     }
     mask
+}
+
+/// An access to COM1 register `reg`: answered here while the UART is in
+/// plain polled transmission (`devices::uart`), else for the VMM.
+pub fn uart_access(vm: &Vm, reg: u16, write: Option<u8>) -> Access {
+    match vm.linux.as_ref() {
+        Some(p) => p.uart.lock().access(reg, write),
+        None => Access::Forward,
+    }
+}
+
+/// Takes the batched console bytes into `out`; returns how many.
+pub fn take_console(vm: &Vm, out: &mut [u8; shared_abi::CONSOLE_BATCH]) -> usize {
+    vm.linux.as_ref().map_or(0, |p| p.uart.lock().take(out))
 }
 
 /// Whether `gpa` lies in the IOAPIC's page.

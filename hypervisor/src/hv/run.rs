@@ -16,12 +16,13 @@ use crate::arch::x86::vmx;
 use crate::emulate::{complete_mmio_read, decode_mmio, EmuRegs, MmioOp};
 use crate::guestmem::{MemError, Touch};
 use crate::mem::PhysMem;
+use crate::devices::uart::Access;
 use crate::policy::linux::{classify, Msr as LinuxMsr, SWITCHED};
 use crate::policy::{guest_cpuid, guest_efer_ok, guest_msr, Cpuid, GuestMsr};
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
-use shared_abi::{errno::*, exit, ghc, guest, stop, vm_state, ExitRecord, VmRun, HC_NEED_PAGES};
+use shared_abi::{errno::*, exit, ghc, guest, linux, stop, vm_state, ExitRecord, VmRun, HC_NEED_PAGES};
 
 /// The guest a CPU runs, and the host context to go back to.
 pub struct Running {
@@ -261,6 +262,25 @@ fn write_record(arg_pa: u64, rec: &ExitRecord) {
     }
 }
 
+/// Hands the console bytes the hypervisor batched to the host's `VmRun`
+/// block (`VmRun::console`); `console_len` is written even when 0.
+fn write_console(arg_pa: u64, vm: &Vm) {
+    let mut out = [0u8; shared_abi::CONSOLE_BATCH];
+    let off = core::mem::offset_of!(VmRun, console_len) as u64;
+    let size = (4 + 4 + shared_abi::CONSOLE_BATCH) as u64;
+    if !hv().host_owned(arg_pa + off, size) {
+        return;
+    }
+    let n = super::linux::take_console(vm, &mut out);
+    let p = super::memory::phys_ptr(arg_pa + off);
+    // SAFETY: checked host memory, the tail of the host's `VmRun`: the
+    // length, the reserved word, then the bytes.
+    unsafe {
+        core::ptr::write_unaligned(p as *mut u32, n as u32);
+        core::ptr::copy_nonoverlapping(out.as_ptr(), p.add(8), n);
+    }
+}
+
 /// Leaves the guest for the host: RUN returns `status` (and `aux`), with
 /// `rec` as its exit record.
 fn leave(pc: &mut PerCpu, regs: &mut GuestRegs, mut rec: ExitRecord, pending: Pending, status: i64, aux: u64) {
@@ -292,6 +312,9 @@ fn leave(pc: &mut PerCpu, regs: &mut GuestRegs, mut rec: ExitRecord, pending: Pe
     }
     if status == 0 {
         write_record(g.arg_pa, &rec);
+        if g.vm.linux.is_some() {
+            write_console(g.arg_pa, &g.vm);
+        }
     }
     *regs = g.host_regs;
     regs[RAX] = status as u64;
@@ -605,7 +628,17 @@ fn port_io(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
     }
     let mask = if size == 4 { 0xffff_ffff } else { (1u64 << (8 * size as u32)) - 1 };
     skip_instruction();
-    if vm.linux.is_some() && port != guest::EXIT_PORT && !super::linux::port_to_vmm(port) {
+    if vm.linux.is_some() && super::linux::port_to_vmm(port) {
+        let write = (!is_in).then_some(regs[RAX] as u8);
+        if size == 1 {
+            if let Access::Done(v) = super::linux::uart_access(vm, port - linux::UART_PORT_FIRST, write) {
+                if is_in {
+                    regs[RAX] = (regs[RAX] & !0xff) | v as u64;
+                }
+                return;
+            }
+        }
+    } else if vm.linux.is_some() && port != guest::EXIT_PORT {
         let v = super::linux::port_io(vm, port, (!is_in).then_some(regs[RAX] & mask), mask);
         if is_in {
             regs[RAX] = (regs[RAX] & !mask) | (v & mask);

@@ -504,10 +504,13 @@ pub struct CpuStats {
     pub host_exits: u64,
     /// Emulated-TSC cycles spent in the hypervisor handling exits.
     pub exit_tsc: u64,
-    /// Exits by basic exit reason (SDM Vol. 3D, Appendix C).
+    /// Exits by basic exit reason (SDM Vol. 3D, Appendix C), host VM and
+    /// guests; names in `exit_reason`.
     pub exits_by_reason: [u64; EXIT_REASON_SLOTS],
+    /// The guests' share of `exits_by_reason` (the host VM's is the rest).
+    pub guest_exits_by_reason: [u64; EXIT_REASON_SLOTS],
 }
-const _: () = assert_size(core::mem::size_of::<CpuStats>(), 40 + 8 * EXIT_REASON_SLOTS);
+const _: () = assert_size(core::mem::size_of::<CpuStats>(), 40 + 16 * EXIT_REASON_SLOTS);
 
 /// [`hc::STATS`] output.
 #[repr(C)]

@@ -8,4 +8,5 @@
 mod abi;
 pub use abi::*;
 
+pub mod exit_reason;
 pub mod validate;

@@ -56,9 +56,26 @@ pub struct Merge {
     pub zero: u64,
 }
 
+/// Exits of one side (the host VM, or the guests) by reason: over every
+/// CPU, and per CPU in `cpus` order.
+#[derive(Serialize, Default)]
+pub struct SideExits {
+    pub total: BTreeMap<String, u64>,
+    pub cpus: Vec<BTreeMap<String, u64>>,
+}
+
+#[derive(Serialize, Default)]
+pub struct Exits {
+    pub host: SideExits,
+    pub guest: SideExits,
+}
+
 #[derive(Serialize)]
 pub struct StatsJson {
     pub cpus: Vec<CpuJson>,
+    /// Exits by reason, the host VM's and the guests' apart, with the
+    /// SDM's names in lower case (`ept_violation`, `cpuid`).
+    pub exits: Exits,
     pub hv_region: Region,
     pub blocked_host_accesses: u64,
     pub blocked_host_reads: u64,
@@ -75,25 +92,15 @@ pub struct StatsJson {
     pub heap: Heap,
 }
 
-/// Names of the SDM's basic exit reasons, by number.
+/// The name of an exit-reason slot (`shared_abi::exit_reason`).
 pub fn reason_name(n: usize) -> String {
-    const NAMES: [&str; 78] = [
-        "EXCEPTION_NMI", "EXTERNAL_INTERRUPT", "TRIPLE_FAULT", "INIT", "SIPI", "IO_SMI", "OTHER_SMI",
-        "INTERRUPT_WINDOW", "NMI_WINDOW", "TASK_SWITCH", "CPUID", "GETSEC", "HLT", "INVD", "INVLPG",
-        "RDPMC", "RDTSC", "RSM", "VMCALL", "VMCLEAR", "VMLAUNCH", "VMPTRLD", "VMPTRST", "VMREAD",
-        "VMRESUME", "VMWRITE", "VMXOFF", "VMXON", "CR_ACCESS", "DR_ACCESS", "IO_INSTRUCTION", "RDMSR",
-        "WRMSR", "ENTRY_FAIL_GUEST_STATE", "ENTRY_FAIL_MSR_LOAD", "REASON_35", "MWAIT", "MONITOR_TRAP_FLAG",
-        "REASON_38", "MONITOR", "PAUSE", "ENTRY_FAIL_MCE", "REASON_42", "TPR_BELOW_THRESHOLD",
-        "APIC_ACCESS", "VIRTUALIZED_EOI", "GDTR_IDTR", "LDTR_TR", "EPT_VIOLATION", "EPT_MISCONFIG",
-        "INVEPT", "RDTSCP", "PREEMPTION_TIMER", "INVVPID", "WBINVD", "XSETBV", "APIC_WRITE", "RDRAND",
-        "INVPCID", "VMFUNC", "ENCLS", "RDSEED", "PML_FULL", "XSAVES", "XRSTORS", "PCONFIG", "SPP",
-        "UMWAIT", "TPAUSE", "LOADIWKEY", "ENCLV", "REASON_71", "ENQCMD_PASID", "ENQCMDS_PASID",
-        "BUS_LOCK", "INSTRUCTION_TIMEOUT", "SEAMCALL", "TDCALL",
-    ];
-    if n == abi::EXIT_REASON_SLOTS - 1 {
-        return "OTHER".into();
-    }
-    NAMES.get(n).map(|s| s.to_string()).unwrap_or_else(|| format!("REASON_{n}"))
+    abi::exit_reason::slot_name(n).to_string()
+}
+
+/// The lower-case name of an exit-reason slot, the key in `exits`.
+fn json_reason(n: usize) -> String {
+    let b = abi::exit_reason::json_name(n);
+    String::from_utf8_lossy(abi::cstr_bytes(&b)).into_owned()
 }
 
 pub fn to_json(s: &abi::HvStats) -> StatsJson {
@@ -118,8 +125,27 @@ pub fn to_json(s: &abi::HvStats) -> StatsJson {
             }
         })
         .collect();
+    let mut exits = Exits::default();
+    for c in &s.cpus[..s.num_cpus as usize] {
+        let (mut host, mut guest) = (BTreeMap::new(), BTreeMap::new());
+        for r in 0..abi::EXIT_REASON_SLOTS {
+            let (all, g) = (c.exits_by_reason[r], c.guest_exits_by_reason[r]);
+            for (side, n) in [(&mut host, all.saturating_sub(g)), (&mut guest, g)] {
+                if n != 0 {
+                    side.insert(json_reason(r), n);
+                }
+            }
+        }
+        for (side, per) in [(&mut exits.host, host), (&mut exits.guest, guest)] {
+            for (k, n) in &per {
+                *side.total.entry(k.clone()).or_default() += n;
+            }
+            side.cpus.push(per);
+        }
+    }
     StatsJson {
         cpus,
+        exits,
         hv_region: Region { base: s.hv_region_base, size: s.hv_region_size },
         blocked_host_accesses: s.blocked_host_reads + s.blocked_host_writes,
         blocked_host_reads: s.blocked_host_reads,
@@ -175,5 +201,36 @@ pub fn print_text(s: &abi::HvStats) {
         for (name, n) in by {
             println!("         {name:<22} {n:>10}");
         }
+    }
+    for (what, side) in [("host VM", &j.exits.host), ("guests", &j.exits.guest)] {
+        let mut by: Vec<_> = side.total.iter().collect();
+        by.sort_by(|a, b| b.1.cmp(a.1));
+        let top: Vec<String> = by.iter().take(5).map(|(k, n)| format!("{k} {n}")).collect();
+        println!("exits, {what:<8} {}", if top.is_empty() { "none".to_string() } else { top.join(", ") });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_split_host_and_guests_by_reason() {
+        // SAFETY: HvStats is plain integers and byte arrays; zero is valid.
+        let mut s: abi::HvStats = unsafe { std::mem::zeroed() };
+        s.num_cpus = 2;
+        s.cpus[0].exits_by_reason[10] = 7; // CPUID: 5 of them a guest's
+        s.cpus[0].guest_exits_by_reason[10] = 5;
+        s.cpus[1].exits_by_reason[48] = 3; // EPT violations, all the host's
+        s.cpus[1].exits_by_reason[abi::EXIT_REASON_SLOTS - 1] = 1;
+        s.cpus[1].guest_exits_by_reason[abi::EXIT_REASON_SLOTS - 1] = 1;
+        let j = serde_json::to_value(to_json(&s).exits).unwrap();
+        assert_eq!(j["host"]["total"]["cpuid"], 2);
+        assert_eq!(j["guest"]["total"]["cpuid"], 5);
+        assert_eq!(j["host"]["total"]["ept_violation"], 3);
+        assert!(j["guest"]["total"].get("ept_violation").is_none());
+        assert_eq!(j["guest"]["cpus"][1]["other"], 1);
+        assert_eq!(j["host"]["cpus"].as_array().unwrap().len(), 2);
+        assert_eq!(j["guest"]["cpus"][0]["cpuid"], 5);
     }
 }

@@ -348,10 +348,31 @@ fn serve_with<T: Trigger<E = std::io::Error> + Send>(vm: &Vm, vcpus: u32, mode: 
     let e = ends.end.lock().unwrap().clone().unwrap_or(End::Killed("no vCPU ended".into()));
     if mode == Mode::Detached {
         let _ = std::fs::write(daemon::status_path(vm.id), e.describe() + "\n");
+        // A Linux guest that ended by itself stays, ended, for `uxenctl
+        // list` and `console` to show, until it is destroyed.
+        if is_linux && matches!(e, End::Exited(_) | End::Stopped(_)) && e != End::Stopped(stop::DESTROYED) {
+            keep_until_destroyed(vm);
+        }
         let _ = std::fs::remove_file(daemon::pid_path(vm.id));
         let _ = std::fs::remove_file(daemon::socket_path(vm.id));
     }
     e
+}
+
+/// Holds an ended VM's descriptor (and so the VM, with its final state)
+/// until `uxenctl destroy` or a signal: RUN of an ended VM returns its
+/// final record at once, and `destroyed` once it is gone.
+fn keep_until_destroyed(vm: &Vm) {
+    while !TERMINATE.load(Ordering::Acquire) {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let mut run = abi::VmRun::default();
+        match dev::run_fd(vm.raw_fd(), &mut run) {
+            Ok(()) if run.exit.kind == exit::SHUTDOWN && run.exit.reason == stop::DESTROYED => return,
+            Ok(()) => {}
+            Err(e) if e.errno == libc::EINTR => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// What the threads of one VMM share.

@@ -16,7 +16,7 @@ const MARK: &str = "UXEN-BENCH: ";
 /// One result line: the bench's name and its values.
 type Row = BTreeMap<String, String>;
 
-pub const NAMES: &[&str] = &["exits", "fork"];
+pub const NAMES: &[&str] = &["exits", "fork", "linux"];
 
 pub fn bench(args: &[String]) -> Result<()> {
     let names: Vec<&str> = match args.first().map(String::as_str) {
@@ -48,6 +48,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         let table = match name {
             "fork" => fork_table(&rows(&text, "fork"))?,
             "exits" => exits_table(&rows(&text, "cpuid"), &rows(&text, "exits"))?,
+            "linux" => linux_table(&text, &o.marks)?,
             _ => unreachable!(),
         };
         print!("\n{table}");
@@ -85,6 +86,47 @@ fn fork_table(rows: &[Row]) -> Result<String> {
     Ok(t)
 }
 
+/// Reasons and counts of a `k=v` row, less the given keys.
+fn by_reason<'a>(r: &'a Row, skip: &[&str]) -> impl Iterator<Item = (&'a str, u64)> + 'a {
+    let skip: Vec<String> = skip.iter().map(|s| s.to_string()).collect();
+    r.iter().filter(move |(k, _)| !skip.contains(k)).filter_map(|(k, v)| Some((k.as_str(), v.parse().ok()?)))
+}
+
+/// A Linux guest's boot against the goal, and its idle exits by reason,
+/// with the host's exits alone and beside it in the same run.
+fn linux_table(text: &str, marks: &[(String, Duration)]) -> Result<String> {
+    let one = |name: &str| rows(text, name).into_iter().next().with_context(|| format!("the linux bench printed no `{name}` line"));
+    let (boot, guest, host0, host1) = (one("linux-boot")?, one("linux-guest-idle")?, one("linux-host-idle")?, one("linux-host-with-guest")?);
+    let (ticks, khz, mib) = (num(&boot, "ticks")?, num(&boot, "tsc_khz")?, num(&boot, "mem_mib")?);
+    let secs = |r: &Row| num(r, "secs").map(|s| s.max(1) as f64);
+    let wall = |m: &str| marks.iter().find(|(n, _)| n == m).map(|(_, t)| *t);
+    let wall_boot = match (wall("boot-start"), wall("boot-end")) {
+        (Some(a), Some(b)) => format!("{:.1}", b.saturating_sub(a).as_secs_f64()),
+        _ => "-".into(),
+    };
+    let total = |r: &Row| by_reason(r, &["secs"]).map(|(_, n)| n).sum::<u64>();
+    let (gs, h0s, h1s) = (secs(&guest)?, secs(&host0)?, secs(&host1)?);
+    let mut t = String::new();
+    writeln!(t, "linux: a {mib} MiB Linux guest (the project's guest kernel and busybox initramfs)")?;
+    writeln!(t, "emulated TSC ticks at {khz} kHz (Bochs advances the TSC with emulated instructions)\n")?;
+    writeln!(t, "| figure | measured | goal |")?;
+    writeln!(t, "|---|---:|---:|")?;
+    writeln!(t, "| boot to the shell prompt, emulated ticks | {ticks} ({:.2} emulated s) | < 1,500,000,000 |", ticks as f64 / (khz.max(1) as f64 * 1000.0))?;
+    writeln!(t, "| boot to the shell prompt, wall seconds (to 0.25 s) | {wall_boot} | |")?;
+    writeln!(t, "| idle guest, exits per emulated second | {:.1} | < 300 |", total(&guest) as f64 / gs)?;
+    writeln!(t, "| host VM, exits per emulated second, beside the idle guest (baseline: the host alone, idle) | {:.1} | {:.1} |", total(&host1) as f64 / h1s, total(&host0) as f64 / h0s)?;
+    writeln!(t, "\n| exit reason | idle guest, per s | host beside it, per s | host alone, per s |")?;
+    writeln!(t, "|---|---:|---:|---:|")?;
+    let mut names: Vec<&str> = by_reason(&guest, &["secs"]).chain(by_reason(&host0, &["secs"])).chain(by_reason(&host1, &["secs"])).map(|(k, _)| k).collect();
+    names.sort();
+    names.dedup();
+    let rate = |r: &Row, k: &str, s: f64| r.get(k).and_then(|v| v.parse::<u64>().ok()).map_or("0".to_string(), |n| format!("{:.1}", n as f64 / s));
+    for k in names {
+        writeln!(t, "| {k} | {} | {} | {} |", rate(&guest, k, gs), rate(&host1, k, h1s), rate(&host0, k, h0s))?;
+    }
+    Ok(t)
+}
+
 /// CPUID round trips against the bare machine; host exits per million TSC
 /// ticks while working against idle.
 fn exits_table(cpuid: &[Row], exits: &[Row]) -> Result<String> {
@@ -118,6 +160,23 @@ mod tests {
         let t = fork_table(&r).unwrap();
         assert!(t.contains("| 16 MiB | 100 | 5000 | 50.0x | 6 |"), "{t}");
         assert!(num(&r[0], "nope").is_err());
+    }
+
+    #[test]
+    fn linux_table_rates_by_reason() {
+        let text = "UXEN-BENCH: linux-host-idle secs=10 hlt=20 vmcall=10\n\
+                    UXEN-BENCH: linux-boot mem_mib=64 ticks=150000000 tsc_khz=50000\n\
+                    UXEN-BENCH: linux-guest-idle secs=10 hlt=1000 msr_write=500 \n\
+                    UXEN-BENCH: linux-host-with-guest secs=10 hlt=30 vmcall=40\n";
+        let marks = vec![("boot-start".to_string(), Duration::from_millis(1000)), ("boot-end".to_string(), Duration::from_millis(4500))];
+        let t = linux_table(text, &marks).unwrap();
+        assert!(t.contains("| 150000000 (3.00 emulated s) |"), "{t}");
+        assert!(t.contains("| 3.5 |"), "{t}");
+        assert!(t.contains("| idle guest, exits per emulated second | 150.0 |"), "{t}");
+        assert!(t.contains("| 7.0 | 3.0 |"), "{t}");
+        assert!(t.contains("| hlt | 100.0 | 3.0 | 2.0 |"), "{t}");
+        assert!(t.contains("| msr_write | 50.0 | 0 | 0 |"), "{t}");
+        assert!(linux_table("UXEN-BENCH: linux-boot ticks=1\n", &[]).is_err());
     }
 
     #[test]

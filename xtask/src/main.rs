@@ -31,7 +31,7 @@ commands:
                             boot one suite (BACKEND: bochs, qemu, kvm)
   soak [--cycles N] [--ops N] [--calls N] [--seed S] [--timeout S] [--no-build]
                             the long robustness run in Bochs (module cycles, VM churn, ioctl fuzz)
-  bench [exits|fork|all] [--no-build]
+  bench [exits|fork|linux|all] [--no-build]
                             measure in Bochs against same-run baselines
   unit                      run the host unit tests
   fuzz [--time SECS] [--target NAME] [--proptest]
@@ -239,6 +239,7 @@ fn harness_selftest(s: &suites::Suite) -> Result<Outcome> {
         serial,
         skipped: None,
         command_failed: Some(!out.status.success()),
+        marks: Vec::new(),
     })
 }
 

@@ -116,6 +116,10 @@ pub struct Outcome {
     pub skipped: Option<String>,
     /// For harness self-tests: whether `xtask run` exited non-zero.
     pub command_failed: Option<bool>,
+    /// `UXEN-MARK: NAME` lines and the wall time since the start at which
+    /// they were seen (to the runner's polling interval, 250 ms): benches
+    /// time stretches of a run in real seconds with them.
+    pub marks: Vec<(String, Duration)>,
 }
 
 impl Outcome {
@@ -181,6 +185,7 @@ pub fn run(machine: &dyn Machine, spec: &RunSpec, a: &Artifacts) -> Result<Outco
             serial,
             skipped: Some(why),
             command_failed: None,
+            marks: Vec::new(),
         });
     }
     std::fs::write(&serial, b"")?;
@@ -191,11 +196,16 @@ pub fn run(machine: &dyn Machine, spec: &RunSpec, a: &Artifacts) -> Result<Outco
     let mut timed_out = false;
     let mut stalled = false;
     let (mut seen, mut quiet_since) = (0usize, Instant::now());
+    let (mut marks, mut marked) = (Vec::new(), 0usize);
     loop {
         let text = read_lossy(&serial);
         if text.len() != seen {
             (seen, quiet_since) = (text.len(), Instant::now());
         }
+        // Whole lines only: a mark still being written is seen next time.
+        let done = text.rfind('\n').map_or(marked, |i| i + 1).max(marked);
+        marks.extend(find_marks(&text[marked..done]).map(|m| (m, t0.elapsed())));
+        marked = done;
         if spec.live && text.len() > echoed {
             eprint!("{}", &text[echoed..]);
             echoed = text.len();
@@ -244,7 +254,15 @@ pub fn run(machine: &dyn Machine, spec: &RunSpec, a: &Artifacts) -> Result<Outco
         serial,
         skipped: None,
         command_failed: None,
+        marks,
     })
+}
+
+const MARK: &str = "UXEN-MARK: ";
+
+/// The names of the `UXEN-MARK: NAME` lines in `text`.
+fn find_marks(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.lines().filter_map(|l| l.split_once(MARK)).map(|(_, m)| m.trim().to_string())
 }
 
 fn read_lossy(p: &Path) -> String {

@@ -722,7 +722,7 @@ impl Hyper {
 
 /// User memory of the modelled process.
 pub const USER_BASE: u64 = 0x7f00_0000_0000;
-pub const USER_SIZE: usize = 64 << 10;
+pub const USER_SIZE: usize = 128 << 10;
 /// Where a script puts an ioctl's argument.
 pub const USER_ARG: u64 = USER_BASE;
 /// Kernel buffers for hypercall blocks, in host RAM the driver model never

@@ -426,6 +426,7 @@ fn stats(arg: u64, len: u64) -> Result<i64, HcError> {
         d.exit_tsc = pc.exit_tsc.load(Ordering::Relaxed);
         for r in 0..EXIT_REASON_SLOTS {
             d.exits_by_reason[r] = pc.exits_by_reason[r].load(Ordering::Relaxed);
+            d.guest_exits_by_reason[r] = pc.guest_exits_by_reason[r].load(Ordering::Relaxed);
         }
     }
     copy_out(arg, len, &*s)?;

@@ -58,6 +58,8 @@ pub struct PerCpu {
     pub host_exits: AtomicU64,
     pub exit_tsc: AtomicU64,
     pub exits_by_reason: [AtomicU64; EXIT_REASON_SLOTS],
+    /// The guests' part of `exits_by_reason`.
+    pub guest_exits_by_reason: [AtomicU64; EXIT_REASON_SLOTS],
     pub gdt: [u64; 16],
     pub tss: Tss,
     /// The last TLB-flush generation this CPU performed (see `hv::tlb`).
@@ -196,6 +198,9 @@ impl PerCpu {
         }
         let slot = (reason as usize).min(EXIT_REASON_SLOTS - 1);
         self.exits_by_reason[slot].fetch_add(1, Ordering::Relaxed);
+        if !host {
+            self.guest_exits_by_reason[slot].fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

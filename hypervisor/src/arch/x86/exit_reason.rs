@@ -186,22 +186,10 @@ impl ExitReason {
     }
 }
 
-/// Name of a basic exit reason number, also for unknown numbers.
+/// Name of a basic exit reason number, also for unknown numbers (the
+/// table is `shared_abi::exit_reason`).
 pub fn reason_name(n: u16) -> &'static str {
-    const NAMES: [&str; 78] = [
-        "EXCEPTION_NMI", "EXTERNAL_INTERRUPT", "TRIPLE_FAULT", "INIT", "SIPI", "IO_SMI", "OTHER_SMI",
-        "INTERRUPT_WINDOW", "NMI_WINDOW", "TASK_SWITCH", "CPUID", "GETSEC", "HLT", "INVD", "INVLPG",
-        "RDPMC", "RDTSC", "RSM", "VMCALL", "VMCLEAR", "VMLAUNCH", "VMPTRLD", "VMPTRST", "VMREAD",
-        "VMRESUME", "VMWRITE", "VMXOFF", "VMXON", "CR_ACCESS", "DR_ACCESS", "IO_INSTRUCTION", "RDMSR",
-        "WRMSR", "ENTRY_FAIL_GUEST_STATE", "ENTRY_FAIL_MSR_LOAD", "REASON_35", "MWAIT", "MONITOR_TRAP_FLAG",
-        "REASON_38", "MONITOR", "PAUSE", "ENTRY_FAIL_MCE", "REASON_42", "TPR_BELOW_THRESHOLD",
-        "APIC_ACCESS", "VIRTUALIZED_EOI", "GDTR_IDTR", "LDTR_TR", "EPT_VIOLATION", "EPT_MISCONFIG",
-        "INVEPT", "RDTSCP", "PREEMPTION_TIMER", "INVVPID", "WBINVD", "XSETBV", "APIC_WRITE", "RDRAND",
-        "INVPCID", "VMFUNC", "ENCLS", "RDSEED", "PML_FULL", "XSAVES", "XRSTORS", "PCONFIG", "SPP",
-        "UMWAIT", "TPAUSE", "LOADIWKEY", "ENCLV", "REASON_71", "ENQCMD_PASID", "ENQCMDS_PASID",
-        "BUS_LOCK", "INSTRUCTION_TIMEOUT", "SEAMCALL", "TDCALL",
-    ];
-    NAMES.get(n as usize).copied().unwrap_or("UNKNOWN")
+    shared_abi::exit_reason::name(n)
 }
 
 #[cfg(test)]

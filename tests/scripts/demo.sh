@@ -1,7 +1,7 @@
 # The demo: the whole stack on a running Linux with two CPUs.
-# Load the hypervisor, see that every CPU runs under it, start a guest,
-# fork it, merge what the forks wrote alike, read the counters, and give
-# the machine back.
+# Load the hypervisor, see that every CPU runs under it, boot a Linux guest
+# and run a command in it, start a test guest, fork it, merge what the
+# forks wrote alike, read the counters, and give the machine back.
 . /tests/lib.sh
 SIG=uXenRsUXenRs
 
@@ -31,7 +31,21 @@ out=$(uxtest devmem read "$(printf '%#x' "$hv")" 4096)
 echo "$out"
 expect_match host-reads-zeros "$out" "nonzero=0 "
 
-say "2. Create: a guest VM that fills 24 MiB, then waits"
+say "2. Linux: a Linux kernel boots as a guest with 2 vCPUs; a command runs in it"
+l=$(uxenctl create --kernel /linux-guest/bzImage --initrd /linux-guest/initramfs.cpio.gz --mem 64 --vcpus 2 --name linux)
+echo "# uxenctl create --kernel /linux-guest/bzImage --initrd /linux-guest/initramfs.cpio.gz --mem 64 --vcpus 2  ->  vm $l"
+check linux-boots wait_console "$l" "uxen-guest: ready" 15000
+run uxenctl console "$l" --send 'echo "guest: $(uname -sr) on $(nproc) CPUs, $(grep MemTotal /proc/meminfo)"\n'
+check linux-answers wait_console "$l" "^guest: Linux 6.12"
+check linux-nproc wait_console "$l" "on 2 CPUs"
+run uxenctl console "$l"
+run uxenctl console "$l" --send 'poweroff -f\n'
+check linux-powers-off wait_gone "$l" 15000
+run uxenctl list
+expect_match linux-ended "$(uxenctl list --json | tr '{' '\n' | grep "\"id\":$l,")" '"state":"exited".*"exit_code":0'
+check linux-destroy uxenctl destroy "$l"
+
+say "3. Create: a guest VM that fills 24 MiB, then waits"
 p=$(uxenctl create /guests/forkee --mem 32 --cmdline "touch=24 same=4 zero=2" --name demo)
 check create wait_console "$p" "forkee: vm$p ready"
 run uxenctl console "$p"
@@ -39,7 +53,7 @@ free0=$(pool_free)
 used0=$(($(pool_total) - free0))
 run uxenctl list
 
-say "3. Fork: 8 copy-on-write clones of the running guest"
+say "4. Fork: 8 copy-on-write clones of the running guest"
 kids=$(uxenctl fork "$p" --count 8 --json)
 echo "$kids"
 ids=$(printf '%s' "$kids" | grep -o '"id":[0-9]*' | cut -d: -f2)
@@ -54,7 +68,7 @@ run uxenctl list
 used1=$(pool_used)
 echo "frames in use: parent alone $used0; parent and 8 forks, each with 6 MiB written: $used1"
 
-say "4. Merge: the forks wrote the same 4 MiB and 2 MiB of zeros; fold them"
+say "5. Merge: the forks wrote the same 4 MiB and 2 MiB of zeros; fold them"
 m=$(uxenctl merge --json)
 run uxenctl merge
 used2=$(pool_used)
@@ -64,10 +78,10 @@ g=$(uxenctl fork "$first")
 check merged-memory-intact wait_console "$g" "forkee: vm$g forked from vm$first: memory intact"
 run uxenctl list
 
-say "5. Stats: what the hypervisor counted"
+say "6. Stats: what the hypervisor counted"
 run uxenctl stats
 
-say "6. Unload: destroy the VMs, rmmod gives the machine back"
+say "7. Unload: destroy the VMs, rmmod gives the machine back"
 for c in $ids $g $p; do uxenctl destroy "$c"; done
 for c in $ids $g $p; do wait_gone "$c"; done
 run uxenctl list

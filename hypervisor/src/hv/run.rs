@@ -45,6 +45,12 @@ pub struct Running {
 /// Default time slice, in TSC cycles, before the guest yields to the host.
 const DEFAULT_SLICE: u64 = 4_000_000;
 
+/// Longest time slice a RUN may ask for, in TSC cycles (about 5.6 ms at
+/// 3 GHz). External interrupts should end a slice early, but an emulator
+/// may take none while a guest keeps interrupts off (Bochs 2.7 does not),
+/// and then the host waits the whole slice for its own interrupts.
+const MAX_SLICE: u64 = 1 << 24;
+
 /// An MSR bitmap with every bit set: guests' MSR accesses all exit.
 static MSR_ALL: spin::Once<u64> = spin::Once::new();
 
@@ -161,7 +167,7 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
         st.start = vm::Start::Running;
     }
     let _ = vmx::write_host_state(pc, h.cr3, &pc.linux);
-    let slice = if req.slice_tsc == 0 { DEFAULT_SLICE } else { req.slice_tsc.min(1 << 32) };
+    let slice = if req.slice_tsc == 0 { DEFAULT_SLICE } else { req.slice_tsc.min(MAX_SLICE) };
 
     // Complete what the previous exit left to the VMM.
     let mut mmio = None;
@@ -385,7 +391,9 @@ fn arm_timers(vm: &Vm, idx: usize, slice_end: u64) {
 /// Makes the VMX-preemption timer fire after about `ticks` TSC ticks (it
 /// counts at the TSC rate divided by 2^IA32_VMX_MISC[4:0]).
 fn arm_preemption_timer(ticks: u64) {
-    vmx::set(PREEMPTION_TIMER_VALUE, (ticks >> (hv().caps.misc & 0x1f)).max(1));
+    // The field is 32 bits wide: a larger value would be cut to its low
+    // half (SDM Vol. 3C, 25.5.1).
+    vmx::set(PREEMPTION_TIMER_VALUE, (ticks >> (hv().caps.misc & 0x1f)).clamp(1, u32::MAX as u64));
 }
 
 fn handle_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {

@@ -228,8 +228,13 @@ fn vmx(f: &Facts) -> Finding {
         MsrRead::Value(v) if v & FC_VMX_OUTSIDE_SMX == 0 => finding(
             "vmx",
             Verdict::Blocker,
-            format!("VT-x is disabled by the firmware (IA32_FEATURE_CONTROL {v:#x}: locked without VMX outside SMX)"),
-            "enable Intel Virtualization Technology (VT-x) in the firmware setup",
+            // Linux locks an MSR the firmware left open at boot, and enables
+            // VMX in it only when built with KVM_INTEL.
+            format!(
+                "VT-x is disabled (IA32_FEATURE_CONTROL {v:#x}: locked without VMX outside SMX), by the firmware \
+                 or by a kernel without CONFIG_KVM_INTEL that found it unlocked"
+            ),
+            "enable Intel Virtualization Technology (VT-x) in the firmware setup; if it is on, boot a kernel with CONFIG_KVM_INTEL",
         ),
         MsrRead::Value(v) => finding("vmx", Verdict::Ok, format!("VT-x in CPUID and enabled (IA32_FEATURE_CONTROL {v:#x})"), ""),
         MsrRead::NoDevice => finding(

@@ -27,6 +27,9 @@ commands:
                             set up, build, run the unit tests and every system test
   setup                     install the toolchain and the emulators
   build                     build every artifact into target/uxen/
+  module [--kdir DIR]       build uxen.ko against a Rust-enabled Linux 6.12+ build tree
+                            (default /lib/modules/$(uname -r)/build) into
+                            target/uxen/module/uxen.ko
   run BACKEND SUITE [--timeout S] [--stall S] [--live] [--no-build]
                             boot one suite (BACKEND: bochs, qemu, kvm)
   soak [--cycles N] [--ops N] [--calls N] [--seed S] [--timeout S] [--no-build]
@@ -59,6 +62,12 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
         "build" => {
             setup::setup()?;
             artifacts::build_all()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "module" => {
+            let kdir = flag_value(rest, "--kdir").map(std::path::PathBuf::from).unwrap_or_else(artifacts::default_kdir);
+            let ko = artifacts::build_kdir_module(&kdir)?;
+            println!("{}", ko.display());
             Ok(ExitCode::SUCCESS)
         }
         "kernel-key" => {
@@ -160,6 +169,10 @@ fn test(args: &[String]) -> Result<ExitCode> {
         (upass, ufail) = unit_tests()?;
     }
     let a = artifacts::build_all()?;
+    let (mut kpass, mut kfail) = (0, 0);
+    if only.is_none() {
+        (kpass, kfail) = kdir_checks()?;
+    }
     let mut outcomes: Vec<(suites::Suite, Outcome)> = Vec::new();
     for s in suites::all() {
         if only.map(|o| o != s.name).unwrap_or(false) {
@@ -178,7 +191,7 @@ fn test(args: &[String]) -> Result<ExitCode> {
 
     // Every in-guest check counts as a test; a suite that must fail counts as
     // one test that passes when the harness judged it failed.
-    let (mut spass, mut sfail, mut skipped) = (0u64, 0u64, 0u64);
+    let (mut spass, mut sfail, mut skipped) = (kpass, kfail, 0u64);
     for (s, o) in &outcomes {
         if let Some(why) = &o.skipped {
             skipped += 1;
@@ -212,6 +225,40 @@ fn test(args: &[String]) -> Result<ExitCode> {
     println!("total time:   {:.0}s", t0.elapsed().as_secs_f64());
     println!("{} passed, {} failed", upass + spass, ufail + sfail);
     Ok(if ufail + sfail == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `cargo xtask module`'s checks of a kernel tree on the two kernels
+/// `build` made: the host kernel's tree passes them (and `build` built the
+/// module against it), the guest kernel's, without `CONFIG_RUST`, fails
+/// with its one line. Returns (passed, failed).
+fn kdir_checks() -> Result<(u64, u64)> {
+    util::step("module: the kernel tree checks on the host and guest kernels");
+    let host = kernel::HOST.build_dir()?;
+    let guest = kernel::GUEST.build_dir()?;
+    let host_ok = artifacts::check_kernel_tree(&host)
+        .and_then(|t| artifacts::check_rustc(&host, &t, &artifacts::rustc_version()))
+        .map(|_| String::new())
+        .unwrap_or_else(|e| format!("{e:#}"));
+    let want = format!("{}: CONFIG_RUST is not set; uxen.ko needs a Rust-enabled kernel", guest.display());
+    let guest_says = match artifacts::check_kernel_tree(&guest) {
+        Ok(_) => "accepted".to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+    let results = [
+        ("kdir-host-kernel-accepted", host_ok.is_empty(), host_ok),
+        ("kdir-guest-kernel-refused", guest_says == want, format!("got `{guest_says}`, want `{want}`")),
+    ];
+    let mut n = (0, 0);
+    for (name, ok, why) in results {
+        if ok {
+            n.0 += 1;
+            eprintln!("    ok {name}");
+        } else {
+            n.1 += 1;
+            eprintln!("    FAILED {name}: {why}");
+        }
+    }
+    Ok(n)
 }
 
 /// Runs a suite that must fail through `xtask run` in a child process, so

@@ -163,15 +163,20 @@ pub fn rustc_version() -> String {
 pub fn build_kdir_module(kdir: &Path) -> Result<PathBuf> {
     let tree = check_kernel_tree(kdir)?;
     crate::setup::setup()?;
-    check_rustc(kdir, &tree, &rustc_version())?;
     let flat = std::fs::read(image::build()?)?;
+    let dest = kdir_module_path();
+    module_for_tree(kdir, &tree, &flat, &dest)?;
+    Ok(dest)
+}
+
+/// Builds uxen.ko with the image `flat` against the checked tree `kdir`.
+pub fn module_for_tree(kdir: &Path, tree: &KernelTree, flat: &[u8], dest: &Path) -> Result<()> {
+    check_rustc(kdir, tree, &rustc_version())?;
     step(&format!("module: building uxen.ko against {} (Linux {})", kdir.display(), tree.release));
     // One staging directory per tree, so that Kbuild never mixes objects
     // built against different kernels.
     let key = util::sha256_hex(kdir.as_os_str().as_encoded_bytes());
-    let dest = kdir_module_path();
-    build_module(kdir, &flat, &util::work().join(format!("module-kdir/{}", &key[..12])), &dest)?;
-    Ok(dest)
+    build_module(kdir, flat, &util::work().join(format!("module-kdir/{}", &key[..12])), dest)
 }
 
 /// Builds a plain Kbuild module directory (the test probe) out of tree.

@@ -71,8 +71,15 @@ expect_match corrupt-image-errno "$out" "errno=8 \(Exec format error"
 expect_match corrupt-image-logged "$(dmesg)" "uxen: refusing the embedded hypervisor image: bad image signature"
 check_fails corrupt-image-no-device test -e /dev/uxen
 
+dmesg -c >/dev/null
 check insmod insmod /lib/modules/uxen.ko
 check dev-uxen-exists test -c /dev/uxen
+# What a load says, as README.md quotes it.
+d=$(dmesg)
+printf '%s\n' "$d" | grep 'uxen' | while read -r l; do info "dmesg: $l"; done
+expect_match load-logged-image "$d" "uxen: hypervisor image 0\.1\.0 \(ABI [0-9]+\), [0-9]+ bytes, driver ABI [0-9]+"
+expect_match load-logged-demoted "$d" "uxen: the host now runs as a VM on 2 CPUs"
+expect_match load-logged-ready "$d" "uxen: /dev/uxen ready"
 # Under the hypervisor VMX is hidden and IA32_FEATURE_CONTROL reads locked
 # without it: check tells that uxen-rs runs rather than blaming the CPU.
 j=$(uxenctl check --json)
@@ -93,7 +100,13 @@ expect_match version-abi-known "$abi" '^[1-9][0-9]*$'
 expect_match version-driver "$out" "^driver +0\.1\.0 +\(ABI $abi\)"
 expect_match version-image "$out" "^image +0\.1\.0 +\(ABI $abi\)"
 expect_match version-json "$json" "\"driver_abi\":$abi,.*\"image_abi\":$abi,"
+info "$(uxenctl stats)"
+dmesg -c >/dev/null
 check rmmod rmmod uxen
+d=$(dmesg)
+printf '%s\n' "$d" | grep 'uxen' | while read -r l; do info "dmesg: $l"; done
+expect_match unload-logged "$d" "uxen: the hypervisor has left every CPU"
+expect_match unload-unloaded "$d" "uxen: unloaded"
 check_fails dev-uxen-removed test -e /dev/uxen
 check insmod-again insmod /lib/modules/uxen.ko
 check rmmod-again rmmod uxen

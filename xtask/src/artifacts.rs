@@ -159,13 +159,16 @@ pub fn rustc_version() -> String {
 }
 
 /// `cargo xtask module`: uxen.ko, with the image embedded, built against
-/// the kernel build tree `kdir` into [`kdir_module_path`].
+/// the kernel build tree `kdir` into [`kdir_module_path`], and `uxenctl`
+/// beside it in `target/uxen/`, where `uxenctl check` finds the module.
 pub fn build_kdir_module(kdir: &Path) -> Result<PathBuf> {
     let tree = check_kernel_tree(kdir)?;
     crate::setup::setup()?;
     let flat = std::fs::read(image::build()?)?;
     let dest = kdir_module_path();
     module_for_tree(kdir, &tree, &flat, &dest)?;
+    step("uxenctl (static)");
+    build_static("uxenctl", "uxenctl", &util::out().join("uxenctl"))?;
     Ok(dest)
 }
 

@@ -30,7 +30,7 @@ commands:
   build                     build every artifact into target/uxen/
   module [--kdir DIR]       build uxen.ko against a Rust-enabled Linux 6.12+ build tree
                             (default /lib/modules/$(uname -r)/build) into
-                            target/uxen/module/uxen.ko
+                            target/uxen/module/uxen.ko, and target/uxen/uxenctl
   run BACKEND SUITE [--timeout S] [--stall S] [--live] [--no-build]
                             boot one suite (BACKEND: bochs, qemu, kvm)
   soak [--cycles N] [--ops N] [--calls N] [--seed S] [--timeout S] [--no-build]

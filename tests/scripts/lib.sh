@@ -81,6 +81,12 @@ jnum() {
     printf '%s' "$1" | sed -n "s/.*\"$2\":\([0-9-]*\).*/\1/p" | head -n1
 }
 
+# verdict JSON NAME: the verdict (ok, warning, blocker) of the finding NAME
+# in `uxenctl check --json`; empty when there is no such finding.
+verdict() {
+    printf '%s' "$1" | sed -n "s/.*{\"name\":\"$2\",\"verdict\":\"\([a-z]*\)\".*/\1/p" | head -n1
+}
+
 # signature CPU: the CPUID 0x40000000 vendor text seen on CPU.
 signature() {
     taskset -c "$1" uxtest cpuid 0x40000000 | awk '{print $5}'

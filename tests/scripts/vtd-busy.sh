@@ -3,6 +3,11 @@
 . /tests/lib.sh
 MOD=/lib/modules/uxen.ko
 expect_match linux-drives-the-iommu "$(cat /tmp/boot.dmesg)" "DMAR: .*[Ee]nabl"
+# The pre-flight sees it in /sys/class/iommu and gives the same advice.
+j=$(uxenctl check --json)
+info "check: $j"
+expect_eq check-intremap-blocker "$(verdict "$j" intremap)" blocker
+expect_match check-intremap-says "$j" '"name":"intremap","verdict":"blocker","detail":"Linux drives the IOMMU itself \(/sys/class/iommu: dmar0\); the driver refuses to load","fix":"boot with intel_iommu=off intremap=off"'
 for params in "iommu_only=1" ""; do
     name=${params:-vmx}
     dmesg -c >/dev/null

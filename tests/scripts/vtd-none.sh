@@ -5,6 +5,11 @@
 . /tests/lib.sh
 MOD=/lib/modules/uxen.ko
 
+j=$(uxenctl check --json)
+info "check: $j"
+expect_eq check-no-dmar-warning "$(verdict "$j" dmar)" warning
+expect_eq check-no-hardware "$(verdict "$j" intremap)" ok
+
 out=$(uxtest modload $MOD iommu_only=1 require_iommu=1 2>&1)
 expect_match required-refused "$out" "errno=95 "
 d=$(dmesg)

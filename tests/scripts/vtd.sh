@@ -12,6 +12,13 @@ faults() {
     jnum "$(stats_json)" faults
 }
 
+# --- The pre-flight sees the DMAR table, and a host that leaves the unit
+# alone.
+j=$(uxenctl check --json)
+info "check: $j"
+expect_eq check-dmar-ok "$(verdict "$j" dmar)" ok
+expect_match check-intremap-ok "$j" '"name":"intremap","verdict":"ok","detail":"[^"]*\(booted with intel_iommu=off intremap=off\)"'
+
 # --- The bare machine: edu is there and its DMA works.
 e=$(uxtest edu info)
 info "edu: $e"

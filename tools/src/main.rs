@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod boot;
+mod check;
 mod console;
 mod daemon;
 mod dev;
@@ -129,8 +130,31 @@ impl GuestArgs {
     }
 }
 
+/// What `uxenctl check --help` says after the options.
+const CHECK_AFTER_HELP: &str = "\
+Findings: vmx, kvm, dmar, intremap, la57, lockdown, vermagic, nested, and
+loaded when uxen-rs already runs. Each is ok, warning or blocker.
+Exit status: 0 without blockers, 1 with any.
+
+Without --module, uxen.ko is looked for at /lib/modules/$(uname -r)/extra/uxen.ko,
+then module/uxen.ko and uxen.ko beside the uxenctl executable, then
+/lib/modules/uxen.ko.
+
+UXEN_CHECK_ROOT=DIR (a test hook) reads /proc and /sys under DIR instead.";
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Check, before loading anything, whether this machine can run
+    /// uxen-rs: VT-x, KVM, VT-d, paging, lockdown, the module's kernel.
+    #[command(after_help = CHECK_AFTER_HELP)]
+    Check {
+        /// Print one JSON object: {"findings":[{"name","verdict","detail","fix"}...],"blockers":N,"warnings":N}.
+        #[arg(long)]
+        json: bool,
+        /// The uxen.ko whose kernel release to check.
+        #[arg(long, value_name = "PATH")]
+        module: Option<PathBuf>,
+    },
     /// Print the driver's and the hypervisor image's versions and ABI revisions.
     Version {
         /// Print one JSON object.
@@ -249,6 +273,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        Cmd::Check { json, module } => {
+            let findings = check::evaluate(&check::gather(module.as_deref()));
+            if json {
+                println!("{}", check::to_json(&findings));
+            } else {
+                print!("{}", check::to_text(&findings));
+            }
+            Ok(if check::tally(&findings).0 == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Cmd::Version { json } => version(json),
         Cmd::Stats { json } => {
             let s = dev::Device::open()?.stats()?;

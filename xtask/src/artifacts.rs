@@ -4,7 +4,7 @@
 
 use crate::util::{self, step};
 use crate::{image, kernel};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -73,10 +73,113 @@ pub fn build_module(kb: &Path, image: &[u8], stage: &Path, dest: &Path) -> Resul
     }
     write_if_changed(&drv.join("hypervisor.bin"), image)?;
     util::run_logged(
-        kernel::make().arg("-C").arg(kb).arg(format!("M={}", drv.display())).arg("modules"),
+        kernel::make_for(kb).arg("-C").arg(kb).arg(format!("M={}", drv.display())).arg("modules"),
         &stage.join("build.log"),
     )?;
     util::copy(&drv.join("uxen.ko"), dest)
+}
+
+/// Where `cargo xtask module` writes uxen.ko built for another kernel (the
+/// test machines' module is `target/uxen/uxen.ko`).
+pub fn kdir_module_path() -> PathBuf {
+    util::out().join("module/uxen.ko")
+}
+
+/// The build tree of the running kernel, `cargo xtask module`'s default.
+pub fn default_kdir() -> PathBuf {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    PathBuf::from(format!("/lib/modules/{}/build", release.trim()))
+}
+
+/// What `cargo xtask module` needs to know of a kernel build tree.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KernelTree {
+    /// `include/config/kernel.release`.
+    pub release: String,
+    /// `CONFIG_RUSTC_VERSION_TEXT`: the `rustc --version` of the compiler
+    /// the kernel was built with.
+    pub rustc: String,
+}
+
+/// The value of `key` in a `.config` or `auto.conf` text, without quotes.
+fn config_value(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k == key).then(|| v.trim().trim_matches('"').to_string())
+    })
+}
+
+/// Checks that `dir` is a kernel build tree uxen.ko can be built against:
+/// configured with `CONFIG_RUST=y`, prepared, Linux 6.12 or later, and
+/// recording the rustc it was built with. Each failure is one line, said
+/// before anything is built.
+pub fn check_kernel_tree(dir: &Path) -> Result<KernelTree> {
+    let d = dir.display();
+    if !dir.is_dir() {
+        bail!("{d}: no such kernel build tree; install the kernel's headers, or give --kdir DIR");
+    }
+    let Ok(config) = std::fs::read_to_string(dir.join(".config")) else {
+        bail!("{d}: no .config, so CONFIG_RUST is not set; uxen.ko needs a Rust-enabled kernel");
+    };
+    if config_value(&config, "CONFIG_RUST").as_deref() != Some("y") {
+        bail!("{d}: CONFIG_RUST is not set; uxen.ko needs a Rust-enabled kernel");
+    }
+    let auto = std::fs::read_to_string(dir.join("include/config/auto.conf")).unwrap_or_default();
+    let Some(rustc) = config_value(&auto, "CONFIG_RUSTC_VERSION_TEXT").or_else(|| config_value(&config, "CONFIG_RUSTC_VERSION_TEXT")) else {
+        bail!("{d}: the rustc the kernel was built with is unknown (no CONFIG_RUSTC_VERSION_TEXT in include/config/auto.conf or .config)");
+    };
+    let Ok(release) = std::fs::read_to_string(dir.join("include/config/kernel.release")) else {
+        bail!("{d}: no include/config/kernel.release; prepare the tree first (make modules_prepare)");
+    };
+    let release = release.trim().to_string();
+    let mut nums = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    if (nums.next().unwrap_or(0), nums.next().unwrap_or(0)) < (6, 12) {
+        bail!("{d}: Linux {release}; uxen.ko needs Linux 6.12 or later");
+    }
+    Ok(KernelTree { release, rustc })
+}
+
+/// A Rust module must be built by the rustc that built its kernel: the
+/// kernel's crates are only readable by that compiler.
+pub fn check_rustc(dir: &Path, tree: &KernelTree, ours: &str) -> Result<()> {
+    if ours != tree.rustc {
+        bail!(
+            "{}: the kernel was built with {}, but {} is {ours}; build uxen.ko with the kernel's rustc",
+            dir.display(),
+            tree.rustc,
+            util::SYS_RUSTC
+        );
+    }
+    Ok(())
+}
+
+/// The rustc every module is built with, as `rustc --version` says.
+pub fn rustc_version() -> String {
+    util::version_of(Command::new(util::SYS_RUSTC).arg("--version"))
+}
+
+/// `cargo xtask module`: uxen.ko, with the image embedded, built against
+/// the kernel build tree `kdir` into [`kdir_module_path`], and `uxenctl`
+/// beside it in `target/uxen/`, where `uxenctl check` finds the module.
+pub fn build_kdir_module(kdir: &Path) -> Result<PathBuf> {
+    let tree = check_kernel_tree(kdir)?;
+    crate::setup::setup()?;
+    let flat = std::fs::read(image::build()?)?;
+    let dest = kdir_module_path();
+    module_for_tree(kdir, &tree, &flat, &dest)?;
+    step("uxenctl (static)");
+    build_static("uxenctl", "uxenctl", &util::out().join("uxenctl"))?;
+    Ok(dest)
+}
+
+/// Builds uxen.ko with the image `flat` against the checked tree `kdir`.
+pub fn module_for_tree(kdir: &Path, tree: &KernelTree, flat: &[u8], dest: &Path) -> Result<()> {
+    check_rustc(kdir, tree, &rustc_version())?;
+    step(&format!("module: building uxen.ko against {} (Linux {})", kdir.display(), tree.release));
+    // One staging directory per tree, so that Kbuild never mixes objects
+    // built against different kernels.
+    let key = util::sha256_hex(kdir.as_os_str().as_encoded_bytes());
+    build_module(kdir, flat, &util::work().join(format!("module-kdir/{}", &key[..12])), dest)
 }
 
 /// Builds a plain Kbuild module directory (the test probe) out of tree.
@@ -256,4 +359,107 @@ pub fn iso(a: &Artifacts, suite: &str, extra_args: &str) -> Result<PathBuf> {
 /// The kernel command line of every test machine.
 pub fn kernel_cmdline(suite: &str, extra: &str) -> String {
     format!("console=ttyS0,115200 quiet loglevel=4 uxen.suite={suite} {extra}").trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A made-up kernel build tree in a fresh temporary directory.
+    struct Tree(PathBuf);
+
+    impl Tree {
+        fn new(name: &str) -> Tree {
+            let d = std::env::temp_dir().join(format!("uxen-kdir-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(d.join("include/config")).unwrap();
+            Tree(d)
+        }
+
+        fn file(self, path: &str, text: &str) -> Tree {
+            std::fs::write(self.0.join(path), text).unwrap();
+            self
+        }
+
+        fn check(&self) -> std::result::Result<KernelTree, String> {
+            check_kernel_tree(&self.0).map_err(|e| e.to_string())
+        }
+    }
+
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const RUSTC: &str = "rustc 1.96.0 (ac68faa20 2026-05-25)";
+
+    fn rust_tree(name: &str) -> Tree {
+        Tree::new(name)
+            .file(".config", &format!("CONFIG_CC_IS_CLANG=y\nCONFIG_RUSTC_VERSION=109600\nCONFIG_RUST=y\nCONFIG_RUSTC_VERSION_TEXT=\"{RUSTC}\"\n"))
+            .file("include/config/auto.conf", &format!("CONFIG_RUST=y\nCONFIG_RUSTC_VERSION_TEXT={RUSTC}\n"))
+            .file("include/config/kernel.release", "6.12.118\n")
+    }
+
+    #[test]
+    fn a_rust_enabled_tree_passes() {
+        let t = rust_tree("good");
+        let k = t.check().unwrap();
+        assert_eq!(k, KernelTree { release: "6.12.118".into(), rustc: RUSTC.into() });
+        assert!(check_rustc(&t.0, &k, RUSTC).is_ok());
+        // Later kernels too, distribution suffixes and all.
+        let t = rust_tree("later").file("include/config/kernel.release", "6.15.0-3-amd64\n");
+        assert_eq!(t.check().unwrap().release, "6.15.0-3-amd64");
+        let t = rust_tree("seven").file("include/config/kernel.release", "7.0.1\n");
+        assert!(t.check().is_ok());
+        // The version text from .config when auto.conf lacks it.
+        let t = rust_tree("dotconfig").file("include/config/auto.conf", "CONFIG_RUST=y\n");
+        assert_eq!(t.check().unwrap().rustc, RUSTC);
+    }
+
+    #[test]
+    fn trees_without_rust_fail_with_one_line() {
+        let t = Tree::new("norust").file(".config", "CONFIG_RUSTC_VERSION=109600\n# CONFIG_RUST is not set\nCONFIG_RUSTC_VERSION_TEXT_X=1\n");
+        let want = format!("{}: CONFIG_RUST is not set; uxen.ko needs a Rust-enabled kernel", t.0.display());
+        assert_eq!(t.check().unwrap_err(), want);
+        let t = Tree::new("rustm").file(".config", "CONFIG_RUST=m\n");
+        assert!(t.check().unwrap_err().ends_with(": CONFIG_RUST is not set; uxen.ko needs a Rust-enabled kernel"));
+        let t = Tree::new("noconfig");
+        let e = t.check().unwrap_err();
+        assert!(e.starts_with(&format!("{}: no .config", t.0.display())), "{e}");
+        assert!(!e.contains('\n'));
+        let e = check_kernel_tree(Path::new("/nonexistent/build")).unwrap_err().to_string();
+        assert_eq!(e, "/nonexistent/build: no such kernel build tree; install the kernel's headers, or give --kdir DIR");
+    }
+
+    #[test]
+    fn the_kernels_rustc_must_be_known_and_ours() {
+        let t = rust_tree("norustc").file(".config", "CONFIG_RUST=y\n").file("include/config/auto.conf", "CONFIG_RUST=y\n");
+        let e = t.check().unwrap_err();
+        assert!(e.ends_with(": the rustc the kernel was built with is unknown (no CONFIG_RUSTC_VERSION_TEXT in include/config/auto.conf or .config)"), "{e}");
+        let t = rust_tree("otherrustc");
+        let k = t.check().unwrap();
+        let e = check_rustc(&t.0, &k, "rustc 1.80.0 (x 2024-07-21)").unwrap_err().to_string();
+        assert!(e.contains(&format!("the kernel was built with {RUSTC}, but /usr/bin/rustc is rustc 1.80.0 (x 2024-07-21)")), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn old_or_unprepared_trees_fail() {
+        let t = rust_tree("old").file("include/config/kernel.release", "6.11.9\n");
+        assert!(t.check().unwrap_err().ends_with(": Linux 6.11.9; uxen.ko needs Linux 6.12 or later"));
+        let t = rust_tree("five").file("include/config/kernel.release", "5.19.0\n");
+        assert!(t.check().is_err());
+        let t = rust_tree("unprepared");
+        std::fs::remove_file(t.0.join("include/config/kernel.release")).unwrap();
+        assert!(t.check().unwrap_err().contains("make modules_prepare"));
+    }
+
+    #[test]
+    fn config_values() {
+        let c = "CONFIG_A=y\nCONFIG_AB=\"x y\"\n# CONFIG_C is not set\n";
+        assert_eq!(config_value(c, "CONFIG_A").as_deref(), Some("y"));
+        assert_eq!(config_value(c, "CONFIG_AB").as_deref(), Some("x y"));
+        assert_eq!(config_value(c, "CONFIG_C"), None);
+    }
 }

@@ -54,6 +54,19 @@ pub fn make() -> Command {
     c
 }
 
+/// `make` for building modules against the tree `kb`: with `LLVM=1` only
+/// where that kernel was built with clang, as Kbuild wants one compiler for
+/// a kernel and its modules.
+pub fn make_for(kb: &Path) -> Command {
+    let clang = std::fs::read_to_string(kb.join(".config")).map(|c| c.lines().any(|l| l == "CONFIG_CC_IS_CLANG=y")).unwrap_or(true);
+    let mut c = Command::new("make");
+    if clang {
+        c.arg("LLVM=1");
+    }
+    c.arg(format!("RUSTC={}", util::SYS_RUSTC)).arg(format!("BINDGEN={}", util::bindgen().display()));
+    c
+}
+
 /// The kernel source tree (extracted once into the cache).
 pub fn source_dir() -> PathBuf {
     util::cache().join("linux-source-6.12")

@@ -25,8 +25,12 @@ commands:
   demo                      set up, build, and boot the demo in Bochs
   test [--no-unit] [--only SUITE]
                             set up, build, run the unit tests and every system test
+                            (--only kdir: only `module`'s checks on the project's kernels)
   setup                     install the toolchain and the emulators
   build                     build every artifact into target/uxen/
+  module [--kdir DIR]       build uxen.ko against a Rust-enabled Linux 6.12+ build tree
+                            (default /lib/modules/$(uname -r)/build) into
+                            target/uxen/module/uxen.ko, and target/uxen/uxenctl
   run BACKEND SUITE [--timeout S] [--stall S] [--live] [--no-build]
                             boot one suite (BACKEND: bochs, qemu, kvm)
   soak [--cycles N] [--ops N] [--calls N] [--seed S] [--timeout S] [--no-build]
@@ -59,6 +63,12 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
         "build" => {
             setup::setup()?;
             artifacts::build_all()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "module" => {
+            let kdir = flag_value(rest, "--kdir").map(std::path::PathBuf::from).unwrap_or_else(artifacts::default_kdir);
+            let ko = artifacts::build_kdir_module(&kdir)?;
+            println!("{}", ko.display());
             Ok(ExitCode::SUCCESS)
         }
         "kernel-key" => {
@@ -160,6 +170,10 @@ fn test(args: &[String]) -> Result<ExitCode> {
         (upass, ufail) = unit_tests()?;
     }
     let a = artifacts::build_all()?;
+    let (mut kpass, mut kfail) = (0, 0);
+    if only.is_none() || only == Some("kdir") {
+        (kpass, kfail) = kdir_checks()?;
+    }
     let mut outcomes: Vec<(suites::Suite, Outcome)> = Vec::new();
     for s in suites::all() {
         if only.map(|o| o != s.name).unwrap_or(false) {
@@ -178,7 +192,7 @@ fn test(args: &[String]) -> Result<ExitCode> {
 
     // Every in-guest check counts as a test; a suite that must fail counts as
     // one test that passes when the harness judged it failed.
-    let (mut spass, mut sfail, mut skipped) = (0u64, 0u64, 0u64);
+    let (mut spass, mut sfail, mut skipped) = (kpass, kfail, 0u64);
     for (s, o) in &outcomes {
         if let Some(why) = &o.skipped {
             skipped += 1;
@@ -212,6 +226,44 @@ fn test(args: &[String]) -> Result<ExitCode> {
     println!("total time:   {:.0}s", t0.elapsed().as_secs_f64());
     println!("{} passed, {} failed", upass + spass, ufail + sfail);
     Ok(if ufail + sfail == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `cargo xtask module` on the two kernels `build` made: against the host
+/// kernel's tree it builds uxen.ko (into the build directory, not over the
+/// module of `cargo xtask module`), and the guest kernel's tree, without
+/// `CONFIG_RUST`, is refused with its one line. Returns (passed, failed).
+fn kdir_checks() -> Result<(u64, u64)> {
+    util::step("module: `cargo xtask module` against the host and guest kernel trees");
+    let host = kernel::HOST.build_dir()?;
+    let guest = kernel::GUEST.build_dir()?;
+    let flat = std::fs::read(util::work().join("hypervisor.bin"))?;
+    let ko = util::work().join("kdir-check/uxen.ko");
+    let _ = std::fs::remove_file(&ko);
+    let host_ok = artifacts::check_kernel_tree(&host)
+        .and_then(|t| artifacts::module_for_tree(&host, &t, &flat, &ko))
+        .and_then(|_| if ko.exists() { Ok(()) } else { Err(anyhow::anyhow!("no {}", ko.display())) })
+        .map(|_| String::new())
+        .unwrap_or_else(|e| format!("{e:#}"));
+    let want = format!("{}: CONFIG_RUST is not set; uxen.ko needs a Rust-enabled kernel", guest.display());
+    let guest_says = match artifacts::check_kernel_tree(&guest) {
+        Ok(_) => "accepted".to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+    let results = [
+        ("kdir-host-kernel-builds", host_ok.is_empty(), host_ok),
+        ("kdir-guest-kernel-refused", guest_says == want, format!("got `{guest_says}`, want `{want}`")),
+    ];
+    let mut n = (0, 0);
+    for (name, ok, why) in results {
+        if ok {
+            n.0 += 1;
+            eprintln!("    ok {name}");
+        } else {
+            n.1 += 1;
+            eprintln!("    FAILED {name}: {why}");
+        }
+    }
+    Ok(n)
 }
 
 /// Runs a suite that must fail through `xtask run` in a child process, so

@@ -9,7 +9,6 @@
 
 SEED=$(sed -n 's/.*uxen\.seed=\([0-9]*\).*/\1/p' /proc/cmdline)
 SEED=${SEED:-7}
-SIG=uXenRsUXenRs
 EFAULT=-14
 EINVAL=-22
 EBUSY=-16

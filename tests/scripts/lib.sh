@@ -81,9 +81,37 @@ jnum() {
     printf '%s' "$1" | sed -n "s/.*\"$2\":\([0-9-]*\).*/\1/p" | head -n1
 }
 
-# signature CPU: the CPUID 0x40000000 vendor text seen on CPU.
+# The hypervisor's vendor text at CPUID 0x40000000 (EBX, ECX, EDX).
+SIG=uXenRsUXenRs
+
+# cpuid_line CPU LEAF: `uxtest cpuid` on CPU: EAX EBX ECX EDX in hex, then
+# the text of EBX ECX EDX ('.' for what is not printable).
+cpuid_line() {
+    taskset -c "$1" uxtest cpuid "$2" 2>&1
+}
+
+# signature CPU: the CPUID 0x40000000 vendor text seen on CPU; empty when
+# uxtest failed, so only a comparison with $SIG may rest on it.
 signature() {
     taskset -c "$1" uxtest cpuid 0x40000000 | awk '{print $5}'
+}
+
+# expect_native NAME CPU [BARE]: CPU answers CPUID 0x40000000 and the
+# hypervisor does not: a whole line of four registers and their text, not
+# $SIG (and, given BARE, the line the bare CPU gave). No answer fails: a
+# uxtest that printed nothing is not a CPU without the hypervisor.
+expect_native() {
+    _l=$(cpuid_line "$2" 0x40000000)
+    if [ "$(printf '%s\n' "$_l" | wc -l)" -ne 1 ] \
+        || ! printf '%s\n' "$_l" | grep -qxE '[0-9a-f]{8}( [0-9a-f]{8}){3} [[:graph:]]{12}'; then
+        fail "$1" "no CPUID 0x40000000 answer on cpu$2: '$_l'"
+    elif [ "$(printf '%s' "$_l" | awk '{print $5}')" = "$SIG" ]; then
+        fail "$1" "the hypervisor answers on cpu$2: $_l"
+    elif [ -n "${3+set}" ] && [ "$_l" != "$3" ]; then
+        fail "$1" "cpu$2 answers '$_l', the bare CPU '$3'"
+    else
+        pass "$1"
+    fi
 }
 
 # fork_vm VM [ARGS...]: `uxenctl fork`, killed if its VMM does not answer

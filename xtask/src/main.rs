@@ -10,6 +10,8 @@ mod image;
 mod kernel;
 mod runner;
 mod setup;
+#[cfg(test)]
+mod shell;
 mod soak;
 mod suites;
 mod tally;

@@ -1,0 +1,193 @@
+//! Self-tests of the in-guest shell checks, run on the host: the helpers of
+//! `tests/scripts/lib.sh` against stub tools
+//! that can be made to print nothing or fail. Each feeds the markers it
+//! prints to the same judge as a real run, so that a check which cannot
+//! fail shows up here rather than as a pass in the emulator.
+//!
+//! Where BusyBox is installed (the guest's tools come from it), the scripts
+//! run with its `grep`, `awk`, `sed` and `sort`; elsewhere with the host's.
+//! The shell is the host's `/bin/sh`, not BusyBox's: that one runs its own
+//! applets (`insmod`, `rmmod`, `taskset`) before any stub on `PATH`, and
+//! a script would load and unload modules on the host.
+
+use crate::runner::{parse_serial, Backend, Outcome};
+use crate::suites::Expect;
+use crate::tally::Tally;
+use crate::util;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// A scratch directory with a `bin/` of stubs ahead of the tools.
+struct Sandbox {
+    dir: PathBuf,
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!("uxen-shell-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::create_dir_all(dir.join("tools")).unwrap();
+        if let Some(bb) = busybox() {
+            for t in ["grep", "awk", "sed", "sort", "wc", "cat", "tr", "tail", "head", "cut"] {
+                std::os::unix::fs::symlink(&bb, dir.join("tools").join(t)).unwrap();
+            }
+        }
+        let s = Sandbox { dir };
+        // `taskset -c CPU CMD...` runs CMD.
+        s.stub("taskset", "shift 2\nexec \"$@\"\n");
+        s
+    }
+
+    /// Writes an executable `bin/NAME` with a `sh` body.
+    fn stub(&self, name: &str, body: &str) {
+        let p = self.dir.join("bin").join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// Runs `script` with lib.sh (and after it `extra`, to override helpers
+    /// that need the guest); returns its stdout and exit status.
+    fn run(&self, extra: &str, script: &str) -> (String, i32) {
+        let lib = util::root().join("tests/scripts/lib.sh");
+        let prelude = self.dir.join("lib.sh");
+        std::fs::write(&prelude, format!(". {}\n{extra}\n", lib.display())).unwrap();
+        // Suite scripts source lib.sh themselves; snippets are given it.
+        let source = format!(". {}", prelude.display());
+        let script = if script.contains(". /tests/lib.sh") {
+            script.replace(". /tests/lib.sh", &source)
+        } else {
+            format!("{source}\n{script}")
+        };
+        let path = format!("{}:{}:/usr/bin:/bin", self.dir.join("bin").display(), self.dir.join("tools").display());
+        let out = Command::new("/bin/sh")
+            .args(["-c", &script]).env("PATH", path).env("STUB", &self.dir).output().unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), out.status.code().unwrap_or(-1))
+    }
+
+    /// Runs `checks` as a whole suite and judges it as a run would be.
+    fn suite(&self, checks: &str) -> (String, Outcome) {
+        let (text, _) = self.run("", &format!("{checks}\necho \"UXEN-SUITE-END: t rc=$FAILED\"\n"));
+        let o = judge(&text);
+        (text, o)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn busybox() -> Option<PathBuf> {
+    ["/usr/bin/busybox", "/bin/busybox"].iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// The outcome a run with this serial output would have.
+fn judge(serial: &str) -> Outcome {
+    let (checks, rc, problems) = parse_serial(serial);
+    Outcome {
+        suite: "shell".into(),
+        backend: Backend::Bochs,
+        checks,
+        rc,
+        timed_out: false,
+        problems,
+        wall: Duration::ZERO,
+        serial: PathBuf::new(),
+        skipped: None,
+        command_failed: None,
+        marks: Vec::new(),
+    }
+}
+
+fn counted(o: &Outcome) -> Tally {
+    let mut t = Tally::default();
+    t.add(Expect::Pass, o);
+    t
+}
+
+/// A `uxtest` whose `cpuid` prints `$STUB/cpuid` (or fails without it).
+const UXTEST_CPUID: &str = "[ \"$1\" = cpuid ] && [ -e \"$STUB/cpuid\" ] && exec cat \"$STUB/cpuid\"\necho \"uxtest: $*: failed\" >&2\nexit 1\n";
+
+const BARE: &str = "00000d40 00000000 00000000 00000000 ............";
+const UXEN: &str = "40000001 52654e58 58556e65 73526e65 uXenRsUXenRs";
+
+fn native_check(line: Option<&str>, bare: Option<&str>) -> (String, Outcome) {
+    let s = Sandbox::new();
+    s.stub("uxtest", UXTEST_CPUID);
+    if let Some(l) = line {
+        std::fs::write(s.dir.join("cpuid"), l).unwrap();
+    }
+    let call = match bare {
+        Some(b) => format!("expect_native native 1 '{b}'"),
+        None => "expect_native native 1".to_string(),
+    };
+    s.suite(&call)
+}
+
+#[test]
+fn expect_native_fails_on_no_answer() {
+    // The old check, a comparison of `signature` with $SIG, passed here.
+    for (line, bare) in [(None, None), (Some(""), None), (None, Some(BARE)), (Some("00000d40 00000000\n"), None)] {
+        let (text, o) = native_check(line, bare);
+        assert!(text.contains("UXEN-TEST: FAIL native: no CPUID 0x40000000 answer on cpu1"), "{line:?}: {text}");
+        assert!(!o.passed(), "{text}");
+        assert_eq!(counted(&o).failed, 1);
+    }
+}
+
+#[test]
+fn expect_native_fails_under_the_hypervisor_or_off_the_bare_answer() {
+    let (text, o) = native_check(Some(&format!("{UXEN}\n")), None);
+    assert!(text.contains("UXEN-TEST: FAIL native: the hypervisor answers on cpu1"), "{text}");
+    assert!(!o.passed());
+    let other = "00000d40 00000001 00000000 00000000 ............";
+    let (text, o) = native_check(Some(&format!("{other}\n")), Some(BARE));
+    assert!(text.contains("UXEN-TEST: FAIL native: cpu1 answers"), "{text}");
+    assert!(!o.passed());
+    // An empty BARE (its own uxtest failed) matches no answer.
+    let (_, o) = native_check(Some(&format!("{BARE}\n")), Some(""));
+    assert!(!o.passed());
+    let (text, o) = native_check(Some(&format!("{BARE}\n{BARE}\n")), None);
+    assert!(!o.passed(), "{text}");
+}
+
+#[test]
+fn expect_native_passes_on_a_bare_cpu() {
+    for bare in [None, Some(BARE)] {
+        let (text, o) = native_check(Some(&format!("{BARE}\n")), bare);
+        assert!(text.contains("UXEN-TEST: PASS native"), "{text}");
+        assert!(o.passed(), "{text}");
+    }
+}
+
+#[test]
+fn signature_checks_fail_on_no_answer() {
+    // `expect_eq ... "$(signature N)" "$SIG"`, the positive checks, fail
+    // when uxtest prints nothing.
+    let s = Sandbox::new();
+    s.stub("uxtest", UXTEST_CPUID);
+    let (text, o) = s.suite("expect_eq sig \"$(signature 0)\" \"$SIG\"");
+    assert!(text.contains("UXEN-TEST: FAIL sig"), "{text}");
+    assert!(!o.passed());
+    std::fs::write(s.dir.join("cpuid"), format!("{UXEN}\n")).unwrap();
+    let (text, o) = s.suite("expect_eq sig \"$(signature 0)\" \"$SIG\"");
+    assert!(o.passed(), "{text}");
+}
+
+#[test]
+fn the_stubs_stand_where_the_scripts_look() {
+    // The sandbox's tools must be the ones the helpers run: a stub that
+    // is not found would fail every case above for the wrong reason.
+    let s = Sandbox::new();
+    s.stub("uxtest", "echo stub\n");
+    let (text, rc) = s.run("", "command -v uxtest; taskset -c 1 uxtest");
+    assert_eq!(rc, 0);
+    assert!(text.starts_with(&s.dir.join("bin/uxtest").display().to_string()), "{text}");
+    assert!(text.ends_with("stub\n"), "{text}");
+}

@@ -360,8 +360,8 @@ for pair in "cpuid msr" "cr8 mix"; do
     w=$!
     taskset -c 1 uxtest checksum 2 >/tmp/sum1
     wait $w
-    expect_eq "loop-$1-$2-host-cpu0-works" "$(cat /tmp/sum0)" "$base_sum"
-    expect_eq "loop-$1-$2-host-cpu1-works" "$(cat /tmp/sum1)" "$base_sum"
+    expect_same "loop-$1-$2-host-cpu0-works" "$(cat /tmp/sum0)" "$base_sum"
+    expect_same "loop-$1-$2-host-cpu1-works" "$(cat /tmp/sum1)" "$base_sum"
     expect_eq "loop-$1-$2-host-forks" "$(uxtest forkstorm 10)" "10/10"
     uxenctl destroy "$l0"
     uxenctl destroy "$l1"

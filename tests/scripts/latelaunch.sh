@@ -12,6 +12,7 @@ info "CPUID 0x40000000 on the bare machine: cpu0 '$bare0', cpu1 '$bare1'"
 expect_native no-signature-before-cpu0 0 "$bare0"
 expect_native no-signature-before-cpu1 1 "$bare1"
 base_sum=$(uxtest checksum 4)
+expect_match checksum-reference "$base_sum" '^[0-9a-f]{16}$'
 
 # --- Rollback: one CPU fails its entry, every CPU rolls back.
 out=$(uxtest modload /lib/modules/uxen.ko fail_cpu=1 2>&1)
@@ -54,8 +55,8 @@ taskset -c 0 uxtest checksum 4 >/tmp/sum0 &
 p0=$!
 taskset -c 1 uxtest checksum 4 >/tmp/sum1
 wait $p0
-expect_eq checksum-cpu0 "$(cat /tmp/sum0)" "$base_sum"
-expect_eq checksum-cpu1 "$(cat /tmp/sum1)" "$base_sum"
+expect_same checksum-cpu0 "$(cat /tmp/sum0)" "$base_sum"
+expect_same checksum-cpu1 "$(cat /tmp/sum1)" "$base_sum"
 taskset -c 0 uxtest forkstorm 100 >/tmp/fork0 &
 p0=$!
 taskset -c 1 uxtest forkstorm 100 >/tmp/fork1
@@ -75,7 +76,7 @@ expect_match hotplug-init-emulated "$(dmesg)" "uxen: hv: cpu1: INIT: parked unti
 expect_match hotplug-sipi-emulated "$(dmesg)" "uxen: hv: cpu1: SIPI: starting at 0x"
 expect_match hotplug-cpu1-virtualized "$(stats_json)" '"id":1,"apic_id":[0-9]+,"virtualized":true'
 taskset -c 1 uxtest checksum 4 >/tmp/sum1
-expect_eq checksum-cpu1-after-hotplug "$(cat /tmp/sum1)" "$base_sum"
+expect_same checksum-cpu1-after-hotplug "$(cat /tmp/sum1)" "$base_sum"
 
 # --- The host tries to read and write the hypervisor's memory.
 b0=$(jnum "$(stats_json)" blocked_host_accesses)
@@ -137,7 +138,7 @@ j=$(stats_json)
 base=$(printf '%s' "$j" | sed -n 's/.*"hv_region":{"base":\([0-9]*\),.*/\1/p')
 expect_match devmem-zeros-after-cycles "$(uxtest devmem read $((base + 4096)) 4096)" "nonzero=0 "
 taskset -c 1 uxtest checksum 4 >/tmp/sum1
-expect_eq checksum-after-cycles "$(cat /tmp/sum1)" "$base_sum"
+expect_same checksum-after-cycles "$(cat /tmp/sum1)" "$base_sum"
 check cpu1-offline-after-cycles sh -c 'echo 0 > /sys/devices/system/cpu/cpu1/online'
 check cpu1-online-after-cycles sh -c 'echo 1 > /sys/devices/system/cpu/cpu1/online'
 expect_eq signature-cpu1-after-cycles "$(signature 1)" "$SIG"

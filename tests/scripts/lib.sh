@@ -47,6 +47,16 @@ expect_eq() {
     fi
 }
 
+# expect_same NAME A B: A and B are the same value, and there is a value:
+# two commands that both printed nothing agree, yet show nothing.
+expect_same() {
+    if [ -z "$2" ] || [ -z "$3" ]; then
+        fail "$1" "no value to compare: got '$2', want '$3'"
+    else
+        expect_eq "$1" "$2" "$3"
+    fi
+}
+
 # expect_match NAME TEXT REGEX (grep -E)
 expect_match() {
     if printf '%s\n' "$2" | grep -qE "$3"; then
@@ -111,6 +121,32 @@ expect_native() {
         fail "$1" "cpu$2 answers '$_l', the bare CPU '$3'"
     else
         pass "$1"
+    fi
+}
+
+# attack_frames NAME VM GPA...: the host reads, then overwrites with
+# zeros, the page of VM at each GPA through /dev/mem. The hypervisor drops
+# the host's stores there without a fault, as it does in its own region:
+# each pwrite completes, and must, or the attack was never made. That no
+# store landed is shown by the blocked-write counter, which must grow by
+# at least one a page (and by the guest's own checksum, for the caller).
+attack_frames() {
+    _name=$1
+    _vm=$2
+    shift 2
+    _w0=$(jnum "$(stats_json)" blocked_host_writes)
+    _made=0
+    for _gpa in "$@"; do
+        _hpa=$(uxenctl translate "$_vm" "$_gpa")
+        expect_match "$_name-read-zeros-$_gpa" "$(uxtest devmem read "$_hpa" 4096)" "bytes=4096 nonzero=0 "
+        [ "$(uxtest devmem write "$_hpa" 4096 0x00)" = "written=4096" ] && _made=$((_made + 1))
+    done
+    expect_eq "$_name-writes-made" "$_made" $#
+    _w1=$(jnum "$(stats_json)" blocked_host_writes)
+    if [ -n "$_w0" ] && [ -n "$_w1" ] && [ $((_w1 - _w0)) -ge $# ]; then
+        pass "$_name-writes-blocked"
+    else
+        fail "$_name-writes-blocked" "$_made of $# writes made, blocked writes '$_w0' -> '$_w1'"
     fi
 }
 

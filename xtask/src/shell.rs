@@ -181,6 +181,63 @@ fn signature_checks_fail_on_no_answer() {
 }
 
 #[test]
+fn expect_same_needs_a_value() {
+    let s = Sandbox::new();
+    // Two checksums that both came out empty: expect_eq passed on them.
+    let (text, o) = s.suite("expect_same sums \"$(false)\" \"$(false)\"");
+    assert!(text.contains("UXEN-TEST: FAIL sums: no value to compare"), "{text}");
+    assert!(!o.passed());
+    let (_, o) = s.suite("expect_same sums 1a2b ''");
+    assert!(!o.passed());
+    let (_, o) = s.suite("expect_same sums 1a2b 1a2c");
+    assert!(!o.passed());
+    let (text, o) = s.suite("expect_same sums 1a2b 1a2b");
+    assert!(o.passed(), "{text}");
+}
+
+/// `attack_frames` against stubs: `uxtest devmem write` does `mode`
+/// (`blocked`: completes and is counted; `landed`: completes, not counted;
+/// `refused`: fails), and the stats count blocked writes in `$STUB/writes`.
+fn attack(mode: &str) -> (String, Outcome) {
+    let s = Sandbox::new();
+    std::fs::write(s.dir.join("writes"), "7").unwrap();
+    s.stub(
+        "uxenctl",
+        r#"case $1 in
+translate) echo 0x1000000 ;;
+stats) echo "{\"blocked_host_writes\":$(cat "$STUB/writes")}" ;;
+esac
+"#,
+    );
+    let write = match mode {
+        "blocked" => r#"echo $(($(cat "$STUB/writes") + 1)) >"$STUB/writes"; echo written=4096"#,
+        "landed" => "echo written=4096",
+        _ => "echo 'write 0x1000000: Operation not permitted' >&2; exit 1",
+    };
+    s.stub("uxtest", &format!("case $2 in\nread) echo 'bytes=4096 nonzero=0 hash=0' ;;\nwrite) {write} ;;\nesac\n"));
+    s.suite("attack_frames gf 3 0x200000 0x400000")
+}
+
+#[test]
+fn attack_frames_passes_when_every_write_is_made_and_blocked() {
+    let (text, o) = attack("blocked");
+    assert!(o.passed(), "{text}");
+    assert_eq!(counted(&o), Tally { passed: 4, failed: 0, skipped: 0 }, "{text}");
+}
+
+#[test]
+fn attack_frames_fails_when_a_write_lands_or_is_never_made() {
+    // The old loop counted the writes made and checked nothing of them.
+    let (text, o) = attack("landed");
+    assert!(text.contains("UXEN-TEST: PASS gf-writes-made"), "{text}");
+    assert!(text.contains("UXEN-TEST: FAIL gf-writes-blocked: 2 of 2 writes made, blocked writes '7' -> '7'"), "{text}");
+    assert!(!o.passed());
+    let (text, o) = attack("refused");
+    assert!(text.contains("UXEN-TEST: FAIL gf-writes-made: got '0', want '2'"), "{text}");
+    assert!(!o.passed());
+}
+
+#[test]
 fn the_stubs_stand_where_the_scripts_look() {
     // The sandbox's tools must be the ones the helpers run: a stub that
     // is not found would fail every case above for the wrong reason.

@@ -124,6 +124,25 @@ expect_native() {
     fi
 }
 
+# median A B C: the middle of three counts. Prints nothing and fails when
+# any is empty or not a number: sorted, an empty value comes first and a
+# failed run would hide behind the other two.
+median() {
+    if [ $# -ne 3 ]; then
+        echo "UXEN-INFO: median of $# values, not 3: '$*'" >&2
+        return 1
+    fi
+    for _v in "$@"; do
+        case $_v in
+        '' | *[!0-9]*)
+            echo "UXEN-INFO: median: '$_v' is not a count (of '$1' '$2' '$3')" >&2
+            return 1
+            ;;
+        esac
+    done
+    printf '%s\n' "$@" | sort -n | sed -n 2p
+}
+
 # attack_frames NAME VM GPA...: the host reads, then overwrites with
 # zeros, the page of VM at each GPA through /dev/mem. The hypervisor drops
 # the host's stores there without a fault, as it does in its own region:

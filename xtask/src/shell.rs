@@ -1,5 +1,5 @@
 //! Self-tests of the in-guest shell checks, run on the host: the helpers of
-//! `tests/scripts/lib.sh` against stub tools
+//! `tests/scripts/lib.sh`, and `bench-fork.sh` whole, against stub tools
 //! that can be made to print nothing or fail. Each feeds the markers it
 //! prints to the same judge as a real run, so that a check which cannot
 //! fail shows up here rather than as a pass in the emulator.
@@ -8,7 +8,7 @@
 //! run with its `grep`, `awk`, `sed` and `sort`; elsewhere with the host's.
 //! The shell is the host's `/bin/sh`, not BusyBox's: that one runs its own
 //! applets (`insmod`, `rmmod`, `taskset`) before any stub on `PATH`, and
-//! a script would load and unload modules on the host.
+//! `bench-fork.sh` would load and unload modules on the host.
 
 use crate::runner::{parse_serial, Backend, Outcome};
 use crate::suites::Expect;
@@ -235,6 +235,69 @@ fn attack_frames_fails_when_a_write_lands_or_is_never_made() {
     let (text, o) = attack("refused");
     assert!(text.contains("UXEN-TEST: FAIL gf-writes-made: got '0', want '2'"), "{text}");
     assert!(!o.passed());
+}
+
+#[test]
+fn median_refuses_what_is_not_a_count() {
+    let s = Sandbox::new();
+    let median = |args: &str| s.run("", &format!("m=$(median {args}); echo \"rc=$? m=$m\""));
+    assert_eq!(median("30 10 20").0, "rc=0 m=20\n");
+    assert_eq!(median("7 7 100").0, "rc=0 m=7\n");
+    // Sorted, the empty value came first and 20 passed for the median.
+    for bad in ["'' 10 20", "30 '' 20", "10 20 x", "10 20 -5", "10 20", "10 20 30 40"] {
+        assert_eq!(median(bad).0, "rc=1 m=\n", "median {bad}");
+    }
+}
+
+/// `bench-fork.sh` against a stub `uxenctl` whose fork number `fail_at`
+/// (counting from 1) fails.
+fn bench_fork(fail_at: Option<u32>) -> (String, i32) {
+    let s = Sandbox::new();
+    s.stub("insmod", "exit 0\n");
+    s.stub("rmmod", "exit 0\n");
+    let fail = fail_at.unwrap_or(0);
+    s.stub(
+        "uxenctl",
+        &format!(
+            "case $1 in\n\
+             create) echo 1 ;;\n\
+             destroy) ;;\n\
+             fork)\n\
+                 n=$(cat \"$STUB/forks\" 2>/dev/null || echo 0); n=$((n + 1)); echo $n >\"$STUB/forks\"\n\
+                 [ $n -eq {fail} ] && {{ echo 'uxenctl: fork: failed' >&2; exit 1; }}\n\
+                 echo \"[{{\\\"id\\\":$((n + 1)),\\\"tsc\\\":$((n * 100))}}]\" ;;\n\
+             esac\n"
+        ),
+    );
+    // The guest's consoles and kernel log are not here.
+    let extra = "wait_console() { return 0; }\nwait_gone() { return 0; }\ncheck_kernel_clean() { pass kernel-log-clean; }";
+    let script = std::fs::read_to_string(util::root().join("tests/scripts/bench-fork.sh")).unwrap();
+    let (text, rc) = s.run(extra, &format!("{script}\n"));
+    // `finish` exits with the number of failures; the runner's end marker
+    // would carry it.
+    (format!("{text}UXEN-SUITE-END: bench-fork rc={rc}\n"), rc)
+}
+
+#[test]
+fn bench_fork_measures_with_every_fork() {
+    let (text, rc) = bench_fork(None);
+    assert_eq!(rc, 0, "{text}");
+    assert!(judge(&text).passed(), "{text}");
+    assert!(text.contains("UXEN-BENCH: fork mib=16 cow=200 copy=500\n"), "{text}");
+    assert_eq!(text.matches("UXEN-BENCH: fork ").count(), 3, "{text}");
+}
+
+#[test]
+fn bench_fork_fails_when_a_fork_fails() {
+    // The second CoW fork of 64 MiB fails: its median was the larger of
+    // the other two, and the bench passed.
+    let (text, rc) = bench_fork(Some(8));
+    assert_ne!(rc, 0, "{text}");
+    assert!(text.contains("UXEN-TEST: FAIL bench-64-measured: a fork gave no count"), "{text}");
+    assert!(!text.contains("UXEN-BENCH: fork mib=64"), "{text}");
+    let o = judge(&text);
+    assert!(!o.passed());
+    assert_eq!(counted(&o).failed, 1);
 }
 
 #[test]

@@ -9,18 +9,25 @@ exits_total() {
     stats_json | grep -o '"host_exits":[0-9]*' | cut -d: -f2 | awk '{s += $1} END {print s}'
 }
 
-# cost N: the per-CPUID TSC on CPU 0, median of three runs of N.
-cost() {
-    for i in 1 2 3; do
-        taskset -c 0 uxtest cpuid-cost "$1" | sed -n 's/.*cpuid_tsc=\([0-9]*\).*/\1/p'
-    done | sort -n | sed -n 2p
+# cost1 N: the per-CPUID TSC on CPU 0 over N CPUIDs.
+cost1() {
+    taskset -c 0 uxtest cpuid-cost "$1" | sed -n 's/.*cpuid_tsc=\([0-9]*\).*/\1/p'
 }
 
-native=$(cost 20000)
+# cost N: the median of three; nothing, and a failure, if a run failed.
+cost() {
+    median "$(cost1 "$1")" "$(cost1 "$1")" "$(cost1 "$1")"
+}
+
+native=$(cost 20000); native_ok=$?
 check insmod insmod /lib/modules/uxen.ko
-virt=$(cost 20000)
-if [ -n "$native" ] && [ -n "$virt" ]; then pass cpuid-measured; else fail cpuid-measured "native '$native' virt '$virt'"; fi
-echo "UXEN-BENCH: cpuid native=$native virtualized=$virt"
+virt=$(cost 20000); virt_ok=$?
+if [ $native_ok -eq 0 ] && [ $virt_ok -eq 0 ]; then
+    pass cpuid-measured
+    echo "UXEN-BENCH: cpuid native=$native virtualized=$virt"
+else
+    fail cpuid-measured "native '$native' virt '$virt'"
+fi
 
 # workload: the host workload of the late-launch suite, on both CPUs.
 workload() {

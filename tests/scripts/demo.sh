@@ -3,7 +3,6 @@
 # and run a command in it, start a test guest, fork it, merge what the
 # forks wrote alike, read the counters, and give the machine back.
 . /tests/lib.sh
-SIG=uXenRsUXenRs
 
 say() {
     echo
@@ -18,6 +17,9 @@ run() {
 
 say "1. Load: insmod uxen.ko virtualizes every CPU and demotes Linux"
 run grep -c ^processor /proc/cpuinfo
+bare0=$(cpuid_line 0 0x40000000)
+bare1=$(cpuid_line 1 0x40000000)
+echo "CPU 0 and CPU 1, bare: CPUID 0x40000000 says '$bare0' and '$bare1'"
 check insmod insmod /lib/modules/uxen.ko
 run uxenctl version
 for cpu in 0 1; do
@@ -86,9 +88,7 @@ for c in $ids $g $p; do uxenctl destroy "$c"; done
 for c in $ids $g $p; do wait_gone "$c"; done
 run uxenctl list
 check rmmod rmmod uxen
-for cpu in 0 1; do
-    sig=$(signature $cpu)
-    echo "CPU $cpu: CPUID 0x40000000 says '$sig'"
-    if [ "$sig" = "$SIG" ]; then fail "cpu$cpu-native-again" "$sig"; else pass "cpu$cpu-native-again"; fi
-done
+echo "CPU 0 and CPU 1: CPUID 0x40000000 says '$(cpuid_line 0 0x40000000)' and '$(cpuid_line 1 0x40000000)'"
+expect_native cpu0-native-again 0 "$bare0"
+expect_native cpu1-native-again 1 "$bare1"
 finish

@@ -9,7 +9,6 @@
 
 SEED=$(sed -n 's/.*uxen\.seed=\([0-9]*\).*/\1/p' /proc/cmdline)
 SEED=${SEED:-7}
-SIG=uXenRsUXenRs
 EFAULT=-14
 EINVAL=-22
 EBUSY=-16
@@ -361,8 +360,8 @@ for pair in "cpuid msr" "cr8 mix"; do
     w=$!
     taskset -c 1 uxtest checksum 2 >/tmp/sum1
     wait $w
-    expect_eq "loop-$1-$2-host-cpu0-works" "$(cat /tmp/sum0)" "$base_sum"
-    expect_eq "loop-$1-$2-host-cpu1-works" "$(cat /tmp/sum1)" "$base_sum"
+    expect_same "loop-$1-$2-host-cpu0-works" "$(cat /tmp/sum0)" "$base_sum"
+    expect_same "loop-$1-$2-host-cpu1-works" "$(cat /tmp/sum1)" "$base_sum"
     expect_eq "loop-$1-$2-host-forks" "$(uxtest forkstorm 10)" "10/10"
     uxenctl destroy "$l0"
     uxenctl destroy "$l1"

@@ -47,6 +47,16 @@ expect_eq() {
     fi
 }
 
+# expect_same NAME A B: A and B are the same value, and there is a value:
+# two commands that both printed nothing agree, yet show nothing.
+expect_same() {
+    if [ -z "$2" ] || [ -z "$3" ]; then
+        fail "$1" "no value to compare: got '$2', want '$3'"
+    else
+        expect_eq "$1" "$2" "$3"
+    fi
+}
+
 # expect_match NAME TEXT REGEX (grep -E)
 expect_match() {
     if printf '%s\n' "$2" | grep -qE "$3"; then
@@ -87,9 +97,82 @@ verdict() {
     printf '%s' "$1" | sed -n "s/.*{\"name\":\"$2\",\"verdict\":\"\([a-z]*\)\".*/\1/p" | head -n1
 }
 
-# signature CPU: the CPUID 0x40000000 vendor text seen on CPU.
+# The hypervisor's vendor text at CPUID 0x40000000 (EBX, ECX, EDX).
+SIG=uXenRsUXenRs
+
+# cpuid_line CPU LEAF: `uxtest cpuid` on CPU: EAX EBX ECX EDX in hex, then
+# the text of EBX ECX EDX ('.' for what is not printable).
+cpuid_line() {
+    taskset -c "$1" uxtest cpuid "$2" 2>&1
+}
+
+# signature CPU: the CPUID 0x40000000 vendor text seen on CPU; empty when
+# uxtest failed, so only a comparison with $SIG may rest on it.
 signature() {
     taskset -c "$1" uxtest cpuid 0x40000000 | awk '{print $5}'
+}
+
+# expect_native NAME CPU [BARE]: CPU answers CPUID 0x40000000 and the
+# hypervisor does not: a whole line of four registers and their text, not
+# $SIG (and, given BARE, the line the bare CPU gave). No answer fails: a
+# uxtest that printed nothing is not a CPU without the hypervisor.
+expect_native() {
+    _l=$(cpuid_line "$2" 0x40000000)
+    if [ "$(printf '%s\n' "$_l" | wc -l)" -ne 1 ] \
+        || ! printf '%s\n' "$_l" | grep -qxE '[0-9a-f]{8}( [0-9a-f]{8}){3} [[:graph:]]{12}'; then
+        fail "$1" "no CPUID 0x40000000 answer on cpu$2: '$_l'"
+    elif [ "$(printf '%s' "$_l" | awk '{print $5}')" = "$SIG" ]; then
+        fail "$1" "the hypervisor answers on cpu$2: $_l"
+    elif [ -n "${3+set}" ] && [ "$_l" != "$3" ]; then
+        fail "$1" "cpu$2 answers '$_l', the bare CPU '$3'"
+    else
+        pass "$1"
+    fi
+}
+
+# median A B C: the middle of three counts. Prints nothing and fails when
+# any is empty or not a number: sorted, an empty value comes first and a
+# failed run would hide behind the other two.
+median() {
+    if [ $# -ne 3 ]; then
+        echo "UXEN-INFO: median of $# values, not 3: '$*'" >&2
+        return 1
+    fi
+    for _v in "$@"; do
+        case $_v in
+        '' | *[!0-9]*)
+            echo "UXEN-INFO: median: '$_v' is not a count (of '$1' '$2' '$3')" >&2
+            return 1
+            ;;
+        esac
+    done
+    printf '%s\n' "$@" | sort -n | sed -n 2p
+}
+
+# attack_frames NAME VM GPA...: the host reads, then overwrites with
+# zeros, the page of VM at each GPA through /dev/mem. The hypervisor drops
+# the host's stores there without a fault, as it does in its own region:
+# each pwrite completes, and must, or the attack was never made. That no
+# store landed is shown by the blocked-write counter, which must grow by
+# at least one a page (and by the guest's own checksum, for the caller).
+attack_frames() {
+    _name=$1
+    _vm=$2
+    shift 2
+    _w0=$(jnum "$(stats_json)" blocked_host_writes)
+    _made=0
+    for _gpa in "$@"; do
+        _hpa=$(uxenctl translate "$_vm" "$_gpa")
+        expect_match "$_name-read-zeros-$_gpa" "$(uxtest devmem read "$_hpa" 4096)" "bytes=4096 nonzero=0 "
+        [ "$(uxtest devmem write "$_hpa" 4096 0x00)" = "written=4096" ] && _made=$((_made + 1))
+    done
+    expect_eq "$_name-writes-made" "$_made" $#
+    _w1=$(jnum "$(stats_json)" blocked_host_writes)
+    if [ -n "$_w0" ] && [ -n "$_w1" ] && [ $((_w1 - _w0)) -ge $# ]; then
+        pass "$_name-writes-blocked"
+    else
+        fail "$_name-writes-blocked" "$_made of $# writes made, blocked writes '$_w0' -> '$_w1'"
+    fi
 }
 
 # fork_vm VM [ARGS...]: `uxenctl fork`, killed if its VMM does not answer

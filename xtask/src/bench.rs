@@ -42,6 +42,9 @@ pub fn bench(args: &[String]) -> Result<()> {
         util::step(&format!("bench {name} in Bochs"));
         let o = runner::run(Backend::Bochs.machine().as_ref(), &spec, &a)?;
         let text = std::fs::read_to_string(&o.serial).with_context(|| format!("no serial log at {}", o.serial.display()))?;
+        if let Some(why) = &o.skipped {
+            bail!("bench {name} was skipped: {why}");
+        }
         if !o.passed() {
             bail!("bench {name} failed (serial log: {}): {:?}", o.serial.display(), o.problems);
         }

@@ -10,12 +10,16 @@ mod image;
 mod kernel;
 mod runner;
 mod setup;
+#[cfg(test)]
+mod shell;
 mod soak;
 mod suites;
+mod tally;
 mod util;
 
 use anyhow::{bail, Result};
 use runner::{Backend, Outcome, RunSpec};
+use tally::Tally;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
@@ -128,7 +132,24 @@ fn run_one(args: &[String]) -> Result<ExitCode> {
     let a = if args.iter().any(|a| a == "--no-build") { artifacts::existing()? } else { artifacts::build_all()? };
     let o = runner::run(backend.machine().as_ref(), &spec, &a)?;
     report(&[o.clone()]);
-    Ok(if o.passed() && o.skipped.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(close_single(&o, "the run"))
+}
+
+/// The end of a command that runs one suite (`run`, `demo`, `soak`): the
+/// closing line, and success only when the suite ran and passed. A suite
+/// skipped here showed nothing, which is not a pass.
+fn close_single(o: &Outcome, what: &str) -> ExitCode {
+    let mut t = Tally::default();
+    t.add(suites::Expect::Pass, o);
+    if let Some(why) = &o.skipped {
+        eprintln!("{what} was skipped: {why}");
+    }
+    println!("{}", t.closing_line());
+    if o.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// Runs `cargo test` on the workspace; returns (passed, failed).
@@ -165,7 +186,7 @@ fn test(args: &[String]) -> Result<ExitCode> {
     let t0 = Instant::now();
     setup::setup()?;
     let only = flag_value(args, "--only");
-    let (mut upass, mut ufail) = (0, 0);
+    let (mut upass, mut ufail) = (0u64, 0u64);
     if !args.iter().any(|a| a == "--no-unit") && only.is_none() {
         (upass, ufail) = unit_tests()?;
     }
@@ -190,42 +211,26 @@ fn test(args: &[String]) -> Result<ExitCode> {
     }
     report(&outcomes.iter().map(|(_, o)| o.clone()).collect::<Vec<_>>());
 
-    // Every in-guest check counts as a test; a suite that must fail counts as
-    // one test that passes when the harness judged it failed.
-    let (mut spass, mut sfail, mut skipped) = (kpass, kfail, 0u64);
+    let mut system = Tally::default();
+    // The module builds against the kernel trees (`kdir_checks`) count as
+    // system checks.
+    system.add_unit(kpass, kfail);
     for (s, o) in &outcomes {
         if let Some(why) = &o.skipped {
-            skipped += 1;
             eprintln!("skipped {} on {}: {why}", s.name, s.backend.name());
-            continue;
+        } else if s.expect == suites::Expect::Fail && !tally::self_test_failed_as_built(o) {
+            eprintln!("harness self-test {} did not make the command fail", s.name);
         }
-        match s.expect {
-            suites::Expect::Fail => {
-                // The command must exit non-zero, for the reason the suite
-                // was built to produce.
-                let reason_seen = o.checks.iter().any(|c| !c.passed) || o.timed_out;
-                if o.command_failed == Some(true) && reason_seen {
-                    spass += 1;
-                } else {
-                    sfail += 1;
-                    eprintln!("harness self-test {} did not make the command fail", s.name);
-                }
-            }
-            suites::Expect::Pass => {
-                spass += o.checks.iter().filter(|c| c.passed).count() as u64;
-                sfail += o.checks.iter().filter(|c| !c.passed).count() as u64;
-                if !o.passed() && o.checks.iter().all(|c| c.passed) {
-                    sfail += 1;
-                }
-            }
-        }
+        system.add(s.expect, o);
     }
+    let mut all = system;
+    all.add_unit(upass, ufail);
     println!();
     println!("unit tests:   {upass} passed, {ufail} failed");
-    println!("system tests: {spass} passed, {sfail} failed, {skipped} suites skipped");
+    println!("system tests: {} passed, {} failed, {} suites skipped", system.passed, system.failed, system.skipped);
     println!("total time:   {:.0}s", t0.elapsed().as_secs_f64());
-    println!("{} passed, {} failed", upass + spass, ufail + sfail);
-    Ok(if ufail + sfail == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    println!("{}", all.closing_line());
+    Ok(if all.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// `cargo xtask module` on the two kernels `build` made: against the host
@@ -299,10 +304,9 @@ fn one_line(o: &Outcome, expect: suites::Expect) -> String {
     if let Some(why) = &o.skipped {
         return format!("SKIPPED: {why}");
     }
-    let ok = o.passed() == (expect == suites::Expect::Pass);
-    let ok = match o.command_failed {
-        Some(failed) => failed,
-        None => ok,
+    let ok = match expect {
+        suites::Expect::Pass => o.passed(),
+        suites::Expect::Fail => tally::self_test_failed_as_built(o),
     };
     format!(
         "{} in {:.0}s: {} checks passed, {} failed, rc={}{}",
@@ -331,6 +335,9 @@ fn report(outcomes: &[Outcome]) {
             if o.skipped.is_some() { "skip".into() } else { rc },
             o.serial.strip_prefix(util::root()).unwrap_or(&o.serial).display()
         );
+        if let Some(why) = &o.skipped {
+            println!("    skipped: {why}");
+        }
         for c in o.checks.iter().filter(|c| !c.passed) {
             println!("    FAIL {}: {}", c.name, c.detail);
         }
@@ -347,5 +354,5 @@ fn demo() -> Result<ExitCode> {
     util::step("demo: booting Linux in Bochs (VMX, 2 CPUs); the serial console follows");
     let o = runner::run(&runner::Bochs, &spec_for(&s, true), &a)?;
     report(&[o.clone()]);
-    Ok(if o.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(close_single(&o, "the demo"))
 }

@@ -123,13 +123,15 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Whether the suite ran and passed. A skipped suite did not run: it
+    /// has not passed (nor failed; see `tally`).
     pub fn passed(&self) -> bool {
-        self.skipped.is_some()
-            || (!self.timed_out
-                && self.rc == Some(0)
-                && self.problems.is_empty()
-                && !self.checks.is_empty()
-                && self.checks.iter().all(|c| c.passed))
+        self.skipped.is_none()
+            && !self.timed_out
+            && self.rc == Some(0)
+            && self.problems.is_empty()
+            && !self.checks.is_empty()
+            && self.checks.iter().all(|c| c.passed)
     }
 }
 

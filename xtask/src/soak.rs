@@ -4,7 +4,7 @@
 //! for far longer than the CI suite; every frame must come back.
 
 use crate::runner::{self, RunSpec};
-use crate::{artifacts, flag_value, report, suites, util};
+use crate::{artifacts, close_single, flag_value, report, suites, util};
 use anyhow::Result;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -36,5 +36,5 @@ pub fn soak(args: &[String]) -> Result<ExitCode> {
     util::step(&format!("soak in Bochs: {cycles} load cycles, {ops} create/fork/destroy operations, {calls} fuzzed ioctls (seed {seed})"));
     let o = runner::run(&runner::Bochs, &spec, &a)?;
     report(&[o.clone()]);
-    Ok(if o.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(close_single(&o, "the soak"))
 }

@@ -196,14 +196,126 @@ pub fn reason_name(n: u16) -> &'static str {
 mod tests {
     use super::*;
 
+    use ExitReason::*;
+
+    /// Every variant, its SDM number and its name in `shared_abi`, written
+    /// out by hand: the enum, `try_from` and the shared table are three
+    /// copies of SDM Vol. 3D, Table C-1, and this is the fourth that they
+    /// must all agree with.
+    const TABLE: &[(ExitReason, u16, &str)] = &[
+        (ExceptionOrNmi, 0, "EXCEPTION_NMI"),
+        (ExternalInterrupt, 1, "EXTERNAL_INTERRUPT"),
+        (TripleFault, 2, "TRIPLE_FAULT"),
+        (Init, 3, "INIT"),
+        (Sipi, 4, "SIPI"),
+        (IoSmi, 5, "IO_SMI"),
+        (OtherSmi, 6, "OTHER_SMI"),
+        (InterruptWindow, 7, "INTERRUPT_WINDOW"),
+        (NmiWindow, 8, "NMI_WINDOW"),
+        (TaskSwitch, 9, "TASK_SWITCH"),
+        (Cpuid, 10, "CPUID"),
+        (Getsec, 11, "GETSEC"),
+        (Hlt, 12, "HLT"),
+        (Invd, 13, "INVD"),
+        (Invlpg, 14, "INVLPG"),
+        (Rdpmc, 15, "RDPMC"),
+        (Rdtsc, 16, "RDTSC"),
+        (Rsm, 17, "RSM"),
+        (Vmcall, 18, "VMCALL"),
+        (Vmclear, 19, "VMCLEAR"),
+        (Vmlaunch, 20, "VMLAUNCH"),
+        (Vmptrld, 21, "VMPTRLD"),
+        (Vmptrst, 22, "VMPTRST"),
+        (Vmread, 23, "VMREAD"),
+        (Vmresume, 24, "VMRESUME"),
+        (Vmwrite, 25, "VMWRITE"),
+        (Vmxoff, 26, "VMXOFF"),
+        (Vmxon, 27, "VMXON"),
+        (CrAccess, 28, "CR_ACCESS"),
+        (DrAccess, 29, "DR_ACCESS"),
+        (IoInstruction, 30, "IO_INSTRUCTION"),
+        (Rdmsr, 31, "RDMSR"),
+        (Wrmsr, 32, "WRMSR"),
+        (EntryFailGuestState, 33, "ENTRY_FAIL_GUEST_STATE"),
+        (EntryFailMsrLoad, 34, "ENTRY_FAIL_MSR_LOAD"),
+        (Mwait, 36, "MWAIT"),
+        (MonitorTrapFlag, 37, "MONITOR_TRAP_FLAG"),
+        (Monitor, 39, "MONITOR"),
+        (Pause, 40, "PAUSE"),
+        (EntryFailMachineCheck, 41, "ENTRY_FAIL_MCE"),
+        (TprBelowThreshold, 43, "TPR_BELOW_THRESHOLD"),
+        (ApicAccess, 44, "APIC_ACCESS"),
+        (VirtualizedEoi, 45, "VIRTUALIZED_EOI"),
+        (GdtrIdtrAccess, 46, "GDTR_IDTR"),
+        (LdtrTrAccess, 47, "LDTR_TR"),
+        (EptViolation, 48, "EPT_VIOLATION"),
+        (EptMisconfig, 49, "EPT_MISCONFIG"),
+        (Invept, 50, "INVEPT"),
+        (Rdtscp, 51, "RDTSCP"),
+        (PreemptionTimer, 52, "PREEMPTION_TIMER"),
+        (Invvpid, 53, "INVVPID"),
+        (Wbinvd, 54, "WBINVD"),
+        (Xsetbv, 55, "XSETBV"),
+        (ApicWrite, 56, "APIC_WRITE"),
+        (Rdrand, 57, "RDRAND"),
+        (Invpcid, 58, "INVPCID"),
+        (Vmfunc, 59, "VMFUNC"),
+        (Encls, 60, "ENCLS"),
+        (Rdseed, 61, "RDSEED"),
+        (PmlFull, 62, "PML_FULL"),
+        (Xsaves, 63, "XSAVES"),
+        (Xrstors, 64, "XRSTORS"),
+        (Pconfig, 65, "PCONFIG"),
+        (SppEvent, 66, "SPP"),
+        (Umwait, 67, "UMWAIT"),
+        (Tpause, 68, "TPAUSE"),
+        (Loadiwkey, 69, "LOADIWKEY"),
+        (Enclv, 70, "ENCLV"),
+        (EnqcmdPasid, 72, "ENQCMD_PASID"),
+        (EnqcmdsPasid, 73, "ENQCMDS_PASID"),
+        (BusLock, 74, "BUS_LOCK"),
+        (InstructionTimeout, 75, "INSTRUCTION_TIMEOUT"),
+        (Seamcall, 76, "SEAMCALL"),
+        (Tdcall, 77, "TDCALL"),
+    ];
+
+    /// The numbers the SDM leaves unassigned: no variant, and a
+    /// placeholder name.
+    const GAPS: &[u16] = &[35, 38, 42, 71];
+
     #[test]
-    fn decode_roundtrip() {
-        for n in 0u16..80 {
-            if let Ok(r) = ExitReason::try_from(n) {
-                assert_eq!(r as u16, n);
-                assert_eq!(reason_name(n), r.name());
+    fn every_variant_has_its_sdm_number_and_name() {
+        for &(r, n, name) in TABLE {
+            assert_eq!(r as u16, n, "{r:?}");
+            assert_eq!(ExitReason::try_from(n), Ok(r), "{n}");
+            assert_eq!(r.name(), name, "{r:?}");
+            assert_eq!(reason_name(n), name, "{n}");
+        }
+    }
+
+    #[test]
+    fn every_number_decodes_to_a_listed_variant_or_to_nothing() {
+        // 0 to 77 is the SDM's range: each number is either in the table
+        // above or one of its gaps, never both.
+        for n in 0u16..=u16::MAX {
+            let listed = TABLE.iter().find(|e| e.1 == n);
+            match (ExitReason::try_from(n), listed) {
+                (Ok(r), Some(&(want, _, _))) => assert_eq!(r, want, "{n}"),
+                (Err(e), None) => {
+                    assert_eq!(e, n);
+                    let gap = GAPS.contains(&n);
+                    assert!(gap || n > 77, "{n} has no variant");
+                    let want = if gap { format!("REASON_{n}") } else { "UNKNOWN".into() };
+                    assert_eq!(reason_name(n), want, "{n}");
+                }
+                (got, want) => panic!("{n}: try_from gives {got:?}, the table {want:?}"),
             }
         }
+        assert_eq!(TABLE.len() + GAPS.len(), 78);
+    }
+
+    #[test]
+    fn decode_roundtrip() {
         assert_eq!(ExitReason::try_from(10), Ok(ExitReason::Cpuid));
         assert_eq!(ExitReason::try_from(35), Err(35));
         assert_eq!(ExitReason::try_from(999), Err(999));

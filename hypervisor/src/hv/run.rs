@@ -713,17 +713,13 @@ fn ept_violation(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
         // The guest's page tables, or its code, lie outside its memory.
         return stop_vm(pc, regs, stop::BAD_INSTRUCTION);
     }
-    if vm.linux.is_some() {
-        return platform_mmio(pc, regs, vm, gpa);
-    }
-    // MMIO: decode the access for the VMM.
-    let rip = vmx::read(GUEST_RIP);
-    let mut bytes = [0u8; 15];
-    let n = read_guest_code(vm, rip, &mut bytes);
-    let er = EmuRegs { gpr: *regs, rip, ..Default::default() };
-    let Some(op) = (n > 0).then(|| decode_mmio(&bytes[..n], 64, &er)).flatten() else {
+    let Some((op, er)) = decode_guest_mmio(vm, regs) else {
         return stop_vm(pc, regs, stop::BAD_INSTRUCTION);
     };
+    if vm.linux.is_some() {
+        return platform_mmio(regs, vm, gpa, op, er);
+    }
+    // MMIO: the access goes to the VMM.
     let mut rec = record(exit::MMIO);
     rec.addr = gpa;
     rec.size = op.size;
@@ -744,18 +740,21 @@ fn ept_violation(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
     leave(pc, regs, rec, pending, 0, 0)
 }
 
-/// An access of a Linux guest outside its RAM, emulated here: the
-/// instruction is decoded and performed on the IOAPIC, or, anywhere else,
-/// reads all ones and writes nothing, as a PC's unclaimed addresses do.
-/// The guest goes on after it.
-fn platform_mmio(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm, gpa: u64) {
+/// Decodes the guest's access outside its memory at RIP (MOV, MOVZX,
+/// MOVSX, MOVSXD between memory and a register or an immediate).
+fn decode_guest_mmio(vm: &Vm, regs: &GuestRegs) -> Option<(MmioOp, EmuRegs)> {
     let rip = vmx::read(GUEST_RIP);
     let mut bytes = [0u8; 15];
     let n = read_guest_code(vm, rip, &mut bytes);
     let er = EmuRegs { gpr: *regs, rip, ..Default::default() };
-    let Some(op) = (n > 0).then(|| decode_mmio(&bytes[..n], 64, &er)).flatten() else {
-        return stop_vm(pc, regs, stop::BAD_INSTRUCTION);
-    };
+    let op = (n > 0).then(|| decode_mmio(&bytes[..n], 64, &er)).flatten()?;
+    Some((op, er))
+}
+
+/// An access of a Linux guest outside its RAM, emulated here: performed
+/// on the IOAPIC, or, anywhere else, reads all ones and writes nothing, as
+/// a PC's unclaimed addresses do. The guest goes on after it.
+fn platform_mmio(regs: &mut GuestRegs, vm: &Vm, gpa: u64, op: MmioOp, er: EmuRegs) {
     let ioapic = super::linux::is_ioapic(gpa);
     if op.is_write {
         if ioapic {

@@ -453,6 +453,16 @@ pub struct GuestInit<'a> {
     pub linux: bool,
 }
 
+/// The guest-state fields of the data segments (DS, ES, FS, GS, SS):
+/// selector, base, limit, access rights.
+pub const DATA_SEGMENTS: [(u32, u32, u32, u32); 5] = [
+    (GUEST_DS_SELECTOR, GUEST_DS_BASE, GUEST_DS_LIMIT, GUEST_DS_AR),
+    (GUEST_ES_SELECTOR, GUEST_ES_BASE, GUEST_ES_LIMIT, GUEST_ES_AR),
+    (GUEST_FS_SELECTOR, GUEST_FS_BASE, GUEST_FS_LIMIT, GUEST_FS_AR),
+    (GUEST_GS_SELECTOR, GUEST_GS_BASE, GUEST_GS_LIMIT, GUEST_GS_AR),
+    (GUEST_SS_SELECTOR, GUEST_SS_BASE, GUEST_SS_LIMIT, GUEST_SS_AR),
+];
+
 /// Fills the current VMCS for a guest vCPU (docs/guest-abi.md): 64-bit
 /// mode with paging, flat segments, the GDT at `guest::GDT_GPA`. Every port,
 /// every MSR, HLT, MWAIT, RDPMC, CR8 and external interrupts exit.
@@ -524,13 +534,7 @@ pub unsafe fn setup_guest_vm(caps: &VmxCaps, g: &GuestInit) -> Result<(), VmxErr
     write(GUEST_CS_BASE, 0)?;
     write(GUEST_CS_LIMIT, 0xffff_ffff)?;
     write(GUEST_CS_AR, 0xa09b)?;
-    for (sel, base, limit, ar) in [
-        (GUEST_DS_SELECTOR, GUEST_DS_BASE, GUEST_DS_LIMIT, GUEST_DS_AR),
-        (GUEST_ES_SELECTOR, GUEST_ES_BASE, GUEST_ES_LIMIT, GUEST_ES_AR),
-        (GUEST_FS_SELECTOR, GUEST_FS_BASE, GUEST_FS_LIMIT, GUEST_FS_AR),
-        (GUEST_GS_SELECTOR, GUEST_GS_BASE, GUEST_GS_LIMIT, GUEST_GS_AR),
-        (GUEST_SS_SELECTOR, GUEST_SS_BASE, GUEST_SS_LIMIT, GUEST_SS_AR),
-    ] {
+    for (sel, base, limit, ar) in DATA_SEGMENTS {
         write(sel, data)?;
         write(base, 0)?;
         write(limit, 0xffff_ffff)?;
@@ -574,13 +578,7 @@ pub fn real_mode_at_sipi(caps: &VmxCaps, vector: u8) {
     set(GUEST_CS_BASE, cs << 4);
     set(GUEST_CS_LIMIT, 0xffff);
     set(GUEST_CS_AR, 0x9b);
-    for (sel, base, limit, ar) in [
-        (GUEST_DS_SELECTOR, GUEST_DS_BASE, GUEST_DS_LIMIT, GUEST_DS_AR),
-        (GUEST_ES_SELECTOR, GUEST_ES_BASE, GUEST_ES_LIMIT, GUEST_ES_AR),
-        (GUEST_FS_SELECTOR, GUEST_FS_BASE, GUEST_FS_LIMIT, GUEST_FS_AR),
-        (GUEST_GS_SELECTOR, GUEST_GS_BASE, GUEST_GS_LIMIT, GUEST_GS_AR),
-        (GUEST_SS_SELECTOR, GUEST_SS_BASE, GUEST_SS_LIMIT, GUEST_SS_AR),
-    ] {
+    for (sel, base, limit, ar) in DATA_SEGMENTS {
         set(sel, 0);
         set(base, 0);
         set(limit, 0xffff);

@@ -35,13 +35,7 @@ fn reset_state() {
     vmx::set(GUEST_CS_BASE, 0xffff_0000);
     vmx::set(GUEST_CS_LIMIT, 0xffff);
     vmx::set(GUEST_CS_AR, 0x9b);
-    for (sel, base, limit, ar) in [
-        (GUEST_DS_SELECTOR, GUEST_DS_BASE, GUEST_DS_LIMIT, GUEST_DS_AR),
-        (GUEST_ES_SELECTOR, GUEST_ES_BASE, GUEST_ES_LIMIT, GUEST_ES_AR),
-        (GUEST_FS_SELECTOR, GUEST_FS_BASE, GUEST_FS_LIMIT, GUEST_FS_AR),
-        (GUEST_GS_SELECTOR, GUEST_GS_BASE, GUEST_GS_LIMIT, GUEST_GS_AR),
-        (GUEST_SS_SELECTOR, GUEST_SS_BASE, GUEST_SS_LIMIT, GUEST_SS_AR),
-    ] {
+    for (sel, base, limit, ar) in vmx::DATA_SEGMENTS {
         vmx::set(sel, 0);
         vmx::set(base, 0);
         vmx::set(limit, 0xffff);

@@ -108,7 +108,7 @@ struct vm_load {
 #define HC_VM_LOAD 0x12
 #define HC_VM_RUN 0x15
 #define HC_VM_LIST 0x17
-#define STATS_SIZE 43720
+#define STATS_SIZE 84680 /* sizeof(shared_abi::HvStats) */
 
 #define REPORT(name, expr) pr_info("uxen_probe: hc %s=%ld\n", name, (long)(expr))
 
@@ -143,7 +143,7 @@ static void hostile_hypercalls(void)
 	REPORT("list@guest", hc(HC_VM_LIST, g, 88));
 	REPORT("create@hv", hc(HC_VM_CREATE, hv_phys, 56));
 	REPORT("create@guest", hc(HC_VM_CREATE, g, 56));
-	REPORT("run@hv", hc(HC_VM_RUN, hv_phys, 136));
+	REPORT("run@hv", hc(HC_VM_RUN, hv_phys, 400));
 	REPORT("destroy@guest", hc(HC_VM_DESTROY, g, 8));
 	REPORT("reclaim@hv", hc(HC_RECLAIM, hv_phys, PAGE_SIZE));
 	REPORT("reclaim@guest", hc(HC_RECLAIM, g, PAGE_SIZE));
@@ -196,7 +196,9 @@ static void hostile_hypercalls(void)
 	/* Numbers that are not host hypercalls, and leaving VMX with a VM. */
 	REPORT("nr-0", hc(0, p, PAGE_SIZE));
 	REPORT("nr-0x7", hc(0x7, p, PAGE_SIZE));
-	REPORT("nr-0x18", hc(0x18, p, PAGE_SIZE));
+	REPORT("nr-0x19", hc(0x19, p, PAGE_SIZE));
+	/* VM_IRQ (0x18) with a block of 0xa5 bytes: no such line. */
+	REPORT("irq-bad-line", hc(0x18, p2, 16));
 	REPORT("nr-0x1000", hc(0x1000, p, PAGE_SIZE));
 	REPORT("nr-max", hc(~0UL, p, PAGE_SIZE));
 	REPORT("unload-with-vm", hc(HC_UNLOAD, 0, 0));

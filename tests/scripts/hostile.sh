@@ -231,7 +231,8 @@ load-long $EINVAL
 load-across-pages $EINVAL
 nr-0 $ENOSYS
 nr-0x7 $ENOSYS
-nr-0x18 $ENOSYS
+nr-0x19 $ENOSYS
+irq-bad-line $EINVAL
 nr-0x1000 $ENOSYS
 nr-max $ENOSYS
 unload-with-vm $EBUSY

@@ -108,19 +108,20 @@ check ioapic-read uxenctl console "$a" --send 'devmem 0xfec00000 32 1; echo ioap
 check ioapic-version wait_console "$a" "^ioapic=0x00170011"
 expect_match a-still-running "$(state "$a")" '^(running|paused)$'
 
+# run_ends NAME COMMAND STATUS: a guest run through a pipe boots, is sent
+# COMMAND, and `uxenctl run` ends with STATUS.
+run_ends() {
+    boot_pipe
+    check "run-$1-boots" wait_file /tmp/lin.out "$READY" 15000
+    echo "$2" >&3
+    wait $run
+    expect_eq "run-$1-status" "$?" "$3"
+    exec 3>&-
+}
+
 # `uxenctl run` statuses: 71 for a reboot, 72 for a panic.
-boot_pipe
-check run-reboot-boots wait_file /tmp/lin.out "$READY" 15000
-echo 'reboot -f' >&3
-wait $run
-expect_eq run-reboot-status "$?" 71
-exec 3>&-
-boot_pipe
-check run-panic-boots wait_file /tmp/lin.out "$READY" 15000
-echo 'echo c > /proc/sysrq-trigger' >&3
-wait $run
-expect_eq run-panic-status "$?" 72
-exec 3>&-
+run_ends reboot 'reboot -f' 71
+run_ends panic 'echo c > /proc/sysrq-trigger' 72
 
 # 4. Two vCPUs: the guest sees both.
 d=$(uxenctl create --kernel $K --initrd $I --mem 64 --vcpus 2 --name lin-smp)

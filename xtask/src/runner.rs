@@ -123,6 +123,26 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// The outcome of a run of `suite` whose serial console printed
+    /// `serial` and that ended by itself (host tests of the judgement).
+    #[cfg(test)]
+    pub fn from_serial(suite: &str, serial: &str) -> Outcome {
+        let (checks, rc, problems) = parse_serial(serial);
+        Outcome {
+            suite: suite.into(),
+            backend: Backend::Bochs,
+            checks,
+            rc,
+            timed_out: false,
+            problems,
+            wall: Duration::ZERO,
+            serial: PathBuf::new(),
+            skipped: None,
+            command_failed: None,
+            marks: Vec::new(),
+        }
+    }
+
     /// Whether the suite ran and passed. A skipped suite did not run: it
     /// has not passed (nor failed; see `tally`).
     pub fn passed(&self) -> bool {

@@ -10,7 +10,7 @@
 //! applets (`insmod`, `rmmod`, `taskset`) before any stub on `PATH`, and
 //! `bench-fork.sh` would load and unload modules on the host.
 
-use crate::runner::{parse_serial, Backend, Outcome};
+use crate::runner::Outcome;
 use crate::suites::Expect;
 use crate::tally::Tally;
 use crate::util;
@@ -18,7 +18,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 /// A scratch directory with a `bin/` of stubs ahead of the tools.
 struct Sandbox {
@@ -88,20 +87,7 @@ fn busybox() -> Option<PathBuf> {
 
 /// The outcome a run with this serial output would have.
 fn judge(serial: &str) -> Outcome {
-    let (checks, rc, problems) = parse_serial(serial);
-    Outcome {
-        suite: "shell".into(),
-        backend: Backend::Bochs,
-        checks,
-        rc,
-        timed_out: false,
-        problems,
-        wall: Duration::ZERO,
-        serial: PathBuf::new(),
-        skipped: None,
-        command_failed: None,
-        marks: Vec::new(),
-    }
+    Outcome::from_serial("shell", serial)
 }
 
 fn counted(o: &Outcome) -> Tally {

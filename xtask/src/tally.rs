@@ -80,26 +80,10 @@ pub fn self_test_failed_as_built(o: &Outcome) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runner::{parse_serial, Backend};
-    use std::path::PathBuf;
-    use std::time::Duration;
 
     /// The outcome of a run whose serial console printed `serial`.
     fn from_serial(serial: &str) -> Outcome {
-        let (checks, rc, problems) = parse_serial(serial);
-        Outcome {
-            suite: "s".into(),
-            backend: Backend::Bochs,
-            checks,
-            rc,
-            timed_out: false,
-            problems,
-            wall: Duration::ZERO,
-            serial: PathBuf::new(),
-            skipped: None,
-            command_failed: None,
-            marks: Vec::new(),
-        }
+        Outcome::from_serial("s", serial)
     }
 
     fn skipped(why: &str) -> Outcome {

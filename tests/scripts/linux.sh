@@ -79,6 +79,25 @@ expect_match send-bad-escape-message "$out" "escape"
 out=$(uxenctl console "$a")
 expect_match console-shows-output "$out" "sent-5"
 
+# Forks of the booted guest: each child resumes where its parent was, with
+# its devices' state (APIC timers, IOAPIC, UART), and answers on its own
+# console; the parent answers on; the clones share the parent's memory.
+used_a=$(pool_used)
+kids=$(fork_vm "$a" --count 2 --json)
+info "fork of a booted Linux guest: $kids"
+ids=$(printf '%s' "$kids" | grep -o '"id":[0-9]*' | cut -d: -f2)
+expect_eq fork-children "$(printf '%s\n' $ids | grep -c .)" 2
+for k in $ids; do
+    check "fork-vm$k-send" uxenctl console "$k" --send "echo clone-$k-says-\$((20 + $k))\n"
+    check "fork-vm$k-answers" wait_console "$k" "^clone-$k-says-$((20 + k))" 5000
+done
+check fork-parent-send uxenctl console "$a" --send 'echo parent-after-fork\n'
+check fork-parent-answers wait_console "$a" "^parent-after-fork"
+used_k=$(pool_used)
+info "frames in use: the guest alone $used_a, with its 2 clones after each ran a command $used_k"
+[ "$used_k" -lt $((used_a * 13 / 10)) ] && pass fork-clones-share-memory || fail fork-clones-share-memory "$used_a -> $used_k"
+for k in $ids; do uxenctl destroy "$k"; done
+
 # 3. Reboot and panic end only their VM, with their own state; the other
 # guest carries on.
 b=$(uxenctl create --kernel $K --initrd $I --mem 64 --name lin-b)

@@ -106,7 +106,7 @@ fn vmm_process(guest: &Guest, name: &str, mem_mib: u64, vcpus: u32, wfd: i32) ->
         Guest::Test(_) => vmm::Kind::Test,
         Guest::Linux(_) => vmm::Kind::Linux { stdin: vmm::Stdin::No },
     };
-    vmm::serve(vm, vcpus, vmm::Mode::Detached, kind);
+    vmm::serve(vm, vcpus, vmm::Mode::Detached, kind, None);
     0
 }
 

@@ -257,6 +257,9 @@ enum Cmd {
         /// The VM is a Linux guest (UART interrupts, console input).
         #[arg(long)]
         linux: bool,
+        /// The UART's registers as the parent's were at the fork.
+        #[arg(long, value_parser = vmm::parse_uart_regs)]
+        uart: Option<vmm::UartRegs>,
     },
 }
 
@@ -318,7 +321,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     console::StdinKind::Other => (vmm::Kind::Linux { stdin: vmm::Stdin::Plain }, None),
                 }
             };
-            let end = vmm::serve(vm, vcpus, vmm::Mode::Foreground, kind);
+            let end = vmm::serve(vm, vcpus, vmm::Mode::Foreground, kind, None);
             // The terminal comes back before anything more is printed.
             drop(raw);
             if !matches!(end, vmm::End::Exited(_)) {
@@ -415,7 +418,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{hpa:#x}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::VmmChild { fd, id, mode, linux } => Ok(ExitCode::from(vmm::child_main(fd, id, mode == "detached", linux))),
+        Cmd::VmmChild { fd, id, mode, linux, uart } => Ok(ExitCode::from(vmm::child_main(fd, id, mode == "detached", linux, uart))),
         Cmd::Pool { op, pages } => {
             let d = dev::Device::open()?;
             let (base, n) = d.debug_pool(if op == "donate" { pages } else { 0 }).map_err(|e| anyhow!("{e}"))?;
@@ -561,10 +564,15 @@ mod tests {
     #[test]
     fn a_child_vmm_takes_its_descriptor_id_and_mode() {
         let c = Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "detached"]).unwrap();
-        assert!(matches!(c.cmd, Cmd::VmmChild { fd: 5, id: 17, ref mode, linux: false } if mode == "detached"));
+        assert!(matches!(c.cmd, Cmd::VmmChild { fd: 5, id: 17, ref mode, linux: false, uart: None } if mode == "detached"));
         let c = Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "foreground", "--linux"]).unwrap();
         assert!(matches!(c.cmd, Cmd::VmmChild { linux: true, .. }));
         assert!(Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "sideways"]).is_err());
+        let c = Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "detached", "--linux", "--uart", "0c000501030360b000"]).unwrap();
+        assert!(matches!(c.cmd, Cmd::VmmChild { uart: Some([0x0c, 0, 5, 1, 3, 3, 0x60, 0xb0, 0]), .. }));
+        for bad in ["0c00", "0c000501030360b0zz", "0c000501030360b00000"] {
+            assert!(Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "detached", "--uart", bad]).is_err(), "{bad}");
+        }
     }
 
     fn guest_of(args: &[&str]) -> std::result::Result<GuestArgs, clap::Error> {

@@ -11,7 +11,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 /// The UART of a test guest raises no interrupts: test guests poll.
@@ -300,15 +300,71 @@ impl VcpuThreads {
 
 /// Runs `vm` until it ends. In detached mode this also writes the console,
 /// status and pid files and serves the control socket.
-pub fn serve(vm: Vm, vcpus: u32, mode: Mode, kind: Kind) -> End {
+/// `uart`: a forked child's UART registers, as its parent's were (a new VM
+/// starts from the UART's reset state).
+pub fn serve(vm: Vm, vcpus: u32, mode: Mode, kind: Kind, uart: Option<UartRegs>) -> End {
     let vm = &vm;
     match kind {
-        Kind::Test => serve_with(vm, vcpus, mode, kind, NoIrq),
-        Kind::Linux { .. } => serve_with(vm, vcpus, mode, kind, IrqLine { vm, gsi: linux::UART_GSI, reported: AtomicBool::new(false) }),
+        Kind::Test => serve_with(vm, vcpus, mode, kind, NoIrq, uart),
+        Kind::Linux { .. } => serve_with(vm, vcpus, mode, kind, IrqLine { vm, gsi: linux::UART_GSI, reported: AtomicBool::new(false) }, uart),
     }
 }
 
-fn serve_with<T: Trigger<E = std::io::Error> + Send>(vm: &Vm, vcpus: u32, mode: Mode, kind: Kind, irq: T) -> End {
+/// A UART's registers, as a fork hands them to the child's VMM: divisor
+/// latch low and high, IER, IIR, LCR, LSR, MCR, MSR, scratch.
+pub type UartRegs = [u8; 9];
+
+/// The registers of `s`.
+pub fn uart_regs(s: &SerialState) -> UartRegs {
+    [
+        s.baud_divisor_low,
+        s.baud_divisor_high,
+        s.interrupt_enable,
+        s.interrupt_identification,
+        s.line_control,
+        s.line_status,
+        s.modem_control,
+        s.modem_status,
+        s.scratch,
+    ]
+}
+
+/// A UART state with registers `r` and nothing received: input waiting in
+/// the parent's UART was typed to the parent, so the child's starts empty,
+/// and neither "data ready" nor its interrupt may say otherwise.
+pub fn uart_state(r: &UartRegs) -> SerialState {
+    const LSR_DATA_READY: u8 = 0x01;
+    const IIR_RECEIVED_DATA: u8 = 0x04;
+    const IIR_NONE: u8 = 0x01;
+    let iir = if r[3] & 0x0f == IIR_RECEIVED_DATA { (r[3] & 0xf0) | IIR_NONE } else { r[3] };
+    SerialState {
+        baud_divisor_low: r[0],
+        baud_divisor_high: r[1],
+        interrupt_enable: r[2],
+        interrupt_identification: iir,
+        line_control: r[4],
+        line_status: r[5] & !LSR_DATA_READY,
+        modem_control: r[6],
+        modem_status: r[7],
+        scratch: r[8],
+        in_buffer: Vec::new(),
+    }
+}
+
+/// `--uart HEX` of `__vmm-child`: 9 bytes as 18 hex digits.
+pub fn parse_uart_regs(s: &str) -> Result<UartRegs, String> {
+    let bad = || format!("`{s}` is not 9 bytes of UART registers in hex");
+    if s.len() != 18 {
+        return Err(bad());
+    }
+    let mut r = [0u8; 9];
+    for (i, b) in r.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
+    }
+    Ok(r)
+}
+
+fn serve_with<T: Trigger<E = std::io::Error> + Send>(vm: &Vm, vcpus: u32, mode: Mode, kind: Kind, irq: T, uart: Option<UartRegs>) -> End {
     let out: Box<dyn Write + Send> = match mode {
         Mode::Foreground => Box::new(std::io::stdout()),
         Mode::Detached => match std::fs::File::create(daemon::console_path(vm.id)) {
@@ -331,7 +387,12 @@ fn serve_with<T: Trigger<E = std::io::Error> + Send>(vm: &Vm, vcpus: u32, mode: 
     if is_linux {
         lines.wake = Some(wake.clone());
     }
-    let uart = Mutex::new(Serial::new(irq, lines));
+    let serial = match uart {
+        // The state comes from a UART of the same kind: it fits.
+        Some(r) => Serial::from_state(&uart_state(&r), irq, NoEvents, lines).expect("an empty FIFO fits"),
+        None => Serial::new(irq, lines),
+    };
+    let uart = Mutex::new(serial);
     let ends = Ends { end: Mutex::new(None), wake: wake.clone() };
     let threads = VcpuThreads::default();
     let cx = Cx { vm, vcpus, mode, kind, uart: &uart, ends: &ends, input: input.as_deref(), threads: &threads };
@@ -459,7 +520,7 @@ fn vcpu_loop<T: Trigger>(cx: &Cx<'_, T>, cpu: u32) {
                 // RUN returned with no exit left to complete: the vCPU can
                 // be forked as it stands.
                 if cpu == 0 && cx.vcpus == 1 && PENDING.load(Ordering::Acquire) {
-                    serve_requests(vm, cx.mode, cx.kind);
+                    serve_requests(vm, cx.mode, cx.kind, uart_regs(&cx.uart.lock().unwrap().state()));
                 }
                 continue;
             }
@@ -516,7 +577,8 @@ fn vcpu_loop<T: Trigger>(cx: &Cx<'_, T>, cpu: u32) {
             }
             exit::HYPERCALL if x.hc_nr == ghc::FORK => {
                 cx.uart.lock().unwrap().writer_mut().finish().ok();
-                run.exit.hc_ret = take_child(x.hc_args[0] as u32, x.hc_args[1] as i64, cx.mode, cx.kind) as u64;
+                let regs = uart_regs(&cx.uart.lock().unwrap().state());
+                run.exit.hc_ret = take_child(x.hc_args[0] as u32, x.hc_args[1] as i64, cx.mode, cx.kind, regs) as u64;
             }
             exit::HYPERCALL => run.exit.hc_ret = vmm_hypercall(x.hc_nr, x.hc_args) as u64,
             exit::GUEST_EXIT => return end.finish(End::Exited(x.data as u8)),
@@ -533,13 +595,13 @@ fn vcpu_loop<T: Trigger>(cx: &Cx<'_, T>, cpu: u32) {
 
 /// Gives a forked child VM (descriptor `fd`, or `-errno`) its own VMM
 /// process. Returns the child's id, or `-errno`.
-fn take_child(id: u32, fd: i64, mode: Mode, kind: Kind) -> i64 {
+fn take_child(id: u32, fd: i64, mode: Mode, kind: Kind, uart: UartRegs) -> i64 {
     if fd < 0 {
         return fd;
     }
     // SAFETY: the driver installed `fd` in this process for the child.
     let child = Vm { fd: unsafe { OwnedFd::from_raw_fd(fd as i32) }, id };
-    match spawn_vmm(child, mode, kind) {
+    match spawn_vmm(child, mode, kind, Some(uart)) {
         Ok(()) => id as i64,
         Err(e) => -(e.raw_os_error().unwrap_or(libc::EAGAIN) as i64),
     }
@@ -551,7 +613,7 @@ fn take_child(id: u32, fd: i64, mode: Mode, kind: Kind) -> i64 {
 /// has other threads (its control thread, other vCPUs), so a forked copy
 /// that went on running Rust code could inherit a lock one of them held at
 /// the fork, and hang on it for good; a fresh program holds none.
-pub fn spawn_vmm(vm: Vm, mode: Mode, kind: Kind) -> std::io::Result<()> {
+pub fn spawn_vmm(vm: Vm, mode: Mode, kind: Kind, uart: Option<UartRegs>) -> std::io::Result<()> {
     use std::ffi::CString;
     use std::os::fd::AsRawFd;
     let exe = std::env::current_exe()?;
@@ -564,6 +626,10 @@ pub fn spawn_vmm(vm: Vm, mode: Mode, kind: Kind) -> std::io::Result<()> {
     let mut args = vec!["uxenctl".to_string(), "__vmm-child".into(), fd.to_string(), vm.id.to_string(), mode_arg.to_string()];
     if matches!(kind, Kind::Linux { .. }) {
         args.push("--linux".into());
+    }
+    if let Some(u) = uart {
+        args.push("--uart".into());
+        args.push(u.iter().map(|b| format!("{b:02x}")).collect());
     }
     let args: Vec<CString> = args
         .into_iter()
@@ -593,7 +659,7 @@ pub fn spawn_vmm(vm: Vm, mode: Mode, kind: Kind) -> std::io::Result<()> {
 
 /// `uxenctl __vmm-child FD ID MODE [--linux]`: runs the forked child VM
 /// whose descriptor the parent's VMM passed; returns the exit status.
-pub fn child_main(fd: i32, id: u32, detached: bool, linux: bool) -> u8 {
+pub fn child_main(fd: i32, id: u32, detached: bool, linux: bool, uart: Option<UartRegs>) -> u8 {
     // SAFETY: F_GETFD only asks whether the descriptor is open.
     if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         eprintln!("uxenctl: __vmm-child: descriptor {fd} is not open (only a VMM starts this command)");
@@ -608,7 +674,7 @@ pub fn child_main(fd: i32, id: u32, detached: bool, linux: bool) -> u8 {
     install_signal_handlers();
     let mode = if detached { Mode::Detached } else { Mode::Foreground };
     let kind = if linux { Kind::Linux { stdin: Stdin::No } } else { Kind::Test };
-    let e = serve(Vm { fd, id }, 1, mode, kind);
+    let e = serve(Vm { fd, id }, 1, mode, kind, uart);
     if mode == Mode::Foreground && !matches!(e, End::Exited(_)) {
         eprintln!("uxenctl: vm {id} {}", e.describe());
     }
@@ -703,7 +769,7 @@ fn parse_request(line: &str) -> Option<Request> {
 }
 
 /// Serves queued fork requests while the vCPU is out of RUN.
-fn serve_requests(vm: &Vm, mode: Mode, kind: Kind) {
+fn serve_requests(vm: &Vm, mode: Mode, kind: Kind, uart: UartRegs) {
     let reqs: Vec<_> = {
         let mut q = REQUESTS.lock().unwrap();
         PENDING.store(false, Ordering::Release);
@@ -716,7 +782,7 @@ fn serve_requests(vm: &Vm, mode: Mode, kind: Kind) {
             match vm.fork_with(if r.copy { abi::FORK_COPY } else { 0 }) {
                 Ok((child, tsc)) => {
                     let id = child.id;
-                    if let Err(e) = spawn_vmm(child, mode, kind) {
+                    if let Err(e) = spawn_vmm(child, mode, kind, Some(uart)) {
                         err = Some(format!("cannot start a VMM for vm {id}: {e}"));
                         break;
                     }
@@ -829,6 +895,27 @@ mod tests {
         let mut l2 = Lines::new(Box::new(w2.clone()));
         l2.write_all(&[b'x'; 5000]).unwrap();
         assert_eq!(w2.0.lock().unwrap()[0].len(), 5000);
+    }
+
+    #[test]
+    fn a_forked_uart_keeps_its_registers_but_not_the_parents_input() {
+        let mut parent = SerialState::default();
+        parent.interrupt_enable = 0x05;
+        parent.line_control = 0x03;
+        parent.modem_control = 0x0b;
+        parent.scratch = 0x5a;
+        parent.line_status = 0x61;
+        parent.interrupt_identification = 0xc4;
+        parent.in_buffer = b"typed to the parent".to_vec();
+        let child = uart_state(&uart_regs(&parent));
+        assert_eq!((child.interrupt_enable, child.line_control, child.modem_control, child.scratch), (0x05, 0x03, 0x0b, 0x5a));
+        assert!(child.in_buffer.is_empty());
+        assert_eq!(child.line_status, 0x60, "no data ready");
+        assert_eq!(child.interrupt_identification, 0xc1, "no received-data interrupt pending; FIFO bits kept");
+        parent.interrupt_identification = 0xc2;
+        assert_eq!(uart_state(&uart_regs(&parent)).interrupt_identification, 0xc2, "a transmit interrupt stays");
+        let hex: String = uart_regs(&parent).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(parse_uart_regs(&hex), Ok(uart_regs(&parent)));
     }
 
     #[test]

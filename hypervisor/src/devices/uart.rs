@@ -85,6 +85,12 @@ impl UartShadow {
         Access::Forward
     }
 
+    /// What a forked child's VMM starts from: the same registers, and no
+    /// batch (the bytes are the parent's output, handed to its VMM).
+    pub fn forked(&self) -> Self {
+        UartShadow { len: 0, ..*self }
+    }
+
     /// Takes the batch: copies it into `out`, returns how many bytes.
     pub fn take(&mut self, out: &mut [u8; CONSOLE_BATCH]) -> usize {
         let n = self.len;
@@ -122,6 +128,19 @@ mod tests {
             assert_eq!(u.access(THR, Some(i as u8)), Access::Done(0));
         }
         assert_eq!(u.access(THR, Some(0xaa)), Access::Forward);
+    }
+
+    #[test]
+    fn a_fork_keeps_the_mode_not_the_bytes() {
+        let mut u = idle();
+        u.access(IER, Some(IER_THRI));
+        let mut p = idle();
+        p.access(THR, Some(b'p'));
+        let c = p.forked();
+        let mut out = [0u8; CONSOLE_BATCH];
+        assert_eq!(c.clone().take(&mut out), 0);
+        let mut c2 = u.forked();
+        assert_eq!(c2.access(THR, Some(b'c')), Access::Forward, "still the transmit interrupt's mode");
     }
 
     #[test]

@@ -49,7 +49,7 @@ impl Platform {
 
     /// A copy for a forked child.
     pub fn clone_state(&self) -> Self {
-        Platform { tsc_khz: self.tsc_khz, ioapic: spin::Mutex::new(*self.ioapic.lock()), cmos: spin::Mutex::new(*self.cmos.lock()), uart: spin::Mutex::new(UartShadow::default()) }
+        Platform { tsc_khz: self.tsc_khz, ioapic: spin::Mutex::new(*self.ioapic.lock()), cmos: spin::Mutex::new(*self.cmos.lock()), uart: spin::Mutex::new(self.uart.lock().forked()) }
     }
 }
 

@@ -233,5 +233,7 @@ pool_used() {
     _s=$(uxenctl stats --json)
     _t=$(printf '%s' "$_s" | sed -n 's/.*"pool":{"frames_total":\([0-9]*\),.*/\1/p')
     _f=$(printf '%s' "$_s" | sed -n 's/.*"pool":{"frames_total":[0-9]*,"frames_free":\([0-9]*\)}.*/\1/p')
-    echo $((_t - _f))
+    # Nothing, not 0, when the counters could not be read: a comparison of
+    # two failed readings must not pass.
+    [ -n "$_t" ] && [ -n "$_f" ] && echo $((_t - _f))
 }

@@ -63,7 +63,7 @@ echo 'poweroff -f' >&3
 wait $run
 expect_eq poweroff-run-status-0 "$?" 0
 exec 3>&-
-expect_eq pool-back-after-poweroff "$(pool_used)" "$base"
+expect_same pool-back-after-poweroff "$(pool_used)" "$base"
 
 # 2. A detached guest: `console --send` runs a command; `console` shows it.
 a=$(uxenctl create --kernel $K --initrd $I --mem 64 --name lin-a)
@@ -171,5 +171,5 @@ out=$(uxenctl run --kernel $K --initrd $I --mem 2 2>&1); rc=$?
 expect_match too-small-mem-message "$out" "MiB"
 expect_eq bad-input-one-line "$(printf '%s\n' "$out" | wc -l)" 1
 expect_eq no-vm-from-bad-input "$(uxenctl list --json)" "$before"
-expect_eq pool-back-at-end "$(pool_used)" "$base"
+expect_same pool-back-at-end "$(pool_used)" "$base"
 finish

@@ -35,13 +35,16 @@ for round in $(seq 1 "$rounds"); do
     u=$(pool_used)
     [ "$u" = "$base" ] || fail "round-$round-frees-everything" "$u frames in use, $base before"
     h=$(heap_free)
-    [ "$round" = 1 ] && heap1=$h
+    # The baseline is taken after round 2: the first rounds split host EPT
+    # blocks that later rounds donate and reclaim again (tables the heap
+    # keeps, by design), which moved the reading by up to 54 KiB once.
+    [ "$round" = 2 ] && heap1=$h
     info "round $round: merged $(jnum "$m" merged), freed $(jnum "$m" frames_freed); heap free $h"
 done
 expect_eq merge-then-fork-rounds "$ok" "$rounds"
 # Some bytes move with the pool's bookkeeping; a leak per round would
 # show as tens of KiB per round.
-if [ $((heap1 - h)) -le 65536 ]; then pass heap-does-not-shrink; else fail heap-does-not-shrink "$heap1 -> $h bytes free over $rounds rounds"; fi
+if [ -n "$heap1" ] && [ -n "$h" ] && [ $((heap1 - h)) -le 65536 ]; then pass heap-does-not-shrink; else fail heap-does-not-shrink "$heap1 -> $h bytes free from round 2 to round $rounds"; fi
 uxenctl destroy "$keep"; wait_gone "$keep"
 check rmmod rmmod uxen
 finish

@@ -1,13 +1,11 @@
 # Exit costs: a CPUID round trip through the hypervisor against the same
-# CPUID on the bare machine, and host VM exits per million emulated TSC
-# ticks (Bochs advances the TSC with emulated instructions) while the host
-# works, against the same host idle.
+# CPUID on the bare machine; then the host VM's exits per CPU, by reason,
+# per million emulated TSC ticks (Bochs advances the TSC with emulated
+# instructions) under three host workloads: idle, a checksum and fork
+# storm, and an interrupt storm (IPI ping-pong between the CPUs with timers
+# at a high rate). Each window prints the stats before and after it, whole,
+# for `cargo xtask bench exits` to set apart by CPU and reason.
 . /tests/lib.sh
-
-# exits_total: host exits on every CPU, from the stats.
-exits_total() {
-    stats_json | grep -o '"host_exits":[0-9]*' | cut -d: -f2 | awk '{s += $1} END {print s}'
-}
 
 # cost1 N: the per-CPUID TSC on CPU 0 over N CPUIDs.
 cost1() {
@@ -29,29 +27,40 @@ else
     fail cpuid-measured "native '$native' virt '$virt'"
 fi
 
-# workload: the host workload of the late-launch suite, on both CPUs.
-workload() {
+# storm: the host workload of the late-launch suite, on both CPUs.
+storm() {
     uxtest checksum 8 >/dev/null &
     taskset -c 1 uxtest checksum 8 >/dev/null
     wait
     uxtest forkstorm 50 >/dev/null
 }
 
-# A window of host activity: exits and TSC ticks across it.
-measure() {
-    e0=$(exits_total)
-    t0=$(uxtest rdtsc)
-    "$@"
-    t1=$(uxtest rdtsc)
-    e1=$(exits_total)
-    echo "$((e1 - e0)) $((t1 - t0))"
+# irqs: rescheduling IPIs both ways and each CPU's timer every 100 us.
+irqs() {
+    uxtest irqstorm 20000 20000 100 >/tmp/irqstorm.out
 }
 
-set -- $(measure usleep 2000000)
-idle_exits=$1; idle_tsc=$2
-set -- $(measure workload)
-work_exits=$1; work_tsc=$2
-if [ "$work_tsc" -gt 0 ] && [ "$idle_tsc" -gt 0 ]; then pass exits-measured; else fail exits-measured "idle $idle_tsc work $work_tsc"; fi
-echo "UXEN-BENCH: exits idle_exits=$idle_exits idle_tsc=$idle_tsc work_exits=$work_exits work_tsc=$work_tsc"
+# window NAME CMD...: the stats and the TSC around CMD, which must succeed.
+window() {
+    _name=$1
+    shift
+    _t0=$(uxtest rdtsc)
+    _j0=$(stats_json)
+    if "$@"; then pass "workload-$_name"; else fail "workload-$_name" "exit status $?"; fi
+    _j1=$(stats_json)
+    _t1=$(uxtest rdtsc)
+    if [ -n "$_j0" ] && [ -n "$_j1" ] && [ "$_t1" -gt "$_t0" ]; then
+        echo "UXEN-EXITS: $_name before tsc=$_t0 $_j0"
+        echo "UXEN-EXITS: $_name after tsc=$_t1 $_j1"
+        pass "exits-measured-$_name"
+    else
+        fail "exits-measured-$_name" "no stats or TSC around the window"
+    fi
+}
+
+window idle usleep 4000000
+window storm storm
+window irqs irqs
+expect_match irqstorm-ran "$(cat /tmp/irqstorm.out)" '^rounds=20000 sleeps=40000$'
 check rmmod rmmod uxen
 finish

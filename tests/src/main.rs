@@ -21,6 +21,7 @@ fn usage() -> ExitCode {
          \x20 checksum MIB                hash generated data\n\
          \x20 forkstorm N                 fork/exec /bin/true N times\n\
          \x20 cpuid-cost N                TSC per CPUID of the hypervisor leaf\n\
+         \x20 irqstorm [ROUNDS SLEEPS USEC]  IPI ping-pong between CPUs 0 and 1, and timers every USEC\n\
          \x20 rdtsc                       print the TSC\n\
          \x20 ioctl-fuzz --seed S --calls N   random valid, invalid and out-of-order ioctls, checked\n\
          \x20 vm-limit                    the live-children and total VM limits, and their errors\n\
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
         "checksum" => probes::checksum(rest),
         "forkstorm" => probes::forkstorm(rest),
         "cpuid-cost" => probes::cpuid_cost(rest),
+        "irqstorm" => probes::irqstorm(rest),
         "rdtsc" => probes::rdtsc(),
         "ioctl-fuzz" => fuzz::ioctl_fuzz(rest),
         "vm-limit" => fuzz::vm_limit(rest),

@@ -302,3 +302,75 @@ pub fn cpuid_cost(args: &[String]) -> Result {
     println!("cpuid_tsc={} loop_tsc={} n={}", (t1 - t0) / n, (t2 - t1) / n, n);
     Ok(())
 }
+
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: usize) -> std::result::Result<(), String> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and
+    // sched_setaffinity only touch it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(format!("cannot pin a thread to CPU {cpu}: {}", io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// `irqstorm ROUNDS SLEEPS USEC`: the host's interrupt path under load.
+/// Two threads, pinned to CPUs 0 and 1, pass a byte back and forth ROUNDS
+/// times through two pipes: each side sleeps until the other wakes it,
+/// with a rescheduling IPI when its CPU idles. Meanwhile a thread on each
+/// CPU sleeps USEC microseconds SLEEPS times, which programs the local
+/// APIC timer at that rate. Prints `rounds=N sleeps=N`.
+pub fn irqstorm(args: &[String]) -> Result {
+    let num = |i: usize, d: &str| parse_u64(args.get(i).map(String::as_str).unwrap_or(d));
+    let (rounds, sleeps, usec) = (num(0, "20000")?, num(1, "20000")?, num(2, "100")?);
+    let mut fds = [[0i32; 2]; 2];
+    for p in &mut fds {
+        // SAFETY: pipe writes two descriptors into the array.
+        if unsafe { libc::pipe(p.as_mut_ptr()) } != 0 {
+            return Err(format!("pipe: {}", io::Error::last_os_error()));
+        }
+    }
+    let xfer = |read: i32, write: i32, first: bool| -> std::result::Result<u64, String> {
+        let mut b = [0u8; 1];
+        let mut n = 0;
+        for i in 0..rounds {
+            if !(first && i == 0) {
+                // SAFETY: a one-byte read into `b` from our pipe.
+                if unsafe { libc::read(read, b.as_mut_ptr().cast(), 1) } != 1 {
+                    return Err(format!("pipe read: {}", io::Error::last_os_error()));
+                }
+            }
+            // SAFETY: a one-byte write from `b` to our pipe.
+            if unsafe { libc::write(write, b.as_ptr().cast(), 1) } != 1 {
+                return Err(format!("pipe write: {}", io::Error::last_os_error()));
+            }
+            n += 1;
+        }
+        Ok(n)
+    };
+    let sleeper = move |cpu: usize| -> std::result::Result<u64, String> {
+        pin(cpu)?;
+        for _ in 0..sleeps {
+            std::thread::sleep(std::time::Duration::from_micros(usec));
+        }
+        Ok(sleeps)
+    };
+    let (a, b) = (fds[0], fds[1]);
+    let (r0, r1, s0, s1) = std::thread::scope(|s| {
+        let p0 = s.spawn(move || pin(0).and_then(|_| xfer(b[0], a[1], true)));
+        let p1 = s.spawn(move || pin(1).and_then(|_| xfer(a[0], b[1], false)));
+        let t0 = s.spawn(move || sleeper(0));
+        let t1 = s.spawn(move || sleeper(1));
+        let j = |h: std::thread::ScopedJoinHandle<'_, std::result::Result<u64, String>>| h.join().unwrap_or(Err("a thread panicked".into()));
+        (j(p0), j(p1), j(t0), j(t1))
+    });
+    let (r0, r1, s0, s1) = (r0?, r1?, s0?, s1?);
+    if r0 != rounds || r1 != rounds {
+        return Err(format!("{r0} and {r1} of {rounds} rounds"));
+    }
+    println!("rounds={r0} sleeps={}", s0 + s1);
+    Ok(())
+}

@@ -9,6 +9,7 @@ use crate::{artifacts, util};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::process::Command;
 use std::time::Duration;
 
 const MARK: &str = "UXEN-BENCH: ";
@@ -49,9 +50,17 @@ pub fn bench(args: &[String]) -> Result<()> {
             bail!("bench {name} failed (serial log: {}): {:?}", o.serial.display(), o.problems);
         }
         let table = match name {
-            "fork" => fork_table(&rows(&text, "fork"))?,
-            "exits" => exits_table(&rows(&text, "cpuid"), &rows(&text, "exits"))?,
-            "linux" => linux_table(&text, &o.marks)?,
+            "fork" => fork_table(&rows(&text, "fork"))? + "\n" + &cow_table(&rows(&text, "cow"))?,
+            "exits" => exits_table(&rows(&text, "cpuid"), &text)?,
+            "linux" => {
+                let mut t = linux_table(&text, &o.marks)?;
+                t += "\n";
+                t += &clones_table(&text)?;
+                let svg = dir.join("linux-frames.svg");
+                frames_chart(&svg, &series(&text, "linux-clones")?, &series(&text, "linux-separate")?, &series(&text, "linux-merged")?)?;
+                writeln!(t, "\nchart: {}", svg.strip_prefix(util::root()).unwrap_or(&svg).display())?;
+                t
+            }
             _ => unreachable!(),
         };
         print!("\n{table}");
@@ -130,23 +139,232 @@ fn linux_table(text: &str, marks: &[(String, Duration)]) -> Result<String> {
     Ok(t)
 }
 
-/// CPUID round trips against the bare machine; host exits per million TSC
-/// ticks while working against idle.
-fn exits_table(cpuid: &[Row], exits: &[Row]) -> Result<String> {
-    let (Some(c), Some(e)) = (cpuid.first(), exits.first()) else {
-        bail!("the exits bench printed no figures");
+/// The `N:FRAMES` pairs of the bench line `name`, in order.
+fn series(text: &str, name: &str) -> Result<Vec<(u64, u64)>> {
+    let line = text
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').split_once(MARK).map(|(_, r)| r))
+        .find_map(|r| r.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .with_context(|| format!("the bench printed no `{name}` line"))?;
+    let v: Vec<(u64, u64)> = line
+        .split_whitespace()
+        .map(|w| {
+            let (n, f) = w.split_once(':').with_context(|| format!("`{w}` in `{name}` is not N:FRAMES"))?;
+            Ok((n.parse().with_context(|| format!("`{w}` in `{name}`"))?, f.parse().with_context(|| format!("`{w}` in `{name}`"))?))
+        })
+        .collect::<Result<_>>()?;
+    if v.is_empty() {
+        bail!("the `{name}` line has no figures");
+    }
+    Ok(v)
+}
+
+/// Forks of a booted Linux guest against its boot; frames for clones and
+/// for separately booted guests with and without a merge; the goals.
+fn clones_table(text: &str) -> Result<String> {
+    let forks = rows(text, "linux-fork");
+    if forks.len() != 2 {
+        bail!("the linux bench printed {} fork lines, not 2 (64 and 256 MiB)", forks.len());
+    }
+    let (clones, sep, merged) = (series(text, "linux-clones")?, series(text, "linux-separate")?, series(text, "linux-merged")?);
+    let mut t = String::new();
+    writeln!(t, "clones of a booted Linux guest, emulated TSC ticks (baseline: booting the same guest, in the same run)\n")?;
+    writeln!(t, "| guest | fork | boot | boot / fork | goal: fork < 20,000 |")?;
+    writeln!(t, "|---|---:|---:|---:|---|")?;
+    let mut first = None;
+    for r in &forks {
+        let (mib, fork, boot) = (num(r, "mem_mib")?, num(r, "fork")?, num(r, "boot")?);
+        writeln!(t, "| {mib} MiB | {fork} | {boot} | {:.0}x | {} |", boot as f64 / fork.max(1) as f64, if fork < 20_000 { "met" } else { "missed" })?;
+        if let Some(a) = r.get("first_answer") {
+            first = Some((a.parse::<u64>().context("first_answer")?, boot));
+        }
+    }
+    if let Some((a, boot)) = first {
+        writeln!(t, "\n| the clone's first answer, from the fork (`uxenctl fork`, `console --send`, the shell's echo) | {a} ticks | {:.1}% of a boot | goal < 1% |", a as f64 * 100.0 / boot.max(1) as f64)?;
+    }
+    let at = |v: &[(u64, u64)], n: u64| v.iter().find(|(k, _)| *k == n).map(|(_, f)| *f);
+    let one = at(&clones, 1).context("no frames for the guest alone")?;
+    writeln!(t, "\nframes in use against the number of guests (each after running a command)\n")?;
+    writeln!(t, "| guests | clones | separately booted | separately booted, merged |")?;
+    writeln!(t, "|---:|---:|---:|---:|")?;
+    let mut ns: Vec<u64> = clones.iter().chain(&sep).chain(&merged).map(|(n, _)| *n).collect();
+    ns.sort_unstable();
+    ns.dedup();
+    let cell = |v: &[(u64, u64)], n: u64| at(v, n).map_or("".to_string(), |f| f.to_string());
+    for n in ns {
+        writeln!(t, "| {n} | {} | {} | {} |", cell(&clones, n), cell(&sep, n), cell(&merged, n))?;
+    }
+    if let Some(c) = clones.last() {
+        writeln!(t, "\n{} guests as clones: {:.2}x the frames of one (goal < 1.5x)", c.0, c.1 as f64 / one.max(1) as f64)?;
+    }
+    if let (Some(b), Some(a)) = (sep.iter().max(), merged.iter().max()) {
+        writeln!(t, "{} separately booted guests: {} frames, {} after a merge: {:.0}% recovered (goal >= 60%)", b.0, b.1, a.1, (b.1.saturating_sub(a.1)) as f64 * 100.0 / b.1.max(1) as f64)?;
+    }
+    Ok(t)
+}
+
+/// The frames chart: frames in use against the number of guests, for
+/// clones, separately booted guests, and those merged; an SVG at `path`,
+/// titled with the commit it was measured on.
+fn frames_chart(path: &std::path::Path, clones: &[(u64, u64)], sep: &[(u64, u64)], merged: &[(u64, u64)]) -> Result<()> {
+    use plotters::prelude::*;
+    let commit = util::output(Command::new("git").current_dir(util::root()).args(["describe", "--always", "--dirty"])).unwrap_or_else(|_| "unknown".into());
+    let max_n = clones.iter().chain(sep).chain(merged).map(|(n, _)| *n).max().unwrap_or(1);
+    let max_f = clones.iter().chain(sep).chain(merged).map(|(_, f)| *f).max().unwrap_or(1);
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    let e = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("drawing the chart: {e:?}");
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("Linux guests (64 MiB): frames in use, commit {}", commit.trim()), ("sans-serif", 18))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0u64..max_n + 1, 0u64..max_f + max_f / 10 + 1)
+        .map_err(e)?;
+    chart.configure_mesh().x_desc("guests").y_desc("frames in use (4 KiB)").draw().map_err(e)?;
+    for (data, color, label) in [(sep, RED, "separately booted"), (merged, BLUE, "separately booted, merged"), (clones, GREEN, "clones of one booted guest")] {
+        let mut d = data.to_vec();
+        d.sort_unstable();
+        chart.draw_series(LineSeries::new(d.iter().copied(), color.stroke_width(2))).map_err(e)?.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart.draw_series(d.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(e)?;
+    }
+    chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+/// The first write to a shared page after a fork, in the parent and the
+/// child, against a plain 4 KiB copy in the same guest.
+fn cow_table(rows: &[Row]) -> Result<String> {
+    if rows.len() != 2 {
+        bail!("the fork bench printed {} copy-on-write lines, not 2 (parent and child)", rows.len());
+    }
+    let mut t = String::new();
+    writeln!(t, "copy-on-write: the first write to a page shared since a fork, as the guest times it (TSC ticks, median of 8)")?;
+    writeln!(t, "baseline: a plain 4 KiB copy between two of the guest's own pages, in the same run\n")?;
+    writeln!(t, "| side | first write in a 2 MiB range (page + EPT tables) | next page in that range | 4 KiB copy | first / copy | next / copy |")?;
+    writeln!(t, "|---|---:|---:|---:|---:|---:|")?;
+    for r in rows {
+        let side = r.get("side").context("a copy-on-write line without its side")?;
+        let (first, next, copy) = (num(r, "first")?, num(r, "next")?, num(r, "copy4k")?);
+        let x = |n: u64| n as f64 / copy.max(1) as f64;
+        writeln!(t, "| {side} | {first} | {next} | {copy} | {:.1}x | {:.1}x |", x(first), x(next))?;
+    }
+    Ok(t)
+}
+
+/// The host's exits in one bench window: per CPU, by reason, and the
+/// TSC ticks the window lasted.
+#[derive(Debug, PartialEq)]
+struct Window {
+    name: String,
+    ticks: u64,
+    cpus: Vec<BTreeMap<String, u64>>,
+}
+
+const EXITS_MARK: &str = "UXEN-EXITS: ";
+
+/// `exits.host.cpus` of a stats JSON text: each CPU's exits by reason.
+fn host_exits(json: &str) -> Result<Vec<BTreeMap<String, u64>>> {
+    let v: serde_json::Value = serde_json::from_str(json).context("the stats are not JSON")?;
+    let cpus = v.pointer("/exits/host/cpus").and_then(|c| c.as_array()).context("the stats have no exits.host.cpus")?;
+    cpus.iter()
+        .map(|c| {
+            let m = c.as_object().context("a CPU's exits are not an object")?;
+            m.iter().map(|(k, n)| Ok((k.clone(), n.as_u64().with_context(|| format!("exits.{k} is not a count"))?))).collect()
+        })
+        .collect()
+}
+
+/// The `UXEN-EXITS: NAME before|after tsc=T JSON` pairs of the bench's
+/// output, as windows, in order.
+fn windows(text: &str) -> Result<Vec<Window>> {
+    let mut open: Option<(String, u64, Vec<BTreeMap<String, u64>>)> = None;
+    let mut out = Vec::new();
+    for l in text.lines().filter_map(|l| l.trim_end_matches('\r').split_once(EXITS_MARK).map(|(_, r)| r)) {
+        let mut w = l.splitn(4, ' ');
+        let (Some(name), Some(side), Some(tsc), Some(json)) = (w.next(), w.next(), w.next(), w.next()) else {
+            bail!("a short exits line: {l}");
+        };
+        let tsc: u64 = tsc.strip_prefix("tsc=").and_then(|t| t.parse().ok()).with_context(|| format!("no TSC in: {l}"))?;
+        let cpus = host_exits(json)?;
+        match (side, open.take()) {
+            ("before", None) => open = Some((name.to_string(), tsc, cpus)),
+            ("after", Some((n, t0, c0))) if n == name => {
+                if c0.len() != cpus.len() || tsc <= t0 {
+                    bail!("window {name}: the CPUs or the TSC do not match up");
+                }
+                let cpus = c0
+                    .iter()
+                    .zip(&cpus)
+                    .map(|(b, a)| a.iter().map(|(k, n)| (k.clone(), n.saturating_sub(*b.get(k).unwrap_or(&0)))).filter(|(_, n)| *n > 0).collect())
+                    .collect();
+                out.push(Window { name: name.to_string(), ticks: tsc - t0, cpus });
+            }
+            _ => bail!("exits lines out of order at: {name} {side}"),
+        }
+    }
+    if open.is_some() {
+        bail!("an exits window that never closed");
+    }
+    Ok(out)
+}
+
+/// The goal of issue "the host at native speed": at most this many host
+/// exits per million ticks on each CPU, in every workload.
+const EXITS_GOAL: f64 = 1.0;
+
+/// CPUID round trips against the bare machine; the host's exits per CPU and
+/// reason per million TSC ticks in each workload window.
+fn exits_table(cpuid: &[Row], text: &str) -> Result<String> {
+    let Some(c) = cpuid.first() else {
+        bail!("the exits bench printed no CPUID figures");
     };
+    let ws = windows(text)?;
+    if ws.is_empty() {
+        bail!("the exits bench printed no windows");
+    }
     let (native, virt) = (num(c, "native")?, num(c, "virtualized")?);
     let per_m = |n: u64, t: u64| n as f64 * 1e6 / t.max(1) as f64;
-    let idle = per_m(num(e, "idle_exits")?, num(e, "idle_tsc")?);
-    let work = per_m(num(e, "work_exits")?, num(e, "work_tsc")?);
     let mut t = String::new();
     writeln!(t, "exits: emulated TSC ticks (Bochs advances the TSC with emulated instructions)\n")?;
     writeln!(t, "| figure | measured | baseline | ratio |")?;
     writeln!(t, "|---|---:|---:|---:|")?;
     writeln!(t, "| CPUID 0x40000000, ticks each (baseline: bare CPU) | {virt} | {native} | {:.1}x |", virt as f64 / native.max(1) as f64)?;
     writeln!(t, "| exit round trip, ticks (virtualized - bare) | {} | | |", virt.saturating_sub(native))?;
-    writeln!(t, "| host exits per million ticks, workload (baseline: idle) | {work:.1} | {idle:.1} | {:.2}x |", work / idle.max(1e-9))?;
+    writeln!(t, "\nhost exits per million ticks, per CPU, by reason (goal: at most {EXITS_GOAL} on each CPU in each workload)\n")?;
+    let mut head = String::from("| reason |");
+    let mut rule = String::from("|---|");
+    for w in &ws {
+        for i in 0..w.cpus.len() {
+            write!(head, " {} cpu{i} |", w.name)?;
+            rule.push_str("---:|");
+        }
+    }
+    writeln!(t, "{head}\n{rule}")?;
+    let mut reasons: Vec<&str> = ws.iter().flat_map(|w| w.cpus.iter().flat_map(|c| c.keys().map(String::as_str))).collect();
+    reasons.sort();
+    reasons.dedup();
+    let mut row = |label: &str, f: &dyn Fn(&BTreeMap<String, u64>) -> u64| -> Result<()> {
+        write!(t, "| {label} |")?;
+        for w in &ws {
+            for c in &w.cpus {
+                write!(t, " {:.2} |", per_m(f(c), w.ticks))?;
+            }
+        }
+        writeln!(t)?;
+        Ok(())
+    };
+    row("**all**", &|c| c.values().sum())?;
+    for r in &reasons {
+        row(r, &|c| c.get(*r).copied().unwrap_or(0))?;
+    }
+    writeln!(t, "\n| workload | emulated ticks | worst CPU, exits per million ticks | goal met |")?;
+    writeln!(t, "|---|---:|---:|---|")?;
+    for w in &ws {
+        let worst = w.cpus.iter().map(|c| per_m(c.values().sum(), w.ticks)).fold(0.0, f64::max);
+        writeln!(t, "| {} | {} | {worst:.2} | {} |", w.name, w.ticks, if worst <= EXITS_GOAL { "yes" } else { "no" })?;
+    }
     Ok(t)
 }
 
@@ -163,6 +381,35 @@ mod tests {
         let t = fork_table(&r).unwrap();
         assert!(t.contains("| 16 MiB | 100 | 5000 | 50.0x | 6 |"), "{t}");
         assert!(num(&r[0], "nope").is_err());
+        let cow = "UXEN-BENCH: cow side=parent first=9000 next=6000 copy4k=300\nUXEN-BENCH: cow side=child first=9300 next=6100 copy4k=300\n";
+        let t = cow_table(&rows(cow, "cow")).unwrap();
+        assert!(t.contains("| parent | 9000 | 6000 | 300 | 30.0x | 20.0x |"), "{t}");
+        assert!(cow_table(&rows(cow, "cow")[..1]).is_err());
+    }
+
+    #[test]
+    fn clones_table_and_chart() {
+        let text = "UXEN-BENCH: linux-fork mem_mib=64 fork=10300 boot=150000000 first_answer=18000000\n\
+                    UXEN-BENCH: linux-fork mem_mib=256 fork=11000 boot=160000000\n\
+                    UXEN-BENCH: linux-clones 1:5000 2:5100 33:6000\n\
+                    UXEN-BENCH: linux-separate  1:5000 2:10000 8:40000\n\
+                    UXEN-BENCH: linux-merged 1:5000 2:6000 8:12000\n";
+        let t = clones_table(text).unwrap();
+        assert!(t.contains("| 64 MiB | 10300 | 150000000 | 14563x | met |"), "{t}");
+        assert!(t.contains("| 18000000 ticks | 12.0% of a boot |"), "{t}");
+        assert!(t.contains("| 2 | 5100 | 10000 | 6000 |"), "{t}");
+        assert!(t.contains("| 33 | 6000 |  |  |"), "{t}");
+        assert!(t.contains("33 guests as clones: 1.20x"), "{t}");
+        assert!(t.contains("40000 frames, 12000 after a merge: 70% recovered"), "{t}");
+        let svg = std::env::temp_dir().join(format!("uxen-chart-{}.svg", std::process::id()));
+        frames_chart(&svg, &series(text, "linux-clones").unwrap(), &series(text, "linux-separate").unwrap(), &series(text, "linux-merged").unwrap()).unwrap();
+        let body = std::fs::read_to_string(&svg).unwrap();
+        std::fs::remove_file(&svg).ok();
+        assert!(body.starts_with("<svg") && body.contains("separately booted, merged"), "{}", &body[..200.min(body.len())]);
+        // Lines missing or garbled: errors, not an empty chart.
+        assert!(series("UXEN-BENCH: linux-clones 1:5 x\n", "linux-clones").is_err());
+        assert!(series("", "linux-clones").is_err());
+        assert!(clones_table("UXEN-BENCH: linux-fork mem_mib=64 fork=1 boot=2\n").is_err());
     }
 
     #[test]
@@ -183,12 +430,33 @@ mod tests {
     }
 
     #[test]
-    fn exits_table_has_ratios() {
-        let text = "UXEN-BENCH: cpuid native=40 virtualized=4040\nUXEN-BENCH: exits idle_exits=10 idle_tsc=1000000 work_exits=300 work_tsc=2000000\n";
-        let t = exits_table(&rows(text, "cpuid"), &rows(text, "exits")).unwrap();
+    fn exits_table_by_cpu_and_reason() {
+        let j = |a: u64, b: u64, c: u64| format!(r#"{{"exits":{{"host":{{"total":{{}},"cpus":[{{"cpuid":{a},"vmcall":{b}}},{{"ept_violation":{c}}}]}},"guest":{{"total":{{}},"cpus":[]}}}}}}"#);
+        let text = format!(
+            "UXEN-BENCH: cpuid native=40 virtualized=4040\n\
+             UXEN-EXITS: idle before tsc=1000000 {}\r\n\
+             UXEN-EXITS: idle after tsc=3000000 {}\n\
+             UXEN-EXITS: irqs before tsc=3000000 {}\n\
+             UXEN-EXITS: irqs after tsc=4000000 {}\n",
+            j(10, 5, 0),
+            j(11, 5, 1),
+            j(11, 5, 1),
+            j(20, 7, 1)
+        );
+        let ws = windows(&text).unwrap();
+        assert_eq!(ws[0], Window { name: "idle".into(), ticks: 2_000_000, cpus: vec![[("cpuid".to_string(), 1)].into(), [("ept_violation".to_string(), 1)].into()] });
+        let t = exits_table(&rows(&text, "cpuid"), &text).unwrap();
         assert!(t.contains("| 4040 | 40 | 101.0x |"), "{t}");
         assert!(t.contains("| 4000 |"), "{t}");
-        assert!(t.contains("| 150.0 | 10.0 | 15.00x |"), "{t}");
-        assert!(exits_table(&[], &[]).is_err());
+        assert!(t.contains("| reason | idle cpu0 | idle cpu1 | irqs cpu0 | irqs cpu1 |"), "{t}");
+        assert!(t.contains("| **all** | 0.50 | 0.50 | 11.00 | 0.00 |"), "{t}");
+        assert!(t.contains("| cpuid | 0.50 | 0.00 | 9.00 | 0.00 |"), "{t}");
+        assert!(t.contains("| idle | 2000000 | 0.50 | yes |"), "{t}");
+        assert!(t.contains("| irqs | 1000000 | 11.00 | no |"), "{t}");
+        // Nothing measured, a window left open, or lines out of order: errors.
+        assert!(exits_table(&rows(&text, "cpuid"), "").is_err());
+        assert!(windows(&format!("UXEN-EXITS: idle before tsc=1 {}\n", j(0, 0, 0))).is_err());
+        assert!(windows(&format!("UXEN-EXITS: idle after tsc=1 {}\n", j(0, 0, 0))).is_err());
+        assert!(windows("UXEN-EXITS: idle before tsc=1 {\"exits\":{}}\n").is_err());
     }
 }

@@ -260,6 +260,22 @@ impl BootTables {
     }
 }
 
+/// Whether the CPU hotplug callbacks are registered: the hypervisor runs
+/// with VMX and hears of every CPU that goes offline or comes back.
+static HOTPLUG: AtomicBool = AtomicBool::new(false);
+
+/// The CPU hotplug callback (from the C shim), on the CPU concerned: tells
+/// the hypervisor this CPU is going offline (`online` 0) or is back (1).
+#[no_mangle]
+pub extern "C" fn uxen_host_cpu_changed(online: i32) {
+    if HOTPLUG.load(Ordering::Acquire) {
+        let (s, _) = vmcall(abi::hc::HOST_CPU, (online != 0) as u64, 0);
+        if s < 0 {
+            pr_err!("the hypervisor refused a CPU hotplug notice ({})\n", s);
+        }
+    }
+}
+
 /// VMCALL into the hypervisor: `(status, aux)`.
 pub(crate) fn vmcall(nr: u64, arg: u64, len: u64) -> (i64, u64) {
     let status: u64;
@@ -662,6 +678,14 @@ impl Hypervisor {
             unsafe { Kthread::run(log_poller, data, c_str!("uxen-log")) }.ok()
         };
         log.drain();
+        if direct.is_none() {
+            // Without the callbacks the hypervisor never hears of a CPU
+            // going offline, and the INIT that brings it back reaches it.
+            match shim::cpuhp_register(&_hotplug) {
+                Ok(()) => HOTPLUG.store(true, Ordering::Release),
+                Err(e) => pr_warn!("cannot register the CPU hotplug callbacks ({:?}): do not take CPUs offline while loaded\n", e),
+            }
+        }
         if direct.is_some() {
             pr_info!(
                 "DMA protection {} without VMX on {} CPUs (iommu_only=1): the host is not demoted\n",
@@ -833,6 +857,9 @@ impl Hypervisor {
 
 impl Drop for Hypervisor {
     fn drop(&mut self) {
+        if HOTPLUG.swap(false, Ordering::AcqRel) {
+            shim::cpuhp_unregister();
+        }
         self.poller.take();
         self.poller_data.take();
         if self.active() {

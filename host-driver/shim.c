@@ -7,6 +7,7 @@
  */
 #include <linux/anon_inodes.h>
 #include <linux/cpu.h>
+#include <linux/cpuhotplug.h>
 #include <linux/cpumask.h>
 #include <linux/delay.h>
 #include <linux/fs.h>
@@ -234,6 +235,44 @@ u64 uxen_shim_vmalloc_to_phys(const void *addr)
 	return page_to_phys(vmalloc_to_page(addr)) + offset_in_page(addr);
 }
 int uxen_shim_add_cpu(int cpu) { return add_cpu(cpu); }
+
+/*
+ * CPU hotplug: each CPU tells the hypervisor, on itself, as it goes offline
+ * and once it is back, so that the hypervisor emulates the INIT and SIPI that
+ * bring it back (and leaves the host's APIC alone otherwise).
+ */
+static int uxen_cpuhp_state = -1;
+
+static int uxen_cpu_online(unsigned int cpu)
+{
+	uxen_host_cpu_changed(1);
+	return 0;
+}
+
+static int uxen_cpu_offline(unsigned int cpu)
+{
+	uxen_host_cpu_changed(0);
+	return 0;
+}
+
+/* Called with the CPU hotplug lock held (cpus_read_lock). */
+int uxen_shim_cpuhp_register(void)
+{
+	int ret = cpuhp_setup_state_nocalls_cpuslocked(CPUHP_AP_ONLINE_DYN, "uxen:online",
+						       uxen_cpu_online, uxen_cpu_offline);
+
+	if (ret < 0)
+		return ret;
+	uxen_cpuhp_state = ret;
+	return 0;
+}
+
+void uxen_shim_cpuhp_unregister(void)
+{
+	if (uxen_cpuhp_state >= 0)
+		cpuhp_remove_state_nocalls(uxen_cpuhp_state);
+	uxen_cpuhp_state = -1;
+}
 
 /*
  * 2^order pages, split so that each can be freed on its own (the hypervisor

@@ -47,11 +47,16 @@ void uxen_shim_waitq_wake(void *wq);
 long uxen_shim_waitq_wait(void *wq, const int *word, int old, unsigned int timeout_ms);
 u64 uxen_shim_vmalloc_to_phys(const void *addr);
 int uxen_shim_add_cpu(int cpu);
+int uxen_shim_cpuhp_register(void);
+void uxen_shim_cpuhp_unregister(void);
 void *uxen_shim_alloc_split(unsigned int order);
 void uxen_shim_free_page_phys(u64 phys);
 void uxen_shim_fpu_begin(void);
 void uxen_shim_fpu_end(void);
 unsigned int uxen_shim_tsc_khz(void);
+
+/* Implemented in Rust (hv.rs). */
+void uxen_host_cpu_changed(int online);
 
 /* Implemented in Rust (dev.rs). */
 long uxen_dev_open(void **priv);

@@ -48,6 +48,8 @@ extern "C" {
     fn uxen_shim_usecs_to_jiffies(us: u32) -> core::ffi::c_ulong;
     fn uxen_shim_vmalloc_to_phys(addr: *const c_void) -> u64;
     fn uxen_shim_add_cpu(cpu: i32) -> i32;
+    fn uxen_shim_cpuhp_register() -> i32;
+    fn uxen_shim_cpuhp_unregister();
     fn uxen_shim_alloc_split(order: u32) -> *mut c_void;
     fn uxen_shim_free_page_phys(phys: u64);
     fn uxen_shim_fpu_begin();
@@ -377,6 +379,20 @@ pub(crate) fn module_addr_to_phys(p: *const u8) -> u64 {
 pub(crate) fn add_cpu(cpu: i32) -> Result {
     // SAFETY: process context, no locks held.
     to_result(unsafe { uxen_shim_add_cpu(cpu) }).map(|_| ())
+}
+
+/// Registers the CPU hotplug callbacks (`uxen_host_cpu_changed` on each
+/// CPU going offline or coming back). The caller holds [`cpus_read_lock`].
+pub(crate) fn cpuhp_register(_hotplug: &CpusReadGuard) -> Result {
+    // SAFETY: the hotplug lock is held, as the `_cpuslocked` call needs.
+    to_result(unsafe { uxen_shim_cpuhp_register() }).map(|_| ())
+}
+
+/// Removes the callbacks of [`cpuhp_register`], if registered. Takes the
+/// hotplug lock itself: the caller must not hold it.
+pub(crate) fn cpuhp_unregister() {
+    // SAFETY: process context, the hotplug lock not held.
+    unsafe { uxen_shim_cpuhp_unregister() }
 }
 
 /// `2^order` pages that can later be freed one by one with

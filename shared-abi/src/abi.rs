@@ -442,6 +442,11 @@ pub mod hc {
     /// Reads the IOMMU's fault records, logs and counts each fault. No
     /// argument block; returns how many faults were new.
     pub const POLL: u64 = 0x06;
+    /// CPU hotplug: the calling CPU is going offline (RDI = 0) or is back
+    /// online (RDI = 1). No argument block; returns how many host CPUs are
+    /// offline now. While any is, the host's APIC writes are emulated
+    /// (INIT and SIPI); otherwise they take no exit.
+    pub const HOST_CPU: u64 = 0x07;
     /// In/out: [`super::VmCreate`].
     pub const VM_CREATE: u64 = 0x10;
     /// In: [`super::VmId`].
@@ -1113,6 +1118,13 @@ pub mod linux {
     pub const KERNEL_GPA: u64 = 0x100_0000;
     pub const CODE_SELECTOR: u16 = 0x10;
     pub const DATA_SELECTOR: u16 = 0x18;
+    /// The guest hypercalls a user process may make: a 32-bit IN from this
+    /// port with EAX = the number (`ghc::VERSION`, `ghc::VM_ID` or
+    /// `ghc::FORK`) makes that hypercall, its result in EAX (as an i32).
+    /// VMCALL needs ring 0; the port is the guest kernel's to grant
+    /// (`ioperm`, which needs CAP_SYS_RAWIO), checked by the CPU before any
+    /// exit. `uxen-fork` in the guest initramfs uses it.
+    pub const HYPERCALL_PORT: u16 = 0xe90;
 }
 
 /// Guest hypercalls: VMCALL with RAX = number, RDI/RSI/RDX = arguments; the

@@ -32,6 +32,10 @@ pub fn dispatch(nr: u64, arg: u64, len: u64, regs: &mut GuestRegs) -> Switch {
         hc::DONATE => donate(arg, len),
         hc::RECLAIM => reclaim(arg, len),
         hc::POLL => Ok(super::iommu::poll() as i64),
+        hc::HOST_CPU => match arg {
+            0 | 1 => Ok(super::ipi::host_cpu(arg == 1)),
+            _ => Err(HcError::Invalid),
+        },
         hc::VM_CREATE => vm_create(arg, len),
         hc::VM_DESTROY => vm_destroy(arg, len),
         hc::VM_LOAD => vm_load(arg, len),
@@ -61,7 +65,8 @@ pub fn direct(nr: u64, arg: u64, len: u64) -> (i64, u64) {
         hc::RECLAIM => reclaim(arg, len),
         hc::POLL => Ok(super::iommu::poll() as i64),
         hc::VM_LIST => vm_list(arg, len),
-        hc::VM_CREATE
+        hc::HOST_CPU
+        | hc::VM_CREATE
         | hc::VM_DESTROY
         | hc::VM_LOAD
         | hc::VM_GET_REGS

@@ -1,22 +1,80 @@
-//! INIT and SIPI between host CPUs, emulated.
+//! INIT and SIPI between host CPUs, emulated while a host CPU is offline.
 //!
-//! A physical INIT must never reach a CPU in VMX non-root operation: it
-//! would exit to the hypervisor, and real wait-for-SIPI handling differs
-//! between CPUs and emulators (Bochs 2.7 keeps the INIT pending after the
-//! exit, so the CPU never runs again). The hypervisor therefore owns the
-//! ICR: the host's local APIC page is read-only in its EPT (and x2APIC ICR
-//! writes exit), every APIC write is emulated, and an INIT or SIPI aimed at
-//! a CPU under the hypervisor becomes a message to that CPU:
+//! The host's local APIC is its own: EOIs, the timer and its IPIs take no
+//! VM exit, in xAPIC mode (the APIC page is writable in the host's EPT) and
+//! in x2APIC mode (the MSR bitmap passes the APIC's MSRs). The one moment
+//! the hypervisor needs the ICR is CPU hotplug: Linux brings an offline CPU
+//! back with INIT and SIPI, and a physical INIT must not reach a CPU in VMX
+//! non-root operation. It would exit to the hypervisor, and wait-for-SIPI
+//! handling differs between CPUs and emulators (Bochs 2.7 keeps the INIT
+//! pending after the exit, so the CPU never runs again). So from the moment
+//! a host CPU says it is going offline (`hc::HOST_CPU`, from the driver's
+//! CPU hotplug callback on that CPU) until every CPU is back, the hypervisor
+//! owns the ICR: the APIC page is read-only in the host's EPT, x2APIC ICR
+//! writes exit, every APIC write is emulated, and an INIT or SIPI aimed at a
+//! CPU under the hypervisor becomes a message to that CPU:
 //!
 //! - INIT: the target leaves the host VM's current context and parks in
 //!   the hypervisor (`hlt` with interrupts off, woken by NMIs);
 //! - SIPI, while parked: the target resumes the host VM in real mode at the
 //!   vector, as after a real SIPI. Other SIPIs are ignored, as a CPU does.
+//!
+//! A host that sends INIT without saying so first loses that CPU on such
+//! an emulator (on hardware the INIT exit handler parks and restarts it,
+//! `exits::init_sipi`); the hypervisor and other CPUs carry on.
 
 use super::hv;
 use crate::arch::x86::cpu::{this_cpu, PerCpu};
 use crate::arch::x86::instr;
 use core::sync::atomic::Ordering;
+
+/// Host CPUs (by hypervisor index) that said they are going offline and
+/// have not said they are back.
+static OFFLINE: spin::Mutex<u64> = spin::Mutex::new(0);
+
+/// `hc::HOST_CPU`: this CPU goes offline (`online` false) or is back. The
+/// first CPU to go offline turns the ICR guard on, the last to come back
+/// turns it off. Returns how many host CPUs are offline now.
+pub fn host_cpu(online: bool) -> i64 {
+    let me = this_cpu().index;
+    let mut off = OFFLINE.lock();
+    let was = *off;
+    if online {
+        *off &= !(1u64 << me);
+    } else {
+        *off |= 1u64 << me;
+    }
+    if (was == 0) != (*off == 0) {
+        guard(*off != 0);
+        log::info!("cpu{me}: {}", if *off != 0 { "going offline: INIT and SIPI from the host are emulated until it is back" } else { "online: the host's APIC writes take no exit again" });
+    }
+    off.count_ones() as i64
+}
+
+/// Whether the hypervisor emulates the host's APIC writes now.
+pub fn guarded() -> bool {
+    *OFFLINE.lock() != 0
+}
+
+/// Turns the ICR guard on or off on every CPU: the x2APIC ICR's write
+/// intercept and the xAPIC page's write permission.
+fn guard(on: bool) {
+    let h = hv();
+    // SAFETY: the host VM's MSR bitmap, a heap page only this function
+    // changes after setup (under `OFFLINE`); the CPUs read it as they run.
+    let bm = unsafe { &mut *(super::memory::phys_ptr(h.msr_bitmap.0) as *mut [u8; 4096]) };
+    crate::policy::set_msr_write_intercept(bm, crate::policy::HOST_HOTPLUG_MSR, on);
+    {
+        use crate::arch::x86::ept_entry::{EptEntry, EptFlags, MT_UC};
+        let flags = if on { EptFlags::READ.union(EptFlags::EXEC) } else { EptFlags::RWX };
+        let mut ept = h.host_ept.lock();
+        // The page's 4 KiB leaf exists since setup: nothing to allocate.
+        let set = ept.set(&super::memory::DirectMap, &mut super::memory::HeapFrames, crate::addr::Gpa(h.apic_page), 1, EptEntry::leaf(h.apic_page, flags, MT_UC, false));
+        debug_assert!(set.is_some());
+    }
+    // No CPU may keep a writable translation of the page.
+    super::tlb::shootdown();
+}
 
 /// `PerCpu::sipi_state` values.
 pub const RUNNING: u32 = 0;

@@ -418,11 +418,12 @@ fn global_setup(info: &BootInfo, _h: &ImageHeader, l: &shared_abi::RegionLayout)
     // which pages the host owns, which the hypercalls check.
     let map = HostMap { ram: &ram, top, holes: &holes, huge_pages: caps.ept_huge_pages() };
     let mut ept = build_host_ept(&RegionMem, &mut HeapFrames, &map).ok_or(-ENOMEM)?;
-    // The local APIC page: reads pass, writes exit (INIT/SIPI emulation).
+    // The local APIC page: the host's, but in a 4 KiB leaf of its own, so
+    // that CPU hotplug can write-protect it alone (`ipi::host_cpu`).
     // SAFETY: the APIC base MSR exists.
     let apic_page = unsafe { instr::rdmsr(crate::arch::x86::msr::IA32_APIC_BASE) } & 0x000f_ffff_ffff_f000;
-    let ro = crate::arch::x86::ept_entry::EptEntry::leaf(apic_page, crate::arch::x86::ept_entry::EptFlags::RX, crate::arch::x86::ept_entry::MT_UC, false);
-    ept.set(&RegionMem, &mut HeapFrames, crate::addr::Gpa(apic_page), 1, ro).ok_or(-ENOMEM)?;
+    let rw = crate::arch::x86::ept_entry::EptEntry::leaf(apic_page, crate::arch::x86::ept_entry::EptFlags::RWX, crate::arch::x86::ept_entry::MT_UC, false);
+    ept.set(&RegionMem, &mut HeapFrames, crate::addr::Gpa(apic_page), 1, rw).ok_or(-ENOMEM)?;
     let eptp = crate::arch::x86::ept_entry::eptp(ept.root.0, false);
     let counts = ept.counts(&RegionMem);
     log::info!(

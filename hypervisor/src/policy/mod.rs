@@ -121,11 +121,30 @@ pub enum MsrWrite {
     Gp,
 }
 
-/// MSRs the host VM's MSR bitmap intercepts (reads and writes): the VMX
-/// ones, the APIC base (it must not move away from the write-protected APIC
-/// page) and the x2APIC ICR (INIT and SIPI are emulated).
+/// MSRs the host VM's MSR bitmap always intercepts (reads and writes): the
+/// VMX ones and the APIC base (the APIC page must not move: the hypervisor
+/// write-protects it while a host CPU is offline). The rest of the x2APIC,
+/// EOI, timer and ICR among them, is the host's own: see
+/// [`HOST_HOTPLUG_MSR`].
 pub fn host_guarded_msrs() -> impl Iterator<Item = u32> {
-    [IA32_FEATURE_CONTROL, IA32_APIC_BASE, X2APIC_ICR].into_iter().chain(IA32_VMX_BASIC..=IA32_VMX_EXIT_CTLS2)
+    [IA32_FEATURE_CONTROL, IA32_APIC_BASE].into_iter().chain(IA32_VMX_BASIC..=IA32_VMX_EXIT_CTLS2)
+}
+
+/// The one MSR whose writes the host VM's bitmap intercepts only while a
+/// host CPU is offline: the x2APIC ICR, through which the host will send
+/// that CPU INIT and SIPI (`hv::ipi`).
+pub const HOST_HOTPLUG_MSR: u32 = X2APIC_ICR;
+
+/// Sets or clears the write intercept of `msr` in an MSR bitmap, leaving
+/// its read intercept alone.
+pub fn set_msr_write_intercept(bitmap: &mut [u8; 4096], msr: u32, on: bool) {
+    if let Some((byte, bit)) = msr_bitmap_bit(msr, true) {
+        if on {
+            bitmap[byte] |= bit;
+        } else {
+            bitmap[byte] &= !bit;
+        }
+    }
 }
 
 /// Whether the host may write `new` to IA32_APIC_BASE (now `old`): it may
@@ -197,6 +216,24 @@ pub fn guest_cr4_write(value: u64, fixed1: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_apic_is_its_own_but_for_the_icr_during_hotplug() {
+        let mut bm = [0u8; 4096];
+        build_msr_bitmap(&mut bm, host_guarded_msrs());
+        let hit = |bm: &[u8; 4096], m: u32, w: bool| msr_bitmap_bit(m, w).is_some_and(|(b, bit)| bm[b] & bit != 0);
+        // EOI, TPR, the timer, the TSC deadline and the ICR pass.
+        for m in [0x80b, 0x808, 0x832, 0x838, 0x6e0, X2APIC_ICR] {
+            assert!(!hit(&bm, m, true) && !hit(&bm, m, false), "{m:#x}");
+        }
+        assert!(hit(&bm, IA32_APIC_BASE, true) && hit(&bm, IA32_FEATURE_CONTROL, false));
+        set_msr_write_intercept(&mut bm, HOST_HOTPLUG_MSR, true);
+        assert!(hit(&bm, X2APIC_ICR, true) && !hit(&bm, X2APIC_ICR, false));
+        assert!(!hit(&bm, 0x80b, true) && hit(&bm, IA32_APIC_BASE, true));
+        set_msr_write_intercept(&mut bm, HOST_HOTPLUG_MSR, false);
+        assert!(!hit(&bm, X2APIC_ICR, true));
+        assert!(hit(&bm, IA32_APIC_BASE, true), "the neighbours' bits stay");
+    }
 
     fn native(leaf: u32, _sub: u32) -> Cpuid {
         match leaf {

@@ -238,9 +238,14 @@ fn median_refuses_what_is_not_a_count() {
 }
 
 /// `bench-fork.sh` against a stub `uxenctl` whose fork number `fail_at`
-/// (counting from 1) fails.
+/// (counting from 1) fails, and whose cowcost guest prints `cow`.
 fn bench_fork(fail_at: Option<u32>) -> (String, i32) {
+    bench_fork_with(fail_at, "cowcost: parent first=900 next=700 copy4k=300\ncowcost: child first=950 next=720 copy4k=300")
+}
+
+fn bench_fork_with(fail_at: Option<u32>, cow: &str) -> (String, i32) {
     let s = Sandbox::new();
+    std::fs::write(s.dir.join("cow"), format!("{cow}\n")).unwrap();
     s.stub("insmod", "exit 0\n");
     s.stub("rmmod", "exit 0\n");
     let fail = fail_at.unwrap_or(0);
@@ -250,6 +255,7 @@ fn bench_fork(fail_at: Option<u32>) -> (String, i32) {
             "case $1 in\n\
              create) echo 1 ;;\n\
              destroy) ;;\n\
+             run) cat \"$STUB/cow\" ;;\n\
              fork)\n\
                  n=$(cat \"$STUB/forks\" 2>/dev/null || echo 0); n=$((n + 1)); echo $n >\"$STUB/forks\"\n\
                  [ $n -eq {fail} ] && {{ echo 'uxenctl: fork: failed' >&2; exit 1; }}\n\
@@ -273,6 +279,20 @@ fn bench_fork_measures_with_every_fork() {
     assert!(judge(&text).passed(), "{text}");
     assert!(text.contains("UXEN-BENCH: fork mib=16 cow=200 copy=500\n"), "{text}");
     assert_eq!(text.matches("UXEN-BENCH: fork ").count(), 3, "{text}");
+    assert!(text.contains("UXEN-BENCH: cow side=parent first=900 next=700 copy4k=300\n"), "{text}");
+    assert!(text.contains("UXEN-BENCH: cow side=child first=950 next=720 copy4k=300\n"), "{text}");
+}
+
+#[test]
+fn bench_fork_fails_without_cow_figures() {
+    // The child printed nothing (or the guest died after the parent's line).
+    let (text, rc) = bench_fork_with(None, "cowcost: parent first=900 next=700 copy4k=300");
+    assert_ne!(rc, 0, "{text}");
+    assert!(text.contains("UXEN-TEST: FAIL cow-child-measured"), "{text}");
+    assert!(!text.contains("UXEN-BENCH: cow side=child"), "{text}");
+    assert!(!judge(&text).passed());
+    let (text, _) = bench_fork_with(None, "");
+    assert!(text.contains("UXEN-TEST: FAIL cow-parent-measured"), "{text}");
 }
 
 #[test]

@@ -76,6 +76,27 @@ check_fails oob-got-no-data sh -c "echo '$out' | grep -q 'faulty: read 0x'"
 check bystander-finishes wait_gone "$m"
 expect_match bystander-ok "$(cat /run/uxen/vm-$m.console)" "memtest: ok 16 MiB checksum=$ref"
 
+# A guest's exits count under exits.guest, never under exits.host: a guest
+# that does nothing but CPUID, for one emulated second, against the host's
+# own CPUIDs over the same time.
+j0=$(stats_json)
+l=$(taskset -c 1 uxenctl create /guests/hostile-loop --cmdline "mode=cpuid" --name cpuid-loop)
+check cpuid-loop-started wait_console "$l" "spinning with interrupts off: cpuid"
+usleep 1000000
+check cpuid-loop-destroyed uxenctl destroy "$l"
+wait_gone "$l"
+j1=$(stats_json)
+g0=$(exits_of guest cpuid "$j0"); g1=$(exits_of guest cpuid "$j1")
+h0=$(exits_of host cpuid "$j0"); h1=$(exits_of host cpuid "$j1")
+if [ -n "$g0" ] && [ -n "$g1" ] && [ -n "$h0" ] && [ -n "$h1" ]; then
+    info "cpuid exits over the loop: guest $((g1 - g0)), host $((h1 - h0))"
+    # Thousands of the guest's; the host's stay what an idle host does.
+    expect_eq guest-cpuid-counted-as-guest "$([ $((g1 - g0)) -ge 10000 ] && echo yes)" yes
+    expect_eq guest-cpuid-not-counted-as-host "$([ $((h1 - h0)) -lt 1000 ] && echo yes)" yes
+else
+    fail guest-exits-apart "no exits in the stats: guest '$g0' '$g1', host '$h0' '$h1'"
+fi
+
 # 100 create/destroy cycles leave the pool as it was.
 keep=$(uxenctl create /guests/idle --name keeper)
 wait_console "$keep" "halting"

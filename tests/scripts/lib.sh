@@ -219,6 +219,17 @@ wait_gone() {
     return 1
 }
 
+# exits_of SIDE REASON [JSON]: exits.SIDE.total.REASON (SIDE host or guest)
+# of the stats (or of JSON); 0 when the reason has none yet, nothing when
+# the stats have no such side.
+exits_of() {
+    _j=${3:-$(stats_json)}
+    _t=$(printf '%s' "$_j" | sed -n "s/.*\"$1\":{\"total\":{\([^}]*\)}.*/\1/p")
+    printf '%s' "$_j" | grep -q "\"$1\":{\"total\":{" || return 1
+    _n=$(printf '%s' "$_t" | tr ',' '\n' | sed -n "s/^\"$2\":\([0-9]*\)\$/\1/p")
+    echo "${_n:-0}"
+}
+
 # pool_free: pool.frames_free from the stats.
 pool_free() {
     uxenctl stats --json | sed -n 's/.*"pool":{"frames_total":[0-9]*,"frames_free":\([0-9]*\)}.*/\1/p'

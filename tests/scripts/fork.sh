@@ -158,9 +158,12 @@ expect_match fork-count-65-message "$out" "65 is not in 1..=64"
 expect_eq bad-forks-change-nothing "$(uxenctl list --json)" "$before"
 two=$(uxenctl create /guests/idle --vcpus 2 --name two)
 wait_console "$two" "halting"
-out=$(uxenctl fork "$two" 2>&1); rc=$?
-expect_eq fork-two-vcpus-refused "$rc" 1
-expect_match fork-two-vcpus-message "$out" "only single-vCPU VMs can be forked from outside"
+# A VM of two vCPUs forks from outside too: both vCPUs leave RUN first.
+out=$(uxenctl fork "$two" --json 2>&1); rc=$?
+expect_eq fork-two-vcpus "$rc" 0
+c2=$(printf '%s' "$out" | sed -n 's/.*"id":\([0-9]*\).*/\1/p')
+expect_match fork-two-vcpus-child "$(uxenctl list --json)" "\"id\":${c2:-none},[^}]*\"vcpus\":2"
+uxenctl destroy "$c2"; wait_gone "$c2"
 uxenctl destroy "$two"; wait_gone "$two"
 
 check destroy-keeper uxenctl destroy "$keep"

@@ -260,6 +260,9 @@ enum Cmd {
         /// The UART's registers as the parent's were at the fork.
         #[arg(long, value_parser = vmm::parse_uart_regs)]
         uart: Option<vmm::UartRegs>,
+        /// The VM's vCPUs (the parent's).
+        #[arg(long, default_value = "1", value_parser = parse_vcpus)]
+        vcpus: u32,
     },
 }
 
@@ -418,7 +421,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{hpa:#x}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::VmmChild { fd, id, mode, linux, uart } => Ok(ExitCode::from(vmm::child_main(fd, id, mode == "detached", linux, uart))),
+        Cmd::VmmChild { fd, id, mode, linux, uart, vcpus } => Ok(ExitCode::from(vmm::child_main(fd, id, mode == "detached", linux, vcpus, uart))),
         Cmd::Pool { op, pages } => {
             let d = dev::Device::open()?;
             let (base, n) = d.debug_pool(if op == "donate" { pages } else { 0 }).map_err(|e| anyhow!("{e}"))?;
@@ -449,6 +452,7 @@ struct VmJson {
     id: u32,
     name: String,
     state: &'static str,
+    vcpus: u32,
     mem_mib: u64,
     frames_private: u64,
     frames_shared: u64,
@@ -465,6 +469,7 @@ fn list(json: bool) -> Result<ExitCode> {
             id: v.id,
             name: text(&v.name),
             state: abi::vm_state::name(v.state),
+            vcpus: v.vcpus,
             mem_mib: v.mem_bytes >> 20,
             frames_private: v.frames_private,
             frames_shared: v.frames_shared,
@@ -564,7 +569,10 @@ mod tests {
     #[test]
     fn a_child_vmm_takes_its_descriptor_id_and_mode() {
         let c = Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "detached"]).unwrap();
-        assert!(matches!(c.cmd, Cmd::VmmChild { fd: 5, id: 17, ref mode, linux: false, uart: None } if mode == "detached"));
+        assert!(matches!(c.cmd, Cmd::VmmChild { fd: 5, id: 17, ref mode, linux: false, uart: None, vcpus: 1 } if mode == "detached"));
+        let c = Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "detached", "--vcpus", "2"]).unwrap();
+        assert!(matches!(c.cmd, Cmd::VmmChild { vcpus: 2, .. }));
+        assert!(Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "detached", "--vcpus", "0"]).is_err());
         let c = Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "foreground", "--linux"]).unwrap();
         assert!(matches!(c.cmd, Cmd::VmmChild { linux: true, .. }));
         assert!(Cli::try_parse_from(["uxenctl", "__vmm-child", "5", "17", "sideways"]).is_err());

@@ -217,6 +217,71 @@ static REQUESTS: Mutex<Vec<ForkRequest>> = Mutex::new(Vec::new());
 /// Set while `REQUESTS` holds a request vCPU 0's thread has not taken.
 static PENDING: AtomicBool = AtomicBool::new(false);
 
+/// The other vCPUs' threads held out of RUN while vCPU 0's thread forks
+/// the VM: a fork copies every vCPU, and none may be in the guest.
+struct Hold {
+    /// vCPU 0 wants the others out of RUN.
+    want: bool,
+    /// How many of them are out and waiting.
+    parked: usize,
+    /// Bumped when vCPU 0 lets them go.
+    gen: u64,
+}
+
+static HOLD: Mutex<Hold> = Mutex::new(Hold { want: false, parked: 0, gen: 0 });
+static HOLD_CV: std::sync::Condvar = std::sync::Condvar::new();
+
+/// The threads of the vCPUs other than 0 (the control thread kicks these
+/// too, vCPU 0 kicks them while it waits).
+static VCPU_THREADS: Mutex<Vec<libc::pthread_t>> = Mutex::new(Vec::new());
+
+/// On a vCPU other than 0, out of RUN: if vCPU 0 is gathering the vCPUs
+/// for a fork, waits until it is done.
+fn park_for_fork() {
+    let mut h = HOLD.lock().unwrap();
+    if !h.want {
+        return;
+    }
+    h.parked += 1;
+    HOLD_CV.notify_all();
+    let g = h.gen;
+    while h.gen == g {
+        h = HOLD_CV.wait(h).unwrap();
+    }
+    h.parked -= 1;
+}
+
+/// On vCPU 0, out of RUN: gathers the `others` other vCPUs out of RUN, runs
+/// `f`, and lets them go. Gives up (without running `f`) if the VM ends
+/// meanwhile.
+fn with_vcpus_held(others: impl Fn() -> usize, ended: impl Fn() -> bool, f: impl FnOnce()) -> bool {
+    let mut h = HOLD.lock().unwrap();
+    h.want = true;
+    let done = loop {
+        if h.parked >= others() {
+            break true;
+        }
+        if ended() {
+            break false;
+        }
+        for t in VCPU_THREADS.lock().unwrap().iter() {
+            // SAFETY: registered threads have not left their vCPU loop
+            // (they deregister under this lock).
+            unsafe { libc::pthread_kill(*t, libc::SIGUSR1) };
+        }
+        h = HOLD_CV.wait_timeout(h, Duration::from_millis(20)).unwrap().0;
+    };
+    drop(h);
+    if done {
+        f();
+    }
+    let mut h = HOLD.lock().unwrap();
+    h.want = false;
+    h.gen += 1;
+    HOLD_CV.notify_all();
+    done
+}
+
 extern "C" fn on_signal(_: libc::c_int) {
     TERMINATE.store(true, Ordering::Release);
 }
@@ -273,14 +338,20 @@ struct Registered<'a>(&'a VcpuThreads, libc::pthread_t);
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.0.ids.lock().unwrap().retain(|t| *t != self.1);
+        VCPU_THREADS.lock().unwrap().retain(|t| *t != self.1);
+        // vCPU 0 may be waiting for this one to park.
+        HOLD_CV.notify_all();
     }
 }
 
 impl VcpuThreads {
-    fn enter(&self) -> Registered<'_> {
+    fn enter(&self, cpu: u32) -> Registered<'_> {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         self.ids.lock().unwrap().push(me);
+        if cpu != 0 {
+            VCPU_THREADS.lock().unwrap().push(me);
+        }
         Registered(self, me)
     }
 
@@ -378,7 +449,7 @@ fn serve_with<T: Trigger<E = std::io::Error> + Send>(vm: &Vm, vcpus: u32, mode: 
     if mode == Mode::Detached {
         let _ = std::fs::write(daemon::pid_path(vm.id), std::process::id().to_string());
         let _ = std::fs::remove_file(daemon::status_path(vm.id));
-        start_control(vm.id, vcpus, input.clone());
+        start_control(vm.id, input.clone());
     }
     if let (Kind::Linux { stdin: stdin @ (Stdin::Plain | Stdin::Terminal) }, Some(i)) = (kind, &input) {
         console::spawn_stdin_reader(i.clone(), stdin == Stdin::Terminal);
@@ -504,7 +575,7 @@ fn console_thread<T: Trigger>(cx: &Cx<'_, T>, wake: &Wake) {
 }
 
 fn vcpu_loop<T: Trigger>(cx: &Cx<'_, T>, cpu: u32) {
-    let _registered = cx.threads.enter();
+    let _registered = cx.threads.enter(cpu);
     let (vm, end) = (cx.vm, cx.ends);
     let is_linux = matches!(cx.kind, Kind::Linux { .. });
     let mut run = abi::VmRun { vcpu: cpu, ..Default::default() };
@@ -518,9 +589,18 @@ fn vcpu_loop<T: Trigger>(cx: &Cx<'_, T>, cpu: u32) {
                     return end.finish(End::Killed("terminated by a signal".into()));
                 }
                 // RUN returned with no exit left to complete: the vCPU can
-                // be forked as it stands.
-                if cpu == 0 && cx.vcpus == 1 && PENDING.load(Ordering::Acquire) {
-                    serve_requests(vm, cx.mode, cx.kind, uart_regs(&cx.uart.lock().unwrap().state()));
+                // be forked as it stands, once every other one is out of
+                // RUN too.
+                if cpu == 0 && PENDING.load(Ordering::Acquire) {
+                    let others = || cx.threads.live().saturating_sub(1);
+                    let served = with_vcpus_held(others, || end.is_set(), || {
+                        serve_requests(vm, cx.mode, cx.kind, cx.vcpus, uart_regs(&cx.uart.lock().unwrap().state()));
+                    });
+                    if !served {
+                        fail_requests("the VM ended before it could be forked");
+                    }
+                } else if cpu != 0 {
+                    park_for_fork();
                 }
                 continue;
             }
@@ -578,7 +658,7 @@ fn vcpu_loop<T: Trigger>(cx: &Cx<'_, T>, cpu: u32) {
             exit::HYPERCALL if x.hc_nr == ghc::FORK => {
                 cx.uart.lock().unwrap().writer_mut().finish().ok();
                 let regs = uart_regs(&cx.uart.lock().unwrap().state());
-                run.exit.hc_ret = take_child(x.hc_args[0] as u32, x.hc_args[1] as i64, cx.mode, cx.kind, regs) as u64;
+                run.exit.hc_ret = take_child(x.hc_args[0] as u32, x.hc_args[1] as i64, cx.mode, cx.kind, cx.vcpus, regs) as u64;
             }
             exit::HYPERCALL => run.exit.hc_ret = vmm_hypercall(x.hc_nr, x.hc_args) as u64,
             exit::GUEST_EXIT => return end.finish(End::Exited(x.data as u8)),
@@ -595,13 +675,13 @@ fn vcpu_loop<T: Trigger>(cx: &Cx<'_, T>, cpu: u32) {
 
 /// Gives a forked child VM (descriptor `fd`, or `-errno`) its own VMM
 /// process. Returns the child's id, or `-errno`.
-fn take_child(id: u32, fd: i64, mode: Mode, kind: Kind, uart: UartRegs) -> i64 {
+fn take_child(id: u32, fd: i64, mode: Mode, kind: Kind, vcpus: u32, uart: UartRegs) -> i64 {
     if fd < 0 {
         return fd;
     }
     // SAFETY: the driver installed `fd` in this process for the child.
     let child = Vm { fd: unsafe { OwnedFd::from_raw_fd(fd as i32) }, id };
-    match spawn_vmm(child, mode, kind, Some(uart)) {
+    match spawn_vmm(child, mode, kind, vcpus, Some(uart)) {
         Ok(()) => id as i64,
         Err(e) => -(e.raw_os_error().unwrap_or(libc::EAGAIN) as i64),
     }
@@ -613,7 +693,7 @@ fn take_child(id: u32, fd: i64, mode: Mode, kind: Kind, uart: UartRegs) -> i64 {
 /// has other threads (its control thread, other vCPUs), so a forked copy
 /// that went on running Rust code could inherit a lock one of them held at
 /// the fork, and hang on it for good; a fresh program holds none.
-pub fn spawn_vmm(vm: Vm, mode: Mode, kind: Kind, uart: Option<UartRegs>) -> std::io::Result<()> {
+pub fn spawn_vmm(vm: Vm, mode: Mode, kind: Kind, vcpus: u32, uart: Option<UartRegs>) -> std::io::Result<()> {
     use std::ffi::CString;
     use std::os::fd::AsRawFd;
     let exe = std::env::current_exe()?;
@@ -626,6 +706,10 @@ pub fn spawn_vmm(vm: Vm, mode: Mode, kind: Kind, uart: Option<UartRegs>) -> std:
     let mut args = vec!["uxenctl".to_string(), "__vmm-child".into(), fd.to_string(), vm.id.to_string(), mode_arg.to_string()];
     if matches!(kind, Kind::Linux { .. }) {
         args.push("--linux".into());
+    }
+    if vcpus != 1 {
+        args.push("--vcpus".into());
+        args.push(vcpus.to_string());
     }
     if let Some(u) = uart {
         args.push("--uart".into());
@@ -657,9 +741,10 @@ pub fn spawn_vmm(vm: Vm, mode: Mode, kind: Kind, uart: Option<UartRegs>) -> std:
     Ok(())
 }
 
-/// `uxenctl __vmm-child FD ID MODE [--linux]`: runs the forked child VM
+/// `uxenctl __vmm-child FD ID MODE [--linux] [--vcpus N] [--uart HEX]`:
+/// runs the forked child VM
 /// whose descriptor the parent's VMM passed; returns the exit status.
-pub fn child_main(fd: i32, id: u32, detached: bool, linux: bool, uart: Option<UartRegs>) -> u8 {
+pub fn child_main(fd: i32, id: u32, detached: bool, linux: bool, vcpus: u32, uart: Option<UartRegs>) -> u8 {
     // SAFETY: F_GETFD only asks whether the descriptor is open.
     if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         eprintln!("uxenctl: __vmm-child: descriptor {fd} is not open (only a VMM starts this command)");
@@ -674,7 +759,7 @@ pub fn child_main(fd: i32, id: u32, detached: bool, linux: bool, uart: Option<Ua
     install_signal_handlers();
     let mode = if detached { Mode::Detached } else { Mode::Foreground };
     let kind = if linux { Kind::Linux { stdin: Stdin::No } } else { Kind::Test };
-    let e = serve(Vm { fd, id }, 1, mode, kind, uart);
+    let e = serve(Vm { fd, id }, vcpus, mode, kind, uart);
     if mode == Mode::Foreground && !matches!(e, End::Exited(_)) {
         eprintln!("uxenctl: vm {id} {}", e.describe());
     }
@@ -689,7 +774,7 @@ const REQUEST_MAX: u64 = 2 * console::QUEUE_MAX as u64 + 64;
 /// The control socket of a detached VM: one request per connection,
 /// `fork N`, `fork N copy` or `input HEX`; the answer is one line, `ok
 /// ID:TSC ...` (forks), `ok` (input) or `err WHY`.
-fn start_control(id: u32, vcpus: u32, input: Option<Arc<Input>>) {
+fn start_control(id: u32, input: Option<Arc<Input>>) {
     let path = daemon::socket_path(id);
     let _ = std::fs::remove_file(&path);
     let Ok(listener) = std::os::unix::net::UnixListener::bind(&path) else { return };
@@ -713,11 +798,8 @@ fn start_control(id: u32, vcpus: u32, input: Option<Arc<Input>>) {
                         None => writeln!(&conn, "err vm {id} is a test guest: its console takes no input"),
                     };
                 }
-                // vCPU 0's thread serves forks while it is out of RUN; the
-                // other vCPUs would have to leave RUN too.
-                Some(Request::Fork { .. }) if vcpus != 1 => {
-                    let _ = writeln!(&conn, "err vm {id} has {vcpus} vCPUs; only single-vCPU VMs can be forked from outside");
-                }
+                // vCPU 0's thread serves forks while it is out of RUN,
+                // once it has the other vCPUs out of RUN too.
                 Some(Request::Fork { count, copy }) => {
                     REQUESTS.lock().unwrap().push(ForkRequest { count, copy, conn });
                     PENDING.store(true, Ordering::Release);
@@ -769,7 +851,7 @@ fn parse_request(line: &str) -> Option<Request> {
 }
 
 /// Serves queued fork requests while the vCPU is out of RUN.
-fn serve_requests(vm: &Vm, mode: Mode, kind: Kind, uart: UartRegs) {
+fn serve_requests(vm: &Vm, mode: Mode, kind: Kind, vcpus: u32, uart: UartRegs) {
     let reqs: Vec<_> = {
         let mut q = REQUESTS.lock().unwrap();
         PENDING.store(false, Ordering::Release);
@@ -782,7 +864,7 @@ fn serve_requests(vm: &Vm, mode: Mode, kind: Kind, uart: UartRegs) {
             match vm.fork_with(if r.copy { abi::FORK_COPY } else { 0 }) {
                 Ok((child, tsc)) => {
                     let id = child.id;
-                    if let Err(e) = spawn_vmm(child, mode, kind, Some(uart)) {
+                    if let Err(e) = spawn_vmm(child, mode, kind, vcpus, Some(uart)) {
                         err = Some(format!("cannot start a VMM for vm {id}: {e}"));
                         break;
                     }
@@ -798,6 +880,18 @@ fn serve_requests(vm: &Vm, mode: Mode, kind: Kind, uart: UartRegs) {
             None => writeln!(&r.conn, "ok {}", done.join(" ")),
             Some(e) => writeln!(&r.conn, "err {e} (forked: {})", done.join(" ")),
         };
+    }
+}
+
+/// Answers every queued fork request with `why`.
+fn fail_requests(why: &str) {
+    let reqs: Vec<_> = {
+        let mut q = REQUESTS.lock().unwrap();
+        PENDING.store(false, Ordering::Release);
+        std::mem::take(&mut *q)
+    };
+    for r in reqs {
+        let _ = writeln!(&r.conn, "err {why}");
     }
 }
 
@@ -940,12 +1034,12 @@ mod tests {
         // SAFETY: no other test reads or writes the environment.
         unsafe { std::env::set_var("UXEN_RUN_DIR", &dir) };
         let input = Input::new(Arc::new(Wake::default()));
-        start_control(901, 1, Some(input.clone()));
+        start_control(901, Some(input.clone()));
         request_input(901, b"echo hi\n").unwrap();
         request_input(901, &[0, 0xff]).unwrap();
         assert_eq!(input.pending(), 10);
         assert_eq!(request_input(901, b"").unwrap_err().to_string(), "nothing to send");
-        start_control(902, 1, None);
+        start_control(902, None);
         let e = request_input(902, b"x").unwrap_err().to_string();
         assert_eq!(e, "cannot send to vm 902: vm 902 is a test guest: its console takes no input");
         assert!(request_input(903, b"x").unwrap_err().to_string().starts_with("cannot reach the VMM of vm 903"));

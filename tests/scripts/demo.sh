@@ -1,7 +1,8 @@
 # The demo: the whole stack on a running Linux with two CPUs.
-# Load the hypervisor, see that every CPU runs under it, boot a Linux guest
-# and run a command in it, start a test guest, fork it, merge what the
-# forks wrote alike, read the counters, and give the machine back.
+# Load the hypervisor, see that every CPU runs under it, boot a Linux guest,
+# run a command in it, fork it three times and ask each clone for a random
+# UUID, merge; start a test guest, fork it, merge what the forks wrote
+# alike, read the counters, and give the machine back.
 . /tests/lib.sh
 
 say() {
@@ -41,6 +42,28 @@ run uxenctl console "$l" --send 'echo "guest: $(uname -sr) on $(nproc) CPUs, $(g
 check linux-answers wait_console "$l" "^guest: Linux 6.12"
 check linux-nproc wait_console "$l" "on 2 CPUs"
 run uxenctl console "$l"
+
+say "2b. Clones: the booted guest forked 3 times; each answers with its own random UUID"
+lused0=$(pool_used)
+lkids=$(uxenctl fork "$l" --count 3 --json)
+echo "# uxenctl fork $l --count 3 --json"
+echo "$lkids"
+lids=$(printf '%s' "$lkids" | grep -o '"id":[0-9]*' | cut -d: -f2)
+uuids=""
+for k in $l $lids; do
+    uxenctl console "$k" --send "echo \"vm $k: uuid \$(cat /proc/sys/kernel/random/uuid)\"\n"
+    check "linux-vm$k-uuid" wait_console "$k" "^vm $k: uuid [0-9a-f-]{36}"
+    u=$(sed -n "s/^vm $k: uuid \([0-9a-f-]*\).*/\1/p" "/run/uxen/vm-$k.console" | tail -n1)
+    echo "vm $k: uuid $u"
+    uuids="$uuids $u"
+done
+expect_eq linux-clone-uuids-differ "$(printf '%s\n' $uuids | sort -u | grep -c .)" 4
+lused1=$(pool_used)
+run uxenctl merge
+lused2=$(pool_used)
+echo "frames in use: the guest alone $lused0; with its 3 clones $lused1; after a merge $lused2 ($((lused1 - lused2)) saved)"
+for k in $lids; do uxenctl destroy "$k"; done
+for k in $lids; do wait_gone "$k"; done
 run uxenctl console "$l" --send 'poweroff -f\n'
 check linux-powers-off wait_gone "$l" 15000
 run uxenctl list

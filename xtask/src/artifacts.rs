@@ -248,7 +248,7 @@ pub fn build_guests() -> Result<()> {
 
 /// The Linux guest: the guest kernel (with its `vmlinux` and `System.map`,
 /// to read a guest's crash) and a busybox initramfs whose `/init` is
-/// `tests/linux-guest/init`.
+/// `tests/linux-guest/init`, with `uxen-fork` in `/bin`.
 fn build_linux_guest() -> Result<LinuxGuest> {
     let kb = kernel::GUEST.build()?;
     let dir = util::out().join("linux-guest");
@@ -263,6 +263,9 @@ fn build_linux_guest() -> Result<LinuxGuest> {
     }
     list += &busybox_entries();
     list += &format!("file /init {} 0755 0 0\n", util::root().join("tests/linux-guest/init").display());
+    // The guest's own tool: `uxen-fork` forks the VM from a shell.
+    build_static("uxenctl", "uxen-fork", &dir.join("uxen-fork"))?;
+    list += &format!("file /bin/uxen-fork {} 0755 0 0\n", dir.join("uxen-fork").display());
     let initramfs = dir.join("initramfs.cpio.gz");
     pack_cpio(&kb, &list, "linux-guest-initramfs", &initramfs)?;
     Ok(LinuxGuest { bzimage, initramfs })

@@ -39,6 +39,7 @@ pub fn all() -> Vec<Suite> {
         suite("latelaunch", Backend::Bochs, 1200, "late launch, protection, hotplug, VMX from the host, reloads, roll-back"),
         suite("guests", Backend::Bochs, 1800, "guest VMs: run, exit codes, isolation from the host, faulty guests, no leaks"),
         suite("linux", Backend::Bochs, 2400, "Linux guests: boot to a shell, console in and out, poweroff/reboot/panic, SMP, bad input, no leaks"),
+        suite("linux-fork", Backend::Bochs, 2400, "clones of a booted Linux guest: 8 forks with unique UUIDs, a 2-vCPU fork, uxen-fork inside, shared memory, no leaks"),
         suite("fork", Backend::Bochs, 1800, "vmfork: guest and outside forks, exact memory, accounting, destroy orders"),
         suite("mergefork", Backend::Bochs, 1200, "merge, then forks of merged VMs, 12 rounds: memory intact, nothing leaked, a steady heap"),
         hostile(),

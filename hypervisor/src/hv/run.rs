@@ -625,7 +625,7 @@ fn linux_wrmsr(regs: &mut GuestRegs, vm: &Vm, idx: usize) -> bool {
     wake
 }
 
-fn port_io(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
+fn port_io(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
     let q = vmx::read(EXIT_QUALIFICATION);
     let size = (q & 7) as u8 + 1;
     let is_in = q & 8 != 0;
@@ -646,6 +646,8 @@ fn port_io(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
                 return;
             }
         }
+    } else if vm.linux.is_some() && port == linux::HYPERCALL_PORT && is_in && size == 4 {
+        return port_hypercall(pc, regs, vm);
     } else if vm.linux.is_some() && port != guest::EXIT_PORT {
         let v = super::linux::port_io(vm, port, (!is_in).then_some(regs[RAX] & mask), mask);
         if is_in {
@@ -838,6 +840,26 @@ fn hypercall(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>, idx: usize) {
 /// The fork hypercall: the child is created here; the VMM takes it (the
 /// driver gives it a descriptor) and answers with the child's id, which
 /// becomes the parent's RAX. The child starts with RAX = 0.
+/// A Linux guest's hypercall through `linux::HYPERCALL_PORT` (an IN of 32
+/// bits, already skipped): EAX holds the number, and gets the result as
+/// an i32, zero-extended into RAX as the IN would.
+fn port_hypercall(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
+    let nr = regs[RAX] & 0xffff_ffff;
+    let r: i64 = match nr {
+        ghc::FORK => {
+            guest_fork(pc, regs, vm);
+            // A result set here (an error) is an i32 like every other; a
+            // fork that reached the VMM gets its result with the next RUN.
+            regs[RAX] &= 0xffff_ffff;
+            return;
+        }
+        ghc::VERSION => shared_abi::ABI_REVISION as i64,
+        ghc::VM_ID => vm.id as i64,
+        _ => -ENOSYS,
+    };
+    regs[RAX] = r as u64 & 0xffff_ffff;
+}
+
 fn guest_fork(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
     if vm.vcpus.len() != 1 {
         regs[RAX] = -EINVAL as u64;

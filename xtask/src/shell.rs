@@ -237,6 +237,21 @@ fn median_refuses_what_is_not_a_count() {
     }
 }
 
+#[test]
+fn exits_of_reads_one_side_and_nothing_without_it() {
+    let s = Sandbox::new();
+    let j = r#"{"exits":{"host":{"total":{"cpuid":5,"hlt":3},"cpus":[{"cpuid":5}]},"guest":{"total":{"hlt":2},"cpus":[]}}}"#;
+    let of = |args: &str| s.run("", &format!("n=$(exits_of {args} '{j}'); echo \"rc=$? n=$n\""));
+    assert_eq!(of("host cpuid").0, "rc=0 n=5\n");
+    assert_eq!(of("host hlt").0, "rc=0 n=3\n");
+    assert_eq!(of("guest hlt").0, "rc=0 n=2\n");
+    // A reason without exits yet counts 0; a side that is not there, or
+    // stats without exits, give nothing and fail.
+    assert_eq!(of("guest cpuid").0, "rc=0 n=0\n");
+    assert_eq!(of("other hlt").0, "rc=1 n=\n");
+    assert_eq!(s.run("", "n=$(exits_of host cpuid '{\"pool\":{}}'); echo \"rc=$? n=$n\"").0, "rc=1 n=\n");
+}
+
 /// `bench-fork.sh` against a stub `uxenctl` whose fork number `fail_at`
 /// (counting from 1) fails, and whose cowcost guest prints `cow`.
 fn bench_fork(fail_at: Option<u32>) -> (String, i32) {

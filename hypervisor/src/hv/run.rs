@@ -290,7 +290,7 @@ fn write_console(arg_pa: u64, vm: &Vm) {
 /// Leaves the guest for the host: RUN returns `status` (and `aux`), with
 /// `rec` as its exit record.
 fn leave(pc: &mut PerCpu, regs: &mut GuestRegs, mut rec: ExitRecord, pending: Pending, status: i64, aux: u64) {
-    let g = pc.guest.take().expect("leaving a guest that is not running");
+    let g = pc.guest.take().and_then(|g| g.downcast::<Running>().ok()).expect("leaving a guest that is not running");
     let vcpu = &g.vm.vcpus[g.vcpu];
     rec.rip = vmx::read(GUEST_RIP);
     {
@@ -343,7 +343,7 @@ fn stop_vm(pc: &mut PerCpu, regs: &mut GuestRegs, reason: u32) {
 
 /// Ends the VM in `state` (STOPPED, REBOOTED or PANICKED) with `reason`.
 fn end_vm(pc: &mut PerCpu, regs: &mut GuestRegs, state: u32, reason: u32) {
-    let vm = pc.guest.as_ref().unwrap().vm.clone();
+    let vm = running(pc).unwrap().vm.clone();
     log::info!("vm{}: {}: {} at rip {:#x}", vm.id, vm_state::name(state), stop::name(reason), vmx::read(GUEST_RIP));
     vm.stop(state, reason, 0);
     let rec = vm.final_record();
@@ -354,7 +354,7 @@ fn end_vm(pc: &mut PerCpu, regs: &mut GuestRegs, state: u32, reason: u32) {
 /// ends the guest's slice if it is over.
 pub fn guest_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
     handle_exit(pc, regs, raw);
-    let Some(deadline) = pc.guest.as_ref().map(|g| g.deadline) else {
+    let Some(deadline) = running(pc).map(|g| g.deadline) else {
         return;
     };
     // The preemption timer restarts from its full value at every VM
@@ -367,7 +367,7 @@ pub fn guest_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
     if instr::rdtsc() >= deadline {
         return leave(pc, regs, record(exit::INTR), Pending::None, 0, 0);
     }
-    let g = pc.guest.as_ref().unwrap();
+    let g = running(pc).unwrap();
     let (vm, idx) = (g.vm.clone(), g.vcpu);
     if vm.linux.is_some() {
         super::linux::before_entry(&vm, idx);
@@ -400,12 +400,12 @@ fn handle_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
     let (reason, entry_failed) = ExitReason::decode(raw);
     tlb::flush_if_needed(pc);
     if entry_failed {
-        log::error!("vm{}: VM entry failed: exit reason {:#x} qualification {:#x}", pc.guest.as_ref().unwrap().vm.id, raw, vmx::read(EXIT_QUALIFICATION));
+        log::error!("vm{}: VM entry failed: exit reason {:#x} qualification {:#x}", running(pc).unwrap().vm.id, raw, vmx::read(EXIT_QUALIFICATION));
         super::exits::dump_vmcs();
         return stop_vm(pc, regs, stop::ENTRY_FAILED);
     }
-    let vm = pc.guest.as_ref().unwrap().vm.clone();
-    let idx = pc.guest.as_ref().unwrap().vcpu;
+    let vm = running(pc).unwrap().vm.clone();
+    let idx = running(pc).unwrap().vcpu;
     // An event whose delivery this exit interrupted is delivered again at
     // the next entry, whenever that is.
     super::linux::requeue_interrupted_event();
@@ -860,6 +860,11 @@ fn port_hypercall(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
     regs[RAX] = r as u64 & 0xffff_ffff;
 }
 
+/// The guest vCPU `pc` runs, if any.
+pub fn running(pc: &PerCpu) -> Option<&Running> {
+    pc.guest.as_deref().and_then(|g| g.downcast_ref())
+}
+
 fn guest_fork(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
     if vm.vcpus.len() != 1 {
         regs[RAX] = -EINVAL as u64;
@@ -897,7 +902,7 @@ fn guest_fork(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
 /// A guest VM entry failed (VMLAUNCH/VMRESUME): the VM stops.
 pub fn entry_failed(pc: &mut PerCpu, regs: &mut GuestRegs) {
     let err = vmx::read(VM_INSTRUCTION_ERROR);
-    log::error!("vm{}: VM entry failed: VM-instruction error {err}", pc.guest.as_ref().unwrap().vm.id);
+    log::error!("vm{}: VM entry failed: VM-instruction error {err}", running(pc).unwrap().vm.id);
     super::exits::dump_vmcs();
     stop_vm(pc, regs, stop::ENTRY_FAILED);
 }

@@ -149,6 +149,7 @@ extern "sysv64" fn uxen_entry(index: u32, info: *const BootInfo, rip: u64, rsp: 
     let l = h.layout(info.region_size, n as u64).unwrap();
     memory::init(info.direct_map_base, info.region_virt, info.region_phys, info.region_size);
     cpu::set_percpu_base(info.region_virt + l.percpu_start, h.percpu_size);
+    cpu::set_nmi_hook(super::exits::nmi_in_root);
     let linux = vmx::save_linux_state(linux_cr3);
     // SAFETY: each CPU initialises its own area once.
     let pc = unsafe { PerCpu::init(i, info.cpus[i].linux_id) };

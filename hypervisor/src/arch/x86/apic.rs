@@ -23,7 +23,7 @@ pub fn send_nmi(apic_id: u32) {
         unsafe { instr::wrmsr(X2APIC_ICR, ((apic_id as u64) << 32) | (DELIVERY_NMI | LEVEL_ASSERT) as u64) };
         return;
     }
-    let mmio = crate::hv::memory::phys_ptr(base & 0xf_ffff_f000);
+    let mmio = super::physmap::phys_ptr(base & 0xf_ffff_f000);
     // SAFETY: the xAPIC page, mapped uncached through the direct map; 32-bit
     // accesses as the architecture requires.
     unsafe {

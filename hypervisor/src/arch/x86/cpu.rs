@@ -77,8 +77,9 @@ pub struct PerCpu {
     /// Emulated INIT/SIPI (`hv::ipi`): state and the SIPI's vector.
     pub sipi_state: AtomicU32,
     pub sipi_vector: AtomicU32,
-    /// The guest vCPU this CPU runs, if any (`hv::run`).
-    pub guest: Option<alloc::boxed::Box<crate::hv::run::Running>>,
+    /// What the layer above keeps for the guest vCPU this CPU runs, if any
+    /// (`hv::run::Running`); opaque here.
+    pub guest: Option<alloc::boxed::Box<dyn core::any::Any>>,
 }
 
 pub const LAUNCH_NEXT_OFFSET: usize = 24;
@@ -159,8 +160,8 @@ impl PerCpu {
         pc.linux_id = linux_id;
         pc.apic_id = instr::cpuid(1, 0)[1] >> 24;
         pc.stack_top = base + area::STACK_TOP;
-        pc.vmxon_pa = crate::hv::memory::region_pa((base + area::VMXON) as *const u8);
-        pc.vmcs_pa = crate::hv::memory::region_pa((base + area::VMCS) as *const u8);
+        pc.vmxon_pa = super::physmap::region_pa((base + area::VMXON) as *const u8);
+        pc.vmcs_pa = super::physmap::region_pa((base + area::VMCS) as *const u8);
         pc.tss = Tss::default();
         pc.tss.iomap_base = core::mem::size_of::<Tss>() as u16;
         let tss_addr = &pc.tss as *const Tss as u64;
@@ -246,12 +247,25 @@ pub struct ExceptionFrame {
     pub ss: u64,
 }
 
+/// What an NMI in root operation runs: the layer above's handler
+/// (`hv::exits::nmi_in_root`), registered at set-up.
+static NMI_HOOK: core::sync::atomic::AtomicPtr<()> = core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+
+/// Registers the handler of NMIs taken in root operation.
+pub fn set_nmi_hook(f: fn()) {
+    NMI_HOOK.store(f as *mut (), core::sync::atomic::Ordering::Release);
+}
+
 /// Called by the exception stubs in root operation.
 #[no_mangle]
 extern "sysv64" fn uxen_exception(f: &mut ExceptionFrame) {
     let pc = this_cpu();
     if f.vector == 2 {
-        crate::hv::exits::nmi_in_root();
+        let hook = NMI_HOOK.load(core::sync::atomic::Ordering::Acquire);
+        if !hook.is_null() {
+            // SAFETY: only `set_nmi_hook` stores here, a `fn()`.
+            unsafe { core::mem::transmute::<*mut (), fn()>(hook)() };
+        }
         return;
     }
     if pc.fixup_rip != 0 && matches!(f.vector, 6 | 13 | 14 | 17) {

@@ -16,4 +16,6 @@ pub mod instr;
 #[cfg(target_os = "none")]
 pub mod iommu;
 #[cfg(target_os = "none")]
+pub mod physmap;
+#[cfg(target_os = "none")]
 pub mod vmx;

@@ -220,7 +220,7 @@ fn read_linux(linux: &SavedState, la: u64) -> u64 {
     use crate::paging::{translate, AccessKind, PagingMode};
     let mode = PagingMode { cr0: linux.cr0, cr3: linux.cr3, cr4: linux.cr4, efer: linux.efer };
     let kind = AccessKind { write: false, user: false };
-    let mem = crate::hv::memory::DirectMap;
+    let mem = super::physmap::DirectMap;
     match translate(&mem, &mode, la, kind, |g| Some(crate::addr::Hpa(g.0))) {
         Ok(t) => mem.read_u64(crate::addr::Hpa(t.gpa.0)),
         Err(_) => 0,

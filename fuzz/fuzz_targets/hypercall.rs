@@ -1,5 +1,5 @@
 //! Raw host hypercalls into the model hypervisor (`hypervisor::control::model`).
-//! The harness and its invariants: `hypervisor/src/control/fuzz.rs`.
+//! The harness and its invariants: `hypervisor/tests/support/control_fuzz.rs`.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

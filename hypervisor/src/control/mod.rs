@@ -21,11 +21,17 @@
 pub mod decode;
 pub mod vmops;
 
+// Test code lives outside `src/` (`hypervisor/tests/support/`), compiled
+// into this module for the unit tests and the fuzz targets, which need its
+// private items.
 #[cfg(any(test, feature = "fuzzing"))]
+#[path = "../../tests/support/control_fuzz.rs"]
 pub mod fuzz;
 #[cfg(any(test, feature = "fuzzing"))]
+#[path = "../../tests/support/control_model.rs"]
 pub mod model;
 #[cfg(test)]
+#[path = "../../tests/support/control_tests.rs"]
 mod tests;
 
 use crate::guestmem::MemError;

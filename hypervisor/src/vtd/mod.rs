@@ -26,9 +26,12 @@ pub mod regs;
 pub mod tables;
 pub mod unit;
 
+// Test code lives outside `src/` (`hypervisor/tests/support/`).
 #[cfg(test)]
+#[path = "../../tests/support/vtd_mock.rs"]
 pub mod mock;
 #[cfg(test)]
+#[path = "../../tests/support/vtd_tests.rs"]
 mod tests;
 
 use crate::addr::{Hpa, PhysRange, PAGE_SIZE};

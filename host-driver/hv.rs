@@ -553,6 +553,22 @@ impl Hypervisor {
         }
         boot.map(tramp_virt, tramp_phys, PT_P)?;
 
+        // The DMAR, for DMA protection: `rsdp=` overrides; else the table
+        // the kernel's own ACPI found, which works under UEFI too, where no
+        // RSDP lies in the BIOS areas. The hypervisor copies it during its
+        // global set-up; the copy here is freed once every CPU has entered.
+        let dmar = if params.rsdp != 0 {
+            pr_info!("rsdp={:#x}: the hypervisor finds the ACPI DMAR table through it\n", params.rsdp);
+            None
+        } else {
+            let d = shim::acpi_dmar()?;
+            match &d {
+                Some((p, len)) => pr_info!("the kernel's ACPI DMAR table ({} bytes) goes to the hypervisor at {:#x}\n", len, p.phys()),
+                None => pr_info!("the kernel's ACPI has no DMAR table; the hypervisor searches the BIOS areas\n"),
+            }
+            d
+        };
+
         // SAFETY: the boot-info page lies inside the region, zeroed.
         let info = unsafe { &mut *(base.add(layout.boot_info as usize) as *mut abi::BootInfo) };
         *info = abi::BootInfo {
@@ -567,6 +583,8 @@ impl Hypervisor {
             region_size: size,
             direct_map_base: shim::page_offset(),
             rsdp_phys: params.rsdp,
+            dmar_phys: dmar.as_ref().map_or(0, |(p, _)| p.phys()),
+            dmar_len: dmar.as_ref().map_or(0, |(_, len)| *len as u64),
             tramp_virt,
             tramp_phys,
             tramp_return: uxen_tramp_return as *const () as u64,
@@ -608,6 +626,7 @@ impl Hypervisor {
         pr_info!("entering the hypervisor on {} CPUs (region {:#x}, {} KiB)\n", n, region.phys(), size >> 10);
         // SAFETY: `ctx` outlives the call; the entry runs with interrupts off.
         unsafe { shim::on_each_cpu(enter_on_cpu, &*ctx as *const EntryCtx as *mut c_void) };
+        drop(dmar);
         // Without VMX the boot tables stay: direct calls enter on them.
         let direct = if params.iommu_only {
             Some(KBox::new(

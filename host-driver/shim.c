@@ -5,6 +5,7 @@
  * module parameters and a kthread. Each is a thin pass-through; every
  * decision is taken on the Rust side (`shim.rs` wraps these once).
  */
+#include <linux/acpi.h>
 #include <linux/anon_inodes.h>
 #include <linux/cpu.h>
 #include <linux/cpuhotplug.h>
@@ -51,7 +52,7 @@ MODULE_PARM_DESC(log_e9, "also write the hypervisor's log to I/O port 0xe9 (emul
 
 static unsigned long rsdp;
 module_param(rsdp, ulong, 0444);
-MODULE_PARM_DESC(rsdp, "physical address of the ACPI RSDP (0: search the BIOS areas)");
+MODULE_PARM_DESC(rsdp, "physical address of the ACPI RSDP, overriding the DMAR table the kernel found (0: none)");
 
 int uxen_param_fail_cpu(void) { return fail_cpu; }
 bool uxen_param_require_iommu(void) { return require_iommu; }
@@ -66,6 +67,30 @@ bool uxen_host_iommu_enabled(void) { return intel_iommu_enabled != 0; }
 #else
 bool uxen_host_iommu_enabled(void) { return false; }
 #endif
+/*
+ * The DMAR table that the kernel's own ACPI found (from the RSDP the firmware
+ * handed it: EFI's configuration table on UEFI, the BIOS areas otherwise).
+ * Copies it into buf if it fits in max bytes; returns its length, or 0 when
+ * the kernel has none (no CONFIG_ACPI, acpi=off, no VT-d).
+ */
+unsigned long uxen_shim_acpi_dmar(void *buf, unsigned long max)
+{
+#ifdef CONFIG_ACPI
+	struct acpi_table_header *t;
+	unsigned long len;
+
+	if (acpi_disabled || ACPI_FAILURE(acpi_get_table(ACPI_SIG_DMAR, 0, &t)))
+		return 0;
+	len = t->length;
+	if (buf && len <= max)
+		memcpy(buf, t, len);
+	acpi_put_table(t);
+	return len;
+#else
+	return 0;
+#endif
+}
+
 /* Whether Linux runs with 5-level paging (CR4.LA57). */
 bool uxen_shim_la57(void) { return pgtable_l5_enabled(); }
 

@@ -12,6 +12,7 @@ bool uxen_param_iommu_only(void);
 bool uxen_param_log_e9(void);
 unsigned long uxen_param_rsdp(void);
 bool uxen_host_iommu_enabled(void);
+unsigned long uxen_shim_acpi_dmar(void *buf, unsigned long max);
 bool uxen_shim_la57(void);
 int uxen_shim_misc_register(void);
 void uxen_shim_misc_deregister(void);

@@ -12,6 +12,7 @@ extern "C" {
     fn uxen_param_log_e9() -> bool;
     fn uxen_param_rsdp() -> core::ffi::c_ulong;
     fn uxen_host_iommu_enabled() -> bool;
+    fn uxen_shim_acpi_dmar(buf: *mut c_void, max: core::ffi::c_ulong) -> core::ffi::c_ulong;
     fn uxen_shim_la57() -> bool;
     fn uxen_shim_misc_register() -> i32;
     fn uxen_shim_misc_deregister();
@@ -86,6 +87,33 @@ pub(crate) fn params() -> Params {
 pub(crate) fn host_iommu_enabled() -> bool {
     // SAFETY: reads an exported integer.
     unsafe { uxen_host_iommu_enabled() }
+}
+
+/// A copy of the ACPI DMAR table that the kernel found through its own ACPI,
+/// in pages of the direct map, and its length; `Ok(None)` when the kernel
+/// has none.
+pub(crate) fn acpi_dmar() -> Result<Option<(Pages, usize)>> {
+    // SAFETY: with a null buffer the shim only reads the table's length.
+    let len = unsafe { uxen_shim_acpi_dmar(core::ptr::null_mut(), 0) } as usize;
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut order = 0u32;
+    while (4096usize << order) < len {
+        order += 1;
+        if order > 8 {
+            pr_err!("the kernel's ACPI DMAR table claims {} bytes\n", len);
+            return Err(EINVAL);
+        }
+    }
+    let pages = Pages::alloc(order)?;
+    // SAFETY: `pages` holds `pages.len()` writable bytes; the shim copies
+    // at most that many.
+    let got = unsafe { uxen_shim_acpi_dmar(pages.virt().cast(), pages.len() as core::ffi::c_ulong) } as usize;
+    if got != len {
+        return Err(EINVAL);
+    }
+    Ok(Some((pages, len)))
 }
 
 /// Whether Linux runs with 5-level paging, which the boot page tables and

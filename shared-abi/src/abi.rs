@@ -10,7 +10,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 /// Bumped on every change to anything in this file.
-pub const ABI_REVISION: u32 = 3;
+pub const ABI_REVISION: u32 = 4;
 
 /// Version of the uxen-rs release, NUL-padded.
 pub const VERSION: [u8; 16] = *b"0.1.0\0\0\0\0\0\0\0\0\0\0\0";
@@ -257,8 +257,16 @@ pub struct BootInfo {
     /// Virtual address of physical address 0 in the host's direct map, which
     /// maps every RAM page at `direct_map_base + phys`.
     pub direct_map_base: u64,
-    /// ACPI RSDP, or 0 to let the hypervisor search the BIOS areas.
+    /// ACPI RSDP (module parameter `rsdp`), or 0. It takes precedence over
+    /// `dmar_phys`.
     pub rsdp_phys: u64,
+    /// A copy of the ACPI DMAR table that the host kernel found through its
+    /// own ACPI (UEFI and BIOS machines alike), in host memory that stays
+    /// valid until the entry returns on every CPU, and its length in bytes;
+    /// both 0 when the kernel has none. With neither this nor `rsdp_phys`,
+    /// the hypervisor searches the BIOS areas for the RSDP.
+    pub dmar_phys: u64,
+    pub dmar_len: u64,
     /// The driver's trampoline page: its virtual address (mapped at the same
     /// address in the host's and the hypervisor's page tables), its physical
     /// address, and the address of its return routine (see
@@ -277,7 +285,7 @@ pub struct BootInfo {
     /// Entering CPUs, indexed by the `cpu_index` given to the entry.
     pub cpus: [BootCpu; MAX_CPUS],
 }
-const _: () = assert_size(core::mem::size_of::<BootInfo>(), 104 + 16 * MAX_RAM_RANGES + 8 * MAX_CPUS);
+const _: () = assert_size(core::mem::size_of::<BootInfo>(), 120 + 16 * MAX_RAM_RANGES + 8 * MAX_CPUS);
 const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
 
 /// The image entry, called by the driver's trampoline on every CPU at once,

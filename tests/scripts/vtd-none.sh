@@ -20,6 +20,7 @@ check_fails required-no-device test -e /dev/uxen
 dmesg -c >/dev/null
 check insmod insmod $MOD iommu_only=1 debug=1
 d=$(dmesg)
+expect_match driver-no-kernel-dmar "$d" "uxen: the kernel's ACPI has no DMAR table; the hypervisor searches the BIOS areas"
 expect_match unavailable-logged "$d" "uxen: hv: warning: DMA protection is unavailable: no ACPI DMAR table \(no VT-d remapping hardware\); devices can reach all memory"
 expect_match driver-says-unavailable "$d" "uxen: DMA protection unavailable without VMX on 2 CPUs"
 j=$(stats_json)

@@ -71,6 +71,8 @@ dmesg -c >/dev/null
 check insmod insmod $MOD iommu_only=1 debug=1 require_iommu=1
 d=$(dmesg)
 expect_match dmar-parsed "$d" "uxen: hv: VT-d: DMAR: 1 remapping unit\(s\)"
+# A BIOS machine too: the table comes from the kernel's ACPI.
+expect_match dmar-from-kernel "$d" "uxen: hv: VT-d: DMAR: .*; the host kernel's ACPI table \([1-9][0-9]* bytes\)"
 expect_match unit-described "$d" "uxen: hv: VT-d: unit 0 at $unit, segment 0: version 1\.0"
 expect_match remapping-on "$d" "uxen: hv: VT-d: DMA remapping on in 1 unit\(s\) \(1 with queued invalidation\)"
 expect_match large-pages "$d" "mapped 1:1 for devices in [1-9][0-9]* 1G \+ [1-9][0-9]* 2M \+ [0-9]+ 4K pages"

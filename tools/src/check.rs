@@ -103,9 +103,6 @@ pub struct Facts {
     pub dmar_table: bool,
     /// Linux booted through UEFI (`/sys/firmware/efi` exists).
     pub uefi: bool,
-    /// The RSDP's address from `ACPI20=` in `/sys/firmware/efi/systab`
-    /// (readable by root only).
-    pub acpi20: Option<String>,
     /// The entries of `/sys/class/iommu`: IOMMUs that Linux drives.
     pub host_iommus: Vec<String>,
     /// `/proc/interrupts` names interrupt chips that remap (`IR-IO-APIC`,
@@ -273,23 +270,16 @@ fn kvm(f: &Facts) -> Finding {
 }
 
 fn dmar(f: &Facts) -> Finding {
-    if f.dmar_table && f.uefi {
-        // The hypervisor looks for the RSDP in the BIOS areas, where UEFI
-        // puts none: without rsdp= it would miss the DMAR and run without
-        // DMA protection.
-        let fix = match &f.acpi20 {
-            Some(a) => format!("insmod uxen.ko rsdp={a}"),
-            None => "insmod uxen.ko rsdp=ADDR, ADDR from the ACPI20= line of /sys/firmware/efi/systab (readable by root)".into(),
-        };
-        return finding(
-            "dmar",
-            Verdict::Warning,
-            "ACPI DMAR table present, but on UEFI the hypervisor finds it only at the RSDP address that rsdp= gives",
-            fix,
-        );
-    }
     if f.dmar_table {
-        finding("dmar", Verdict::Ok, "ACPI DMAR table present: VT-d DMA protection is available", "")
+        // The driver hands the hypervisor the table that the kernel's own
+        // ACPI found, so UEFI machines (no RSDP in the BIOS areas) need no
+        // rsdp= either.
+        let detail = if f.uefi {
+            "ACPI DMAR table present: VT-d DMA protection is available (UEFI: the driver takes the table from the kernel, no rsdp= needed)"
+        } else {
+            "ACPI DMAR table present: VT-d DMA protection is available"
+        };
+        finding("dmar", Verdict::Ok, detail, "")
     } else {
         finding(
             "dmar",
@@ -548,11 +538,6 @@ fn lockdown_mode(text: &str) -> Option<String> {
     text.split_whitespace().find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']'))).map(String::from)
 }
 
-/// The RSDP address of `/sys/firmware/efi/systab` (`ACPI20=0x...`).
-fn systab_acpi20(text: &str) -> Option<String> {
-    text.lines().find_map(|l| l.strip_prefix("ACPI20=")).map(|v| v.trim().to_string())
-}
-
 /// The `SecureBoot` EFI variable: four attribute bytes, then the value.
 fn secure_boot_on(var: &[u8]) -> bool {
     var.last() == Some(&1)
@@ -679,7 +664,6 @@ pub fn gather(module: Option<&Path>) -> Facts {
         kvm_intel,
         dmar_table: at("/sys/firmware/acpi/tables/DMAR").exists(),
         uefi: at("/sys/firmware/efi").is_dir(),
-        acpi20: systab_acpi20(&text("/sys/firmware/efi/systab")),
         host_iommus,
         remapped_irqs: remapped_irqs(&text("/proc/interrupts")),
         cmdline: text("/proc/cmdline").trim().to_string(),
@@ -816,16 +800,15 @@ mod tests {
         assert_eq!(x.verdict, Verdict::Warning);
         assert!(x.detail.contains("require_iommu=1"));
 
-        // UEFI: the table is there, but only rsdp= leads the hypervisor to it.
+        // UEFI: the driver takes the table from the kernel; no rsdp= needed.
         let mut f = good();
         f.uefi = true;
         let x = get(&f, "dmar");
-        assert_eq!(x.verdict, Verdict::Warning);
-        assert!(x.fix.starts_with("insmod uxen.ko rsdp=ADDR, ADDR from the ACPI20= line"), "{}", x.fix);
-        f.acpi20 = Some("0x7ffd6014".into());
-        assert_eq!(get(&f, "dmar").fix, "insmod uxen.ko rsdp=0x7ffd6014");
-        assert_eq!(systab_acpi20("SMBIOS3=0x7fe9d000\nACPI20=0x7ffd6014\nACPI=0x7ffd6000\n").as_deref(), Some("0x7ffd6014"));
-        assert_eq!(systab_acpi20("ACPI=0xf0000\n"), None);
+        assert_eq!(x.verdict, Verdict::Ok);
+        assert!(x.detail.contains("UEFI: the driver takes the table from the kernel, no rsdp= needed"), "{}", x.detail);
+        assert_eq!(x.fix, "");
+        f.dmar_table = false;
+        assert_eq!(verdict(&f, "dmar"), Verdict::Warning);
     }
 
     #[test]

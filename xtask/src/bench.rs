@@ -37,6 +37,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             cpus: 2,
             mem_mib: 1536,
             qemu_devices: runner::QEMU_DEVICES,
+            uefi: false,
             live: args.iter().any(|a| a == "--live"),
             stall: None,
         };

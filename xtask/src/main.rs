@@ -110,6 +110,7 @@ fn spec_for(s: &suites::Suite, live: bool) -> RunSpec {
         cpus: s.cpus,
         mem_mib: s.mem_mib,
         qemu_devices: s.qemu_devices,
+        uefi: s.uefi,
         live,
         stall: None,
     }

@@ -64,8 +64,10 @@ pub struct RunSpec {
     pub cmdline: String,
     pub cpus: u32,
     pub mem_mib: u32,
-    /// The `-device`s of a QEMU TCG machine (see [`QEMU_DEVICES`]).
+    /// The `-device`s of a QEMU machine (see [`QEMU_DEVICES`]).
     pub qemu_devices: &'static [&'static str],
+    /// QEMU boots UEFI firmware ([`OVMF`]) instead of SeaBIOS.
+    pub uefi: bool,
     /// Echo the serial console while running (the demo).
     pub live: bool,
     /// Treat the run as hung once its console has been silent this long.
@@ -76,6 +78,15 @@ pub struct RunSpec {
 /// must come before the devices it translates for) and edu, a PCI device
 /// that does DMA on request.
 pub const QEMU_DEVICES: &[&str] = &["intel-iommu", "edu"];
+
+/// The same under KVM, where interrupt remapping is off: QEMU would want
+/// a split irqchip for it, and the hypervisor refuses a host that remaps
+/// interrupts anyway (`docs/vtd.md`, section 9).
+pub const KVM_DEVICES: &[&str] = &["intel-iommu,intremap=off", "edu"];
+
+/// Debian's OVMF (package `ovmf`): UEFI firmware for QEMU's `-bios`, which
+/// boots the kernel given by `-kernel` through its EFI stub.
+pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 
 /// One emulated machine kind.
 pub trait Machine {
@@ -403,7 +414,8 @@ impl Machine for Bochs {
     }
 }
 
-/// QEMU: TCG (q35 + intel-iommu + edu), or KVM with nested VT-x.
+/// QEMU: TCG (q35 + intel-iommu + edu), or KVM with nested VT-x (the same
+/// devices, `KVM_DEVICES`), with SeaBIOS or, for `RunSpec::uefi`, OVMF.
 pub struct Qemu {
     pub kvm: bool,
 }
@@ -442,9 +454,15 @@ impl Machine for Qemu {
             c.args(["-enable-kvm", "-M", "q35", "-cpu", "host,+vmx"]);
         } else {
             c.args(["-M", "q35", "-cpu", "max"]);
-            for d in spec.qemu_devices {
-                c.args(["-device", d]);
+        }
+        for d in spec.qemu_devices {
+            c.args(["-device", d]);
+        }
+        if spec.uefi {
+            if !Path::new(OVMF).exists() {
+                anyhow::bail!("{OVMF} is missing: install the ovmf package (cargo xtask setup)");
             }
+            c.args(["-bios", OVMF]);
         }
         c.args(["-smp", &spec.cpus.to_string(), "-m", &spec.mem_mib.to_string()])
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])

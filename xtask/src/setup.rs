@@ -34,6 +34,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("xorriso", "the Bochs boot ISO"),
     ("mtools", "the Bochs boot ISO"),
     ("qemu-system-x86", "QEMU TCG runner (VT-d tests)"),
+    ("ovmf", "UEFI firmware for QEMU (the vtd-uefi suite)"),
     ("bochs", "Bochs runner (VMX tests)"),
     ("bochs-term", "Bochs terminal display"),
     ("bochsbios", "Bochs BIOS"),
@@ -133,6 +134,7 @@ pub fn report() -> Result<()> {
     eprintln!("    linux-source-6.12:     {}", pkgver("linux-source-6.12"));
     eprintln!("    bochs:                 {}", pkgver("bochs"));
     eprintln!("    qemu-system-x86:       {}", pkgver("qemu-system-x86"));
+    eprintln!("    ovmf:                  {}", pkgver("ovmf"));
     eprintln!("    busybox-static:        {}", pkgver("busybox-static"));
     eprintln!("    grub-pc-bin:           {}", pkgver("grub-pc-bin"));
     if !rustc.contains("1.96") {

@@ -28,6 +28,7 @@ pub fn soak(args: &[String]) -> Result<ExitCode> {
         cpus: s.cpus,
         mem_mib: s.mem_mib,
         qemu_devices: s.qemu_devices,
+        uefi: s.uefi,
         live: args.iter().any(|a| a == "--live"),
         stall: None,
     };

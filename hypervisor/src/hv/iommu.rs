@@ -56,7 +56,7 @@ pub fn discover(info: &BootInfo, ram: &[MemRange], region: PhysRange) -> Result<
         }
     };
     let top = host_map_top(ram);
-    let bytes = match find_dmar(info.rsdp_phys, top) {
+    let (bytes, source) = match find_dmar(info, top) {
         Ok(b) => b,
         Err(why) => return unavailable(why),
     };
@@ -68,7 +68,7 @@ pub fn discover(info: &BootInfo, ram: &[MemRange], region: PhysRange) -> Result<
         log::warn!("VT-d: the DMAR table's checksum is wrong; using it all the same");
     }
     log::info!(
-        "VT-d: DMAR: {} remapping unit(s), {} reserved region(s) (RMRR), host address width {}",
+        "VT-d: DMAR: {} remapping unit(s), {} reserved region(s) (RMRR), host address width {}; {source}",
         dmar.units.len(),
         dmar.rmrrs.len(),
         dmar.host_address_width
@@ -223,11 +223,28 @@ pub fn teardown() -> Result<(), vtd::Error> {
     }
 }
 
-/// The DMAR table as ACPI gives it: `ACPI_SIG_DMAR`, found through the RSDP
-/// (`rsdp` if the driver passed one, else by the BIOS-area search) with the
-/// `acpi` crate, which checks every signature and checksum on the way.
-/// Table bytes are copied out, bounded, for `vtd::dmar` to parse.
-fn find_dmar(rsdp: u64, top: u64) -> Result<Vec<u8>, String> {
+/// The DMAR table's bytes, copied out and bounded for `vtd::dmar` to parse,
+/// and a phrase for the log saying where they came from. In order:
+///
+/// - `rsdp_phys` (module parameter `rsdp`, an override): the RSDP there;
+/// - `dmar_phys`: the copy of the table that the host kernel found through
+///   its own ACPI, which works on UEFI and BIOS machines alike;
+/// - else the RSDP in the BIOS areas (a kernel without ACPI).
+///
+/// Through an RSDP, the `acpi` crate walks the XSDT or RSDT to `ACPI_SIG_DMAR`
+/// and checks every signature and checksum on the way; the kernel's copy is
+/// checked by `vtd::dmar` (signature, length; its checksum is reported).
+fn find_dmar(info: &BootInfo, top: u64) -> Result<(Vec<u8>, String), String> {
+    if info.rsdp_phys == 0 && info.dmar_phys != 0 {
+        let (phys, len) = (info.dmar_phys, info.dmar_len);
+        if len as usize > vtd::dmar::MAX_TABLE_LEN || phys.checked_add(len).is_none_or(|end| end > top) {
+            return Err(format!("the host kernel's DMAR table at {phys:#x} (+{len:#x}) is out of bounds"));
+        }
+        let mut bytes = alloc::vec![0u8; len as usize];
+        DirectMap.read(crate::addr::Hpa(phys), &mut bytes);
+        return Ok((bytes, format!("the host kernel's ACPI table ({len} bytes)")));
+    }
+    let rsdp = info.rsdp_phys;
     let h = AcpiMap { top };
     // SAFETY: the handler maps physical memory through the direct map and
     // refuses what lies beyond it; the RSDP search reads only the BIOS
@@ -247,7 +264,12 @@ fn find_dmar(rsdp: u64, top: u64) -> Result<Vec<u8>, String> {
     }
     let mut bytes = alloc::vec![0u8; len];
     DirectMap.read(crate::addr::Hpa(dmar.physical_start() as u64), &mut bytes);
-    Ok(bytes)
+    let source = if rsdp != 0 {
+        format!("found through the RSDP at {rsdp:#x} (rsdp=)")
+    } else {
+        String::from("found through the RSDP in the BIOS areas")
+    };
+    Ok((bytes, source))
 }
 
 /// The DMAR as the `acpi` crate sees it: a header; the body is ours.

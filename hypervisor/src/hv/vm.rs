@@ -111,6 +111,9 @@ pub struct Vm {
     pub tlb_dirty: AtomicU64,
     /// The PC of a `VM_FLAG_LINUX` VM (`hv/linux.rs`).
     pub linux: Option<super::linux::Platform>,
+    /// A shootdown after a copy-on-write copy was not acknowledged: no
+    /// vCPU enters until one succeeds.
+    pub flush_owed: AtomicBool,
 }
 
 impl Vm {
@@ -268,6 +271,7 @@ fn create_with(
         dying: AtomicBool::new(false),
         children: AtomicU32::new(0),
         tlb_dirty: AtomicU64::new(u64::MAX),
+        flush_owed: AtomicBool::new(false),
         linux,
     });
     VMS.lock().insert(id, vm.clone());

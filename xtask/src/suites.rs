@@ -40,6 +40,7 @@ pub fn all() -> Vec<Suite> {
         suite("guests", Backend::Bochs, 1800, "guest VMs: run, exit codes, isolation from the host, faulty guests, no leaks"),
         suite("linux", Backend::Bochs, 2400, "Linux guests: boot to a shell, console in and out, poweroff/reboot/panic, SMP, bad input, no leaks"),
         suite("fork", Backend::Bochs, 1800, "vmfork: guest and outside forks, exact memory, accounting, destroy orders"),
+        suite("merge", Backend::Bochs, 1500, "re-merging as a service: knobs, one pass over eight guests, background merging, a writer racing merges, aborts on unacknowledged shootdowns"),
         suite("mergefork", Backend::Bochs, 1200, "merge, then forks of merged VMs, 12 rounds: memory intact, nothing leaked, a steady heap"),
         hostile(),
         // QEMU's `-cpu max` has 5-level paging, which the hypervisor's page

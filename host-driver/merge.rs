@@ -132,15 +132,22 @@ unsafe extern "C" fn merge_thread(_: *mut c_void) -> i32 {
     while !shim::kthread_should_stop() {
         let seen = PARAM_GEN.load(Ordering::SeqCst);
         if STOPPING.load(Ordering::SeqCst) {
+            if let Some(drv) = crate::driver().filter(|d| d.hv.active()) {
+                if own.gen.is_some() {
+                    end_own(drv, &mut own);
+                }
+            }
             shim::msleep_interruptible(10);
             continue;
         }
         let p = shim::merge_params();
-        if p.interval_ms != 0 {
-            if let Some(drv) = crate::driver() {
-                if drv.hv.active() {
-                    budget(drv, p.batch, &mut own);
-                }
+        if let Some(drv) = crate::driver().filter(|d| d.hv.active()) {
+            if p.interval_ms != 0 {
+                budget(drv, p.batch, &mut own);
+            } else if own.gen.is_some() {
+                // Turned off: the pass ends, so that its index lets go of
+                // its frames.
+                end_own(drv, &mut own);
             }
         }
         let wq = WQ.load(Ordering::Acquire);
@@ -148,7 +155,27 @@ unsafe extern "C" fn merge_thread(_: *mut c_void) -> i32 {
         // SAFETY: freed only after this thread stopped.
         unsafe { (*wq).wait(&PARAM_GEN, seen, wait) };
     }
+    if let Some(drv) = crate::driver().filter(|d| d.hv.active()) {
+        if own.gen.is_some() {
+            end_own(drv, &mut own);
+        }
+    }
     0
+}
+
+/// Ends the thread's pass in the hypervisor, unless the ioctl runs one.
+fn end_own(drv: &crate::Driver, own: &mut Own) {
+    if MERGING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    if own.gen == Some(PASS_GEN.load(Ordering::Acquire)) {
+        if let Ok(mut e) = KBox::new(abi::MergeScan { flags: abi::MERGE_END, ..Default::default() }, GFP_KERNEL) {
+            let pa = shim::virt_to_phys((&mut *e as *mut abi::MergeScan).cast());
+            drv.hv.call(abi::hc::MERGE, pa, core::mem::size_of::<abi::MergeScan>() as u64);
+        }
+    }
+    *own = Own::default();
+    MERGING.store(false, Ordering::Release);
 }
 
 /// One wake-up's work: up to `batch` pages of the thread's pass.

@@ -154,5 +154,7 @@ expect_eq memory-intact-after-resume "$(intact "$(echo $ids | cut -d' ' -f1)")" 
 gone "$ids"
 [ -e /run/uxen/vm-$w.status ] || gone "$w"
 expect_eq no-vms-left "$(jnum "$(stats_json)" vms)" 0
+# No pass's index keeps a frame once no VM is left.
+expect_eq pool-unused-without-vms "$(pool_used)" 0
 check rmmod rmmod uxen
 finish

@@ -317,6 +317,12 @@ pub fn destroy(id: u32) -> Result<(), VmError> {
     let vmcs: Vec<Hpa> = vm.vcpus.iter().map(|v| v.vmcs).collect();
     vmops::release(&DirectMap, &mut POOL.lock(), g, &vmcs);
     free_vpid(vm.vpid);
+    if count() == 0 {
+        // A merge pass's index may still hold frames of the VMs that are
+        // gone: with no VM left, the pass has nothing to do, and every
+        // frame must go back to the pool.
+        super::merge::end();
+    }
     Ok(())
 }
 

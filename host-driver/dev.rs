@@ -180,33 +180,14 @@ fn list(drv: &crate::Driver, arg: usize) -> Result<i64> {
     Ok(total as i64)
 }
 
-/// One merge pass at a time.
-static MERGING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-
-/// MERGE: a whole re-merging pass, chunk by chunk; the frames it freed go
-/// back to the host.
+/// MERGE: a whole re-merging pass (`merge.rs`).
 fn merge(drv: &crate::Driver, arg: usize) -> Result<i64> {
     need_active(drv)?;
     let req: abi::MergeScan = read_user(arg)?;
-    if req.flags != 0 {
+    if req.flags != 0 || req.max_pages != 0 {
         return Err(EINVAL);
     }
-    if MERGING.swap(true, Ordering::AcqRel) {
-        return Err(EBUSY);
-    }
-    let r = (|| -> Result<abi::MergeScan> {
-        let mut b = HcBuf::new(abi::MergeScan { vm: req.vm, ..Default::default() })?;
-        // Chunks until the pass is over; the host runs in between.
-        while b.call(drv, abi::hc::MERGE)? == 1 {
-            b.value.flags = abi::MERGE_CONTINUE;
-            crate::shim::cond_resched();
-        }
-        Ok(*b.value)
-    })();
-    MERGING.store(false, Ordering::Release);
-    let mut out = r?;
-    out.flags = 0;
-    drv.hv.reclaim(out.frames_freed);
+    let out = crate::merge::pass(drv, req.vm)?;
     write_user(arg, &out)?;
     Ok(0)
 }

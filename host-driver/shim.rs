@@ -455,3 +455,28 @@ pub(crate) fn tsc_khz() -> u32 {
     // SAFETY: reads a kernel variable.
     unsafe { uxen_shim_tsc_khz() }
 }
+
+extern "C" {
+    fn uxen_param_merge_interval_ms() -> u32;
+    fn uxen_param_merge_batch() -> u32;
+    fn uxen_param_debug_drop_shootdown_acks() -> bool;
+}
+
+/// The run-time module parameters of background re-merging
+/// (`merge_params.c`), as they stand.
+pub(crate) struct MergeParams {
+    pub(crate) interval_ms: u32,
+    pub(crate) batch: u32,
+    pub(crate) drop_shootdown_acks: bool,
+}
+
+pub(crate) fn merge_params() -> MergeParams {
+    // SAFETY: the accessors read plain integers with READ_ONCE.
+    unsafe {
+        MergeParams {
+            interval_ms: uxen_param_merge_interval_ms(),
+            batch: uxen_param_merge_batch(),
+            drop_shootdown_acks: uxen_param_debug_drop_shootdown_acks(),
+        }
+    }
+}

@@ -18,6 +18,7 @@ mod abi;
 mod validate;
 mod dev;
 mod hv;
+mod merge;
 mod shim;
 
 module! {
@@ -54,6 +55,8 @@ pub(crate) fn driver() -> Option<&'static Driver> {
 
 struct Uxen {
     driver: *mut Driver,
+    /// Background re-merging; stopped before the driver goes.
+    merger: Option<merge::Background>,
 }
 
 // SAFETY: the pointer is only dereferenced through `driver()`.
@@ -89,14 +92,23 @@ impl kernel::Module for Uxen {
             pr_err!("cannot register /dev/uxen ({:?})\n", e);
             return Err(e);
         }
+        merge::sync_faults(crate::driver().unwrap());
+        let merger = match merge::start() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                pr_warn!("no background re-merging ({:?})\n", e);
+                None
+            }
+        };
         pr_info!("/dev/uxen ready\n");
-        Ok(Uxen { driver: ptr })
+        Ok(Uxen { driver: ptr, merger })
     }
 }
 
 impl Drop for Uxen {
     fn drop(&mut self) {
         shim::misc_deregister();
+        drop(self.merger.take());
         DRIVER.store(core::ptr::null_mut(), Ordering::Release);
         // SAFETY: the device is gone and no descriptor is open (each holds a
         // module reference), so this is the last user of the driver.

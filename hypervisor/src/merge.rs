@@ -38,39 +38,66 @@ pub struct MergeStats {
     pub zero: u64,
 }
 
-/// A page to examine: where its entry is, its address and its entry.
+/// A page to examine: where its entry is, its address and its entry as it
+/// was before [`protect`].
 pub type Candidate = (Hpa, Gpa, EptEntry);
 
 /// Takes write access from up to `max` private pages of `g` at or above
 /// `from`. Returns them and where the next chunk starts, if anywhere. The
-/// caller must flush every CPU's translations of `g` before [`Merger::fold`].
+/// caller must flush every CPU's translations of `g` before [`Merger::fold`],
+/// or, if that flush fails, give the pages back with [`unprotect`].
 pub fn protect(g: &GuestMem, mem: &impl PhysMem, pool: &FramePool, from: Gpa, max: usize) -> (Vec<Candidate>, Option<Gpa>) {
-    let (mut leaves, next) = g.private_leaves(mem, pool, from, max);
-    for (at, _, e) in leaves.iter_mut() {
-        if writable(*e) {
-            *e = read_only(*e);
-            mem.write_u64(*at, e.0);
+    let (leaves, next) = g.private_leaves(mem, pool, from, max);
+    for &(at, _, e) in leaves.iter() {
+        if writable(e) {
+            mem.write_u64(at, read_only(e).0);
         }
     }
     (leaves, next)
 }
 
-/// A 64-bit digest of a page, and whether it is all zeros.
+/// Undoes [`protect`]: every entry it changed, and that nothing changed
+/// since, gets its old value back. For a chunk abandoned before any page
+/// was compared (a shootdown that was not acknowledged); the caller still
+/// holds the memory's lock. Returns how many entries it restored.
+pub fn unprotect(mem: &impl PhysMem, cands: &[Candidate]) -> usize {
+    let mut n = 0;
+    for &(at, _, e) in cands {
+        if writable(e) && mem.read_u64(at) == read_only(e).0 {
+            mem.write_u64(at, e.0);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Words of a page that its digest covers: one in every eight, at a
+/// different offset in each 64-byte line, so that a digest costs an eighth
+/// of reading the page. Pages that agree on these words but not on the
+/// rest meet in the index and are told apart by the full comparison
+/// ([`PhysMem::pages_equal`]), which every fold makes anyway.
+const SAMPLES: u64 = 64;
+
+/// A 64-bit digest of sampled words of a page, and whether the whole page
+/// is zeros (read in full only when every sampled word is zero).
 fn digest(mem: &impl PhysMem, pa: Hpa) -> (u64, bool) {
-    let mut buf = [0u8; 512];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut zero = true;
-    let mut off = 0;
-    while off < PAGE_SIZE {
-        mem.read(Hpa(pa.0 + off), &mut buf);
-        for w in buf.chunks_exact(8) {
-            let v = u64::from_le_bytes(w.try_into().unwrap());
-            zero &= v == 0;
-            h = (h ^ v).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(23);
-        }
-        off += 512;
+    for i in 0..SAMPLES {
+        let v = mem.read_u64(Hpa(pa.0 + i * 64 + (i % 8) * 8));
+        zero &= v == 0;
+        h = (h ^ v).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(23);
+    }
+    if zero {
+        zero = (0..PAGE_SIZE / 8).all(|w| mem.read_u64(Hpa(pa.0 + w * 8)) == 0);
     }
     (h, zero)
+}
+
+/// A digest of every word of a page, for pages whose sampled digest meets
+/// a different page's.
+fn full_digest(mem: &impl PhysMem, pa: Hpa) -> u64 {
+    (0..PAGE_SIZE / 8).fold(0x8422_2325_cbf2_9ce4, |h: u64, w| (h ^ mem.read_u64(Hpa(pa.0 + w * 8))).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29))
 }
 
 /// Most frames the index of one pass holds: its entries live on the
@@ -98,6 +125,7 @@ impl Merger {
         for &(at, _, e) in cands {
             // The entry cannot have changed: the caller holds the memory's
             // lock. Take the current value all the same.
+            let e = read_only(e);
             let e2 = EptEntry(mem.read_u64(at));
             if e2.0 != e.0 {
                 continue;
@@ -111,27 +139,43 @@ impl Merger {
                 self.stats.zero += 1;
                 continue;
             }
-            match self.index.get(&h) {
-                Some(&c) if c == pa => {}
-                Some(&c) if mem.pages_equal(c, pa) => {
-                    if pool.get(c).is_err() {
+            // The sampled digest first; pages that share it with a
+            // different page try a digest of the whole page (tagged so that
+            // it cannot meet a sampled one), and keep apart only if that
+            // collides too.
+            let mut key = h;
+            for round in 0..2 {
+                match self.index.get(&key) {
+                    Some(&c) if c == pa => {}
+                    Some(&c) if mem.pages_equal(c, pa) => {
+                        if pool.get(c).is_err() {
+                            break;
+                        }
+                        mem.write_u64(at, leaf(c, false).0);
+                        dropped.push(pa);
+                        self.stats.merged += 1;
+                    }
+                    Some(_) if round == 0 => {
+                        key = full_digest(mem, pa) | 1 << 63;
                         continue;
                     }
-                    mem.write_u64(at, leaf(c, false).0);
-                    dropped.push(pa);
-                    self.stats.merged += 1;
-                }
-                // A digest collision between different pages: keep both.
-                Some(_) => {}
-                None if self.index.len() >= INDEX_MAX => {}
-                None => {
-                    if pool.get(pa).is_ok() {
-                        self.index.insert(h, pa);
+                    Some(_) => {}
+                    None if self.index.len() >= INDEX_MAX => {}
+                    None => {
+                        if pool.get(pa).is_ok() {
+                            self.index.insert(key, pa);
+                        }
                     }
                 }
+                break;
             }
         }
         dropped
+    }
+
+    /// Frames the index holds (one pool reference each).
+    pub fn indexed(&self) -> usize {
+        self.index.len()
     }
 
     /// Ends the pass: drops the index's references. Returns how many frames
@@ -280,6 +324,62 @@ mod tests {
         let mut want = gpas.clone();
         want.sort();
         assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn pages_alike_in_the_sampled_words_only_stay_apart() {
+        let (mem, mut pool) = setup(64);
+        let mut g = GuestMem::new(&mem, &mut pool, 4 << 20).unwrap();
+        let a = page(4);
+        let mut b = page(4);
+        // Word 1 is not sampled (word 0 of line 0 is).
+        b[8] ^= 0xff;
+        let mut b2 = b;
+        b2[16] ^= 0xff;
+        let mut z = [0u8; 4096];
+        z[8] = 1;
+        g.write(&mem, &mut pool, Gpa(0), &a).unwrap();
+        g.write(&mem, &mut pool, Gpa(0x1000), &b).unwrap();
+        g.write(&mem, &mut pool, Gpa(0x2000), &a).unwrap();
+        g.write(&mem, &mut pool, Gpa(0x3000), &z).unwrap();
+        // Alike in the samples, and the same as each other: they still fold.
+        g.write(&mem, &mut pool, Gpa(0x4000), &b).unwrap();
+        // Alike in the samples, different from both: kept apart.
+        g.write(&mem, &mut pool, Gpa(0x5000), &b2).unwrap();
+        let mut r = [0u8; 4096];
+        let (s, _) = merge_all(&mem, &mut pool, &mut [&mut g]);
+        assert_eq!(s, MergeStats { scanned: 6, merged: 2, zero: 0 });
+        assert_eq!(g.lookup(&mem, Gpa(0x1000)).unwrap().0, g.lookup(&mem, Gpa(0x4000)).unwrap().0);
+        g.read(&mem, Gpa(0x5000), &mut r).unwrap();
+        assert_eq!(r, b2);
+        g.read(&mem, Gpa(0x1000), &mut r).unwrap();
+        assert_eq!(r, b);
+        g.read(&mem, Gpa(0x3000), &mut r).unwrap();
+        assert_eq!(r, z);
+        g.destroy(&mem, &mut pool);
+    }
+
+    #[test]
+    fn an_abandoned_chunk_leaves_every_page_as_it_was() {
+        let (mem, mut pool) = setup(64);
+        let mut g = GuestMem::new(&mem, &mut pool, 4 << 20).unwrap();
+        for i in 0..4u64 {
+            g.write(&mem, &mut pool, Gpa(i * 4096), &page(3)).unwrap();
+        }
+        // One page read-only already (shared, then made private again).
+        let before: Vec<_> = (0..4u64).map(|i| g.lookup(&mem, Gpa(i * 4096)).unwrap()).collect();
+        let (c, _) = protect(&g, &mem, &pool, Gpa(0), 10);
+        assert_eq!(c.len(), 4);
+        assert!((0..4u64).all(|i| !g.lookup(&mem, Gpa(i * 4096)).unwrap().1));
+        assert_eq!(unprotect(&mem, &c), 4);
+        let after: Vec<_> = (0..4u64).map(|i| g.lookup(&mem, Gpa(i * 4096)).unwrap()).collect();
+        assert_eq!(before, after);
+        // Nothing folded, nothing freed.
+        let mut b = [0u8; 4096];
+        g.read(&mem, Gpa(0x3000), &mut b).unwrap();
+        assert_eq!(b, page(3));
+        g.destroy(&mem, &mut pool);
+        assert_eq!(used(&pool), 0);
     }
 
     #[test]

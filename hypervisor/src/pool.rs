@@ -97,6 +97,13 @@ impl FramePool {
         self.chunks.values().flat_map(|c| c.refs.iter()).filter(|&&r| r > 1).count() as u64
     }
 
+    /// References beyond the first, summed over every frame: the mappings
+    /// (and index entries) that share a frame with another.
+    pub fn refs_beyond_one(&self) -> u64 {
+        let small: u64 = self.chunks.values().flat_map(|c| c.refs.iter()).filter(|&&r| r > 1 && r != BIG).map(|&r| r as u64 - 1).sum();
+        small + self.big.values().map(|&n| n as u64 - 1).sum::<u64>()
+    }
+
     /// The chunk covering `pfn` and the index in it, gone or not.
     fn covering(&self, pfn: u64) -> Option<(u64, usize)> {
         let (&base, c) = self.chunks.range(..=pfn).next_back()?;

@@ -478,6 +478,9 @@ pub mod hc {
     pub const MERGE: u64 = 0x20;
     /// In/out: [`super::DebugTranslate`]. Only with `BOOT_FLAG_DEBUG`.
     pub const DEBUG_TRANSLATE: u64 = 0x30;
+    /// In: [`super::DebugFaults`]: fault injection for tests. Only with
+    /// `BOOT_FLAG_DEBUG`.
+    pub const DEBUG_FAULTS: u64 = 0x31;
 }
 
 /// Status meaning "donate RDX pages, then retry the same call".
@@ -569,12 +572,31 @@ pub struct HvStats {
     /// bookkeeping, VM records), in bytes.
     pub heap_bytes_total: u64,
     pub heap_bytes_free: u64,
-    pub reserved: [u64; 1],
+    /// Re-merging passes completed.
+    pub merge_passes: u64,
+    /// Merge chunks abandoned, every page left as it was, because a TLB
+    /// shootdown was not acknowledged in time.
+    pub merge_aborted: u64,
+    /// Guest mappings beyond the first of each frame: the pages that
+    /// sharing (merges and forks) saves right now. References the merge
+    /// index itself holds are not counted.
+    pub merge_pages_shared_now: u64,
+    /// Frames the running pass's index holds, and the hypervisor heap bytes
+    /// that index takes (bounded: `docs/design.md`).
+    pub merge_indexed: u64,
+    pub merge_index_heap_bytes: u64,
+    /// TLB shootdowns that were not acknowledged in time (every one of them
+    /// undone or kept back by its caller), and the EPT tables and frames
+    /// still waiting for a later shootdown to be freed.
+    pub shootdowns_unacked: u64,
+    pub shootdown_deferred: u64,
+    /// TSC ticks the hypervisor spent in merge chunks, over every pass.
+    pub merge_tsc: u64,
     pub cpus: [CpuStats; MAX_CPUS],
 }
 const _: () = assert_size(
     core::mem::size_of::<HvStats>(),
-    168 + 32 + MAX_CPUS * core::mem::size_of::<CpuStats>(),
+    168 + 24 + 64 + MAX_CPUS * core::mem::size_of::<CpuStats>(),
 );
 
 /// Most bytes of a VM name.
@@ -937,13 +959,43 @@ pub struct MergeScan {
     pub frames_freed: u64,
     /// Out: the hypervisor's time for the pass, in TSC ticks.
     pub tsc: u64,
+    /// In (hypercall): most pages this call examines, 0 for the default
+    /// chunk ([`MERGE_CHUNK`]); larger values are cut to it. The ioctl
+    /// takes 0.
+    pub max_pages: u32,
+    /// Out: chunks of this pass abandoned because a TLB shootdown was not
+    /// acknowledged (every page left as it was). The hypercall returns 2
+    /// for such a chunk; the pass stays where it was and may go on. The
+    /// ioctl ends the pass at the first.
+    pub aborted: u32,
 }
-const _: () = assert_size(core::mem::size_of::<MergeScan>(), 48);
+const _: () = assert_size(core::mem::size_of::<MergeScan>(), 56);
+
+/// Most pages one MERGE hypercall examines.
+pub const MERGE_CHUNK: u32 = 2048;
 
 /// [`MergeScan::flags`] of the hypercall: go on with the pass that the
 /// previous MERGE started (the hypercall works in bounded chunks; it
 /// returns 1 while there is more to do, 0 when the pass is over).
 pub const MERGE_CONTINUE: u32 = 1;
+/// [`MergeScan::flags`] of the hypercall: end the running pass (if any)
+/// without another chunk, dropping its index; returns 0.
+pub const MERGE_END: u32 = 2;
+
+/// [`hc::DEBUG_FAULTS`]: faults the hypervisor injects into itself, for
+/// tests (the driver's `debug_drop_shootdown_acks` parameter sets them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DebugFaults {
+    /// `DEBUG_FAULT_*` bits; the others must be 0.
+    pub faults: u32,
+    pub reserved0: u32,
+}
+const _: () = assert_size(core::mem::size_of::<DebugFaults>(), 8);
+
+/// Every CPU ignores TLB shootdown requests (no flush, no acknowledgement),
+/// so every shootdown times out and its caller backs off.
+pub const DEBUG_FAULT_DROP_SHOOTDOWN_ACKS: u32 = 1 << 0;
 
 /// The DEBUG_POOL ioctl: move pages between the host and the hypervisor's
 /// frame pool on request, so that tests can aim device DMA at a donated

@@ -374,3 +374,16 @@ pub fn irqstorm(args: &[String]) -> Result {
     println!("rounds={r0} sleeps={}", s0 + s1);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The ring-0 probe (C, no Cargo dependencies) names the size of
+    /// `HvStats` by hand: it must follow the ABI.
+    #[test]
+    fn probe_knows_the_stats_size() {
+        let c = include_str!("../probe/uxen_probe.c");
+        let line = c.lines().find(|l| l.starts_with("#define STATS_SIZE ")).expect("STATS_SIZE in uxen_probe.c");
+        let n: usize = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert_eq!(n, core::mem::size_of::<shared_abi::HvStats>());
+    }
+}

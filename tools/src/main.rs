@@ -7,6 +7,7 @@ use shared_abi as abi;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod automerge;
 mod boot;
 mod check;
 mod console;
@@ -233,6 +234,17 @@ enum Cmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Merge in the background instead, from now on (the driver's
+        /// kernel thread); `--auto off` stops it. Sets the module
+        /// parameters merge_interval_ms and merge_batch.
+        #[arg(long, num_args = 0..=1, default_missing_value = "on", value_name = "off")]
+        auto: Option<String>,
+        /// With --auto: milliseconds between wake-ups (default: as set, or 100).
+        #[arg(long, value_name = "MS", requires = "auto")]
+        interval: Option<String>,
+        /// With --auto: guest pages examined per wake-up.
+        #[arg(long, value_name = "N", requires = "auto")]
+        batch: Option<String>,
     },
     /// The host frame behind a guest page (module parameter debug=1; tests).
     Translate { vm: u32, gpa: String },
@@ -396,7 +408,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Merge { vm, json } => {
+        Cmd::Merge { vm, json, auto: Some(auto), interval, batch } => {
+            if vm.is_some() {
+                return Err(anyhow!("--auto merges every VM; it takes no VM id"));
+            }
+            let a = automerge::parse(&auto, interval.as_deref(), batch.as_deref())?;
+            let (i, b) = automerge::apply(&automerge::params_dir(), &a)?;
+            if json {
+                println!("{}", serde_json::json!({ "interval_ms": i, "batch": b }));
+            } else if i == 0 {
+                println!("background merging off");
+            } else {
+                println!("background merging on: {b} pages every {i} ms");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Merge { vm, json, auto: None, .. } => {
             let m = dev::Device::open()?.merge(vm.unwrap_or(0)).map_err(|e| match (vm, e.errno) {
                 (Some(id), libc::ENOENT) => anyhow!("no VM with id {id}"),
                 _ => anyhow!("{e}"),
@@ -404,7 +431,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 let j = serde_json::json!({
                     "scanned": m.scanned, "merged": m.merged, "zero": m.zero,
-                    "frames_freed": m.frames_freed, "tsc": m.tsc,
+                    "frames_freed": m.frames_freed, "tsc": m.tsc, "aborted": m.aborted,
                 });
                 println!("{j}");
             } else {
@@ -412,8 +439,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "{} pages scanned: {} folded onto identical frames, {} zero pages dropped; {} frames freed",
                     m.scanned, m.merged, m.zero, m.frames_freed
                 );
+                if m.aborted != 0 {
+                    println!("aborted: a TLB shootdown was not acknowledged; the pages of the last chunk are as they were");
+                }
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if m.aborted != 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
         }
         Cmd::Translate { vm, gpa } => {
             let gpa = parse_u64(&gpa)?;

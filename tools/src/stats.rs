@@ -54,6 +54,22 @@ pub struct Merge {
     pub scanned: u64,
     pub merged: u64,
     pub zero: u64,
+    /// Passes completed.
+    pub passes: u64,
+    /// Chunks abandoned, every page as it was, because a TLB shootdown was
+    /// not acknowledged.
+    pub aborted: u64,
+    /// Guest mappings beyond the first of each frame: pages that sharing
+    /// saves right now.
+    pub pages_shared_now: u64,
+    /// Frames the running pass's index holds, and its heap bytes.
+    pub indexed: u64,
+    pub index_heap_bytes: u64,
+    /// Shootdowns not acknowledged in time, and what waits for a later one.
+    pub shootdowns_unacked: u64,
+    pub shootdown_deferred: u64,
+    /// TSC ticks the hypervisor spent merging, over every pass.
+    pub tsc: u64,
 }
 
 /// Exits of one side (the host VM, or the guests) by reason: over every
@@ -162,7 +178,19 @@ pub fn to_json(s: &abi::HvStats) -> StatsJson {
         pool: Pool { frames_total: s.pool_frames_total, frames_free: s.pool_frames_free },
         frames_shared: s.frames_shared,
         cow_copies: s.cow_copies,
-        merge: Merge { scanned: s.merge_scanned, merged: s.merge_merged, zero: s.merge_zero },
+        merge: Merge {
+            scanned: s.merge_scanned,
+            merged: s.merge_merged,
+            zero: s.merge_zero,
+            passes: s.merge_passes,
+            aborted: s.merge_aborted,
+            pages_shared_now: s.merge_pages_shared_now,
+            indexed: s.merge_indexed,
+            index_heap_bytes: s.merge_index_heap_bytes,
+            shootdowns_unacked: s.shootdowns_unacked,
+            shootdown_deferred: s.shootdown_deferred,
+            tsc: s.merge_tsc,
+        },
         vms: s.vms,
         host_ept: HostEpt { pages_1g: s.host_ept_1g, pages_2m: s.host_ept_2m, pages_4k: s.host_ept_4k },
         heap: Heap { bytes_total: s.heap_bytes_total, bytes_free: s.heap_bytes_free },
@@ -187,6 +215,10 @@ pub fn print_text(s: &abi::HvStats) {
         println!("DMA protection     unavailable (no VT-d remapping unit)");
     }
     println!("frame pool         {} frames, {} free; {} shared, {} copy-on-write copies", j.pool.frames_total, j.pool.frames_free, j.frames_shared, j.cow_copies);
+    println!(
+        "re-merging         {} passes, {} pages scanned, {} merged, {} zero; {} shared now; {} chunks aborted",
+        j.merge.passes, j.merge.scanned, j.merge.merged, j.merge.zero, j.merge.pages_shared_now, j.merge.aborted
+    );
     println!("VMs                {}", j.vms);
     for c in &j.cpus {
         println!(

@@ -17,7 +17,7 @@ const MARK: &str = "UXEN-BENCH: ";
 /// One result line: the bench's name and its values.
 type Row = BTreeMap<String, String>;
 
-pub const NAMES: &[&str] = &["exits", "fork", "linux"];
+pub const NAMES: &[&str] = &["exits", "fork", "linux", "merge"];
 
 pub fn bench(args: &[String]) -> Result<()> {
     let names: Vec<&str> = match args.first().map(String::as_str) {
@@ -62,6 +62,7 @@ pub fn bench(args: &[String]) -> Result<()> {
                 writeln!(t, "\nchart: {}", svg.strip_prefix(util::root()).unwrap_or(&svg).display())?;
                 t
             }
+            "merge" => merge_table(&rows(&text, "merge"))?,
             _ => unreachable!(),
         };
         print!("\n{table}");
@@ -95,6 +96,42 @@ fn fork_table(rows: &[Row]) -> Result<String> {
     for r in rows {
         let (mib, cow, copy) = (num(r, "mib")?, num(r, "cow")?, num(r, "copy")?);
         writeln!(t, "| {mib} MiB | {cow} | {copy} | {:.1}x | {} |", copy as f64 / cow.max(1) as f64, cow / mib.max(1))?;
+    }
+    Ok(t)
+}
+
+/// Re-merging: instructions (emulated TSC ticks) per page examined, first
+/// and second pass, against a full copy's per page; pages reclaimed
+/// against the ideal; the background thread's CPU share at its defaults.
+fn merge_table(rows: &[Row]) -> Result<String> {
+    let mut t = String::new();
+    writeln!(t, "merge: eight separately created guests, 2 MiB of identical touched memory each")?;
+    writeln!(t, "baseline: one full copy (FORK_COPY) of such a guest, per page, in the same run
+")?;
+    writeln!(t, "| pass | pages examined | ticks | per page examined | per guest page | goal | copy per page | merged | ideal | of ideal |")?;
+    writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    let mut auto = None;
+    for r in rows {
+        if r.contains_key("auto") {
+            auto = Some(r);
+            continue;
+        }
+        let (pass, scanned, tsc, merged, ideal) = (num(r, "pass")?, num(r, "scanned")?, num(r, "tsc")?, num(r, "merged")?, num(r, "ideal")?);
+        let pages = num(r, "copy_pages")?.max(1);
+        let copy = num(r, "copy_tsc")? / pages;
+        let of = if ideal == 0 { "-".to_string() } else { format!("{:.1}%", merged as f64 * 100.0 / ideal as f64) };
+        let goal = if pass == 1 { 3000 } else { 500 };
+        // Eight guests of `pages` frames each.
+        writeln!(t, "| {pass} | {scanned} | {tsc} | {} | {} | {goal} | {copy} | {merged} | {ideal} | {of} |", tsc / scanned.max(1), tsc / (8 * pages))?;
+    }
+    if let Some(r) = auto {
+        let (cs, el, hv, khz) = (num(r, "thread_cs")?, num(r, "elapsed_cs")?, num(r, "hv_tsc")?, num(r, "tsc_khz")?);
+        let hv_share = hv as f64 * 100.0 / (el as f64 * 10.0 * khz as f64);
+        writeln!(t, "
+background merging at its defaults (interval {} ms, batch {}), host busy on both CPUs:", num(r, "interval_ms")?, num(r, "batch")?)?;
+        writeln!(t, "- the merge thread's CPU time: {:.2}% of one CPU ({} of {} centiseconds; goal: at most 2%)", cs as f64 * 100.0 / el.max(1) as f64, cs, el)?;
+        writeln!(t, "- of which in the hypervisor: {hv_share:.2}% ({hv} ticks)")?;
+        writeln!(t, "- pages shared at the end: {}", num(r, "shared")?)?;
     }
     Ok(t)
 }
@@ -372,6 +409,18 @@ fn exits_table(cpuid: &[Row], text: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merge_table_has_ratios() {
+        let text = "UXEN-BENCH: merge pass=1 scanned=4000 tsc=12000000 merged=3584 ideal=3584 copy_tsc=2000000 copy_pages=520\n\
+                    UXEN-BENCH: merge pass=2 scanned=400 tsc=100000 merged=0 ideal=0 copy_tsc=2000000 copy_pages=520\n\
+                    UXEN-BENCH: merge auto=1 thread_cs=20 elapsed_cs=2000 hv_tsc=10000000 tsc_khz=50000 interval_ms=100 batch=32 shared=3600\n";
+        let t = merge_table(&rows(text, "merge")).unwrap();
+        assert!(t.contains("| 1 | 4000 | 12000000 | 3000 | 2884 | 3000 | 3846 | 3584 | 3584 | 100.0% |"), "{t}");
+        assert!(t.contains("| 2 | 400 | 100000 | 250 | 24 | 500 |"), "{t}");
+        assert!(t.contains("1.00% of one CPU"), "{t}");
+        assert!(t.contains("1.00% (10000000 ticks)"), "{t}");
+    }
 
     #[test]
     fn parses_bench_lines() {

@@ -44,6 +44,7 @@ pub fn all() -> Vec<Suite> {
         suite("linux", Backend::Bochs, 2400, "Linux guests: boot to a shell, console in and out, poweroff/reboot/panic, SMP, bad input, no leaks"),
         suite("linux-fork", Backend::Bochs, 2400, "clones of a booted Linux guest: 8 forks with unique UUIDs, a 2-vCPU fork, uxen-fork inside, shared memory, no leaks"),
         suite("fork", Backend::Bochs, 1800, "vmfork: guest and outside forks, exact memory, accounting, destroy orders"),
+        suite("merge", Backend::Bochs, 1500, "re-merging as a service: knobs, one pass over eight guests, background merging, a writer racing merges, aborts on unacknowledged shootdowns"),
         suite("mergefork", Backend::Bochs, 1200, "merge, then forks of merged VMs, 12 rounds: memory intact, nothing leaked, a steady heap"),
         hostile(),
         // QEMU's `-cpu max` has 5-level paging, which the hypervisor's page

@@ -13,7 +13,7 @@ use alloc::vec::Vec;
 use core::mem::{offset_of, size_of, MaybeUninit};
 use shared_abi::validate;
 use shared_abi::{
-    DebugTranslate, ExitRecord, HvStats, HvVersion, IocBuf, IocLoad, IocVersion, MemRange, MergeScan, VmCreate, VmFork, VmId, VmInfo, VmLoad, VmRegs,
+    DebugFaults, DebugTranslate, ExitRecord, HvStats, HvVersion, IocBuf, IocLoad, IocVersion, MemRange, MergeScan, VmCreate, VmFork, VmId, VmInfo, VmLoad, VmRegs,
     VmIrq, VmRun, VM_NAME_LEN,
 };
 
@@ -45,7 +45,7 @@ macro_rules! blocks {
         $(unsafe impl Block for $t {})*
     };
 }
-blocks!(u64, MemRange, VmCreate, VmId, VmIrq, VmLoad, VmRegs, VmRun, ExitRecord, VmFork, VmInfo, DebugTranslate, HvVersion, HvStats, MergeScan);
+blocks!(u64, MemRange, VmCreate, VmId, VmIrq, VmLoad, VmRegs, VmRun, ExitRecord, VmFork, VmInfo, DebugTranslate, DebugFaults, HvVersion, HvStats, MergeScan);
 // The ioctl arguments, for the driver model of the fuzz harnesses.
 blocks!(IocVersion, IocBuf, IocLoad);
 

@@ -47,6 +47,7 @@ pub fn dispatch(nr: u64, arg: u64, len: u64, regs: &mut GuestRegs) -> Switch {
         hc::VM_IRQ => vm_irq(arg, len),
         hc::MERGE => merge(arg, len),
         hc::DEBUG_TRANSLATE => debug_translate(arg, len),
+        hc::DEBUG_FAULTS => debug_faults(arg, len),
         _ => Err(HcError::NoSys),
     };
     let (status, pages) = crate::control::status(r);
@@ -75,7 +76,8 @@ pub fn direct(nr: u64, arg: u64, len: u64) -> (i64, u64) {
         | hc::VM_FORK
         | hc::VM_IRQ
         | hc::MERGE
-        | hc::DEBUG_TRANSLATE => Err(HcError::NoVmx),
+        | hc::DEBUG_TRANSLATE
+        | hc::DEBUG_FAULTS => Err(HcError::NoVmx),
         _ => Err(HcError::NoSys),
     };
     crate::control::status(r)
@@ -112,9 +114,23 @@ fn donate(arg: u64, len: u64) -> Result<i64, HcError> {
     };
     // No CPU may keep a translation to the donated pages, nor walk the
     // tables dropped above.
-    super::tlb::shootdown();
-    for (t, level) in dropped {
-        crate::ept::Ept::free_subtree(&memory::DirectMap, &mut memory::HeapFrames, t, level);
+    match super::tlb::shootdown() {
+        Ok(ok) => {
+            for (t, level) in dropped {
+                crate::ept::Ept::free_subtree(&memory::DirectMap, &mut memory::HeapFrames, t, level);
+            }
+            super::tlb::release_deferred(ok);
+        }
+        Err(_) => {
+            // A CPU may still reach the pages: they stay the host's. The
+            // dropped tables wait for a later shootdown.
+            for (t, level) in dropped {
+                super::tlb::defer_table(t, level);
+            }
+            let all: alloc::vec::Vec<PhysRange> = ranges.iter().map(|r| PhysRange::new(r.base, r.size)).collect();
+            map_back_for_host(&all)?;
+            return Err(HcError::Busy);
+        }
     }
     unmapped?;
     // Nor any device: the pages leave the DMA map before they are scrubbed.
@@ -175,9 +191,17 @@ fn reclaim(arg: u64, len: u64) -> Result<i64, HcError> {
         bases.into_iter().filter_map(|b| ept.coalesce_identity(&memory::DirectMap, crate::addr::Gpa(b))).collect::<alloc::vec::Vec<_>>()
     };
     if !tables.is_empty() {
-        super::tlb::shootdown();
-        for t in tables {
-            crate::ept::Ept::free_subtree(&memory::DirectMap, &mut memory::HeapFrames, t, 1);
+        // Large leaves replaced the tables; a stale paging-structure cache
+        // may still walk them until the shootdown, so they wait for one
+        // that succeeds (the frames are the host's either way).
+        match super::tlb::shootdown() {
+            Ok(ok) => {
+                for t in tables {
+                    crate::ept::Ept::free_subtree(&memory::DirectMap, &mut memory::HeapFrames, t, 1);
+                }
+                super::tlb::release_deferred(ok);
+            }
+            Err(_) => tables.into_iter().for_each(|t| super::tlb::defer_table(t, 1)),
         }
     }
     decode::reclaimed(&memory::HostBlocks, arg, &frames);
@@ -337,24 +361,51 @@ fn vm_list(arg: u64, len: u64) -> Result<i64, HcError> {
     Ok(list.len() as i64)
 }
 
-/// MERGE: one chunk of a re-merging pass; 1 while there is more to do.
+/// MERGE: one chunk of a re-merging pass; 1 while there is more to do, 2
+/// if the chunk was abandoned (a shootdown was not acknowledged), 0 when
+/// the pass is over. The pass's figures so far are written back each time.
 fn merge(arg: u64, len: u64) -> Result<i64, HcError> {
     let mut m: shared_abi::MergeScan = copy_in(arg, len)?;
-    if m.flags & !shared_abi::MERGE_CONTINUE != 0 {
+    if m.flags & !(shared_abi::MERGE_CONTINUE | shared_abi::MERGE_END) != 0 || m.aborted != 0 {
         return Err(HcError::Invalid);
+    }
+    if m.flags & shared_abi::MERGE_END != 0 {
+        super::merge::end();
+        return Ok(0);
     }
     if m.flags & shared_abi::MERGE_CONTINUE == 0 {
         super::merge::start(m.vm)?;
     }
-    let Some(done) = super::merge::step()? else {
-        return Ok(1);
+    let max = if m.max_pages == 0 { shared_abi::MERGE_CHUNK } else { m.max_pages.min(shared_abi::MERGE_CHUNK) };
+    let (ret, p) = match super::merge::step(max as usize)? {
+        super::merge::Step::More(p) => (1, p),
+        super::merge::Step::Aborted(p) => (2, p),
+        super::merge::Step::Done(p) => (0, p),
     };
-    m.scanned = done.stats.scanned;
-    m.merged = done.stats.merged;
-    m.zero = done.stats.zero;
-    m.frames_freed = done.freed;
-    m.tsc = done.tsc;
+    m.scanned = p.stats.scanned;
+    m.merged = p.stats.merged;
+    m.zero = p.stats.zero;
+    m.frames_freed = p.freed;
+    m.tsc = p.tsc;
+    m.aborted = p.aborted;
     copy_out(arg, len, &m)?;
+    Ok(ret)
+}
+
+/// DEBUG_FAULTS: fault injection for tests (debug builds of the boot
+/// flags only).
+fn debug_faults(arg: u64, len: u64) -> Result<i64, HcError> {
+    if hv().boot.flags & shared_abi::BOOT_FLAG_DEBUG == 0 {
+        return Err(HcError::NoSys);
+    }
+    let f: shared_abi::DebugFaults = copy_in(arg, len)?;
+    if f.faults & !shared_abi::DEBUG_FAULT_DROP_SHOOTDOWN_ACKS != 0 || f.reserved0 != 0 {
+        return Err(HcError::Invalid);
+    }
+    let drop_acks = f.faults & shared_abi::DEBUG_FAULT_DROP_SHOOTDOWN_ACKS != 0;
+    if super::tlb::DROP_ACKS.swap(drop_acks, Ordering::AcqRel) != drop_acks {
+        log::warn!("debug: TLB shootdown acknowledgements {}", if drop_acks { "dropped" } else { "restored" });
+    }
     Ok(0)
 }
 
@@ -414,7 +465,17 @@ fn stats(arg: u64, len: u64) -> Result<i64, HcError> {
         s.pool_frames_total = pool.frames_total();
         s.pool_frames_free = pool.frames_free();
         s.frames_shared = pool.frames_shared();
+        // Read under the pool's lock, which a chunk holds while it changes
+        // the index.
+        s.merge_indexed = super::merge::INDEXED.load(Ordering::Relaxed);
+        s.merge_pages_shared_now = pool.refs_beyond_one().saturating_sub(s.merge_indexed);
     }
+    s.merge_index_heap_bytes = s.merge_indexed * super::merge::INDEX_ENTRY_BYTES;
+    s.merge_passes = super::merge::PASSES.load(Ordering::Relaxed);
+    s.merge_aborted = super::merge::ABORTED.load(Ordering::Relaxed);
+    s.merge_tsc = super::merge::TSC.load(Ordering::Relaxed);
+    s.shootdowns_unacked = super::tlb::UNACKED.load(Ordering::Relaxed);
+    s.shootdown_deferred = super::tlb::deferred_count() as u64;
     s.vms = vm::count();
     s.cow_copies = vm::COW_COPIES.load(Ordering::Relaxed);
     s.merge_scanned = super::merge::SCANNED.load(Ordering::Relaxed);

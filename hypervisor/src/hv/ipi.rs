@@ -72,8 +72,17 @@ fn guard(on: bool) {
         let set = ept.set(&super::memory::DirectMap, &mut super::memory::HeapFrames, crate::addr::Gpa(h.apic_page), 1, EptEntry::leaf(h.apic_page, flags, MT_UC, false));
         debug_assert!(set.is_some());
     }
-    // No CPU may keep a writable translation of the page.
-    super::tlb::shootdown();
+    // No CPU may keep a writable translation of the page: one would let an
+    // INIT through. A CPU that does not acknowledge is asked again; turning
+    // the guard off needs no flush to be right (a stale read-only
+    // translation costs one spurious exit, after which the CPU walks the
+    // tables again).
+    for _ in 0..8 {
+        if super::tlb::shootdown().is_ok() || !on {
+            return;
+        }
+    }
+    log::error!("a CPU did not acknowledge the APIC page's write protection: an INIT the host sends it may reach it");
 }
 
 /// `PerCpu::sipi_state` values.

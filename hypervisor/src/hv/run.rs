@@ -95,6 +95,15 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
         write_record(arg, &vm.final_record());
         return Ok(Switch::Return(0, 0));
     }
+    if vm.flush_owed.load(Ordering::Acquire) {
+        // A copy-on-write copy waits for the shootdown that failed: no vCPU
+        // of the VM runs until one succeeds.
+        if tlb::shootdown().is_err() {
+            write_record(arg, &record(exit::NONE));
+            return Ok(Switch::Return(0, 0));
+        }
+        vm.flush_owed.store(false, Ordering::Release);
+    }
     if vcpu.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return Err(-EBUSY);
     }
@@ -701,9 +710,12 @@ fn ept_violation(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
             Ok(Touch::Copied) => {
                 vm::COW_COPIES.fetch_add(1, Ordering::Relaxed);
                 flush_local(vm);
-                if vm.vcpus.len() > 1 {
-                    // Another vCPU of this VM may still read the old frame.
-                    tlb::shootdown();
+                if vm.vcpus.len() > 1 && tlb::shootdown().is_err() {
+                    // Another vCPU of this VM may still read the old frame:
+                    // the write must wait until none can. The VM enters
+                    // again only after a shootdown succeeds (`try_run`).
+                    vm.flush_owed.store(true, Ordering::Release);
+                    return leave(pc, regs, record(exit::NONE), Pending::None, 0, 0);
                 }
             }
             // The instruction is retried once the host has donated.

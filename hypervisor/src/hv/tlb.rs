@@ -13,12 +13,105 @@ use super::hv;
 use crate::arch::x86::apic;
 use crate::arch::x86::cpu::{this_cpu, PerCpu};
 use crate::arch::x86::instr;
-use core::sync::atomic::{AtomicU64, Ordering};
+use crate::addr::Hpa;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 static FLUSH_GEN: AtomicU64 = AtomicU64::new(0);
 
-/// Flushes this CPU's EPT-derived translations if a shootdown asked for it.
+/// Fault injection (tests; the driver's `debug_drop_shootdown_acks`):
+/// CPUs ignore shootdown requests, neither flushing nor acknowledging, as a
+/// CPU whose NMIs are lost would. Every shootdown then times out.
+pub static DROP_ACKS: AtomicBool = AtomicBool::new(false);
+
+/// Shootdowns that were not acknowledged in time, for `stats`.
+pub static UNACKED: AtomicU64 = AtomicU64::new(0);
+
+/// TSC ticks a shootdown waits for every CPU's acknowledgement before it
+/// gives up: some 22 ms at 3 GHz, 1.3 s of emulated time in Bochs (whose
+/// TSC counts instructions at 50 MHz); a kick is re-sent every
+/// [`KICK_RESEND`] meanwhile. A caller that gets [`Unacked`] must not rely
+/// on the flush: it undoes its change, or keeps what it would have freed.
+pub const SHOOTDOWN_TIMEOUT: u64 = 1 << 26;
+
+/// A CPU did not acknowledge a shootdown within [`SHOOTDOWN_TIMEOUT`]: it
+/// may still hold translations made before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unacked {
+    pub cpu: usize,
+}
+
+/// A successful shootdown's generation: translations made before it are
+/// gone from every CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Flushed(u64);
+
+/// What a failed shootdown could not release: EPT tables that a stale
+/// paging-structure cache may still walk, and pool frames that a stale
+/// translation may still reach, each with the generation of the shootdown
+/// that failed. [`release_deferred`] frees them after a later one succeeds.
+struct Deferred {
+    tables: Vec<(u64, Hpa, u32)>,
+    frames: Vec<(u64, Hpa)>,
+}
+
+static DEFERRED: spin::Mutex<Deferred> = spin::Mutex::new(Deferred { tables: Vec::new(), frames: Vec::new() });
+
+/// Keeps a detached host-EPT subtree (`level`: of its entries) until a
+/// later shootdown succeeds.
+pub fn defer_table(t: Hpa, level: u32) {
+    DEFERRED.lock().tables.push((FLUSH_GEN.load(Ordering::Acquire), t, level));
+}
+
+/// Keeps one pool reference to `pa` until a later shootdown succeeds.
+pub fn defer_frame(pa: Hpa) {
+    DEFERRED.lock().frames.push((FLUSH_GEN.load(Ordering::Acquire), pa));
+}
+
+/// Frames and tables waiting for a shootdown (for `stats` and tests).
+pub fn deferred_count() -> usize {
+    let d = DEFERRED.lock();
+    d.tables.len() + d.frames.len()
+}
+
+/// Frees what failed shootdowns kept, where the successful shootdown `ok`
+/// came after them. Returns the pool frames that this freed. Takes the
+/// pool lock and the heap's: call it with neither held, nor a VM's memory.
+pub fn release_deferred(ok: Flushed) -> u64 {
+    let (tables, frames) = {
+        let mut d = DEFERRED.lock();
+        if d.tables.is_empty() && d.frames.is_empty() {
+            return 0;
+        }
+        let (t, keep_t): (Vec<_>, Vec<_>) = d.tables.drain(..).partition(|x| x.0 < ok.0);
+        let (f, keep_f): (Vec<_>, Vec<_>) = d.frames.drain(..).partition(|x| x.0 < ok.0);
+        d.tables = keep_t;
+        d.frames = keep_f;
+        (t, f)
+    };
+    for (_, t, level) in tables {
+        crate::ept::Ept::free_subtree(&super::memory::DirectMap, &mut super::memory::HeapFrames, t, level);
+    }
+    let mut freed = 0;
+    let mut pool = super::vm::POOL.lock();
+    for (_, pa) in frames {
+        if let Ok(true) = pool.put(&super::memory::DirectMap, pa) {
+            freed += 1;
+        }
+    }
+    freed
+}
+
+/// Flushes this CPU's EPT-derived translations if a shootdown asked for it
+/// (unless acknowledgements are being dropped, see [`DROP_ACKS`]).
 pub fn flush_if_needed(pc: &PerCpu) {
+    if DROP_ACKS.load(Ordering::Relaxed) {
+        return;
+    }
+    flush_now(pc);
+}
+
+fn flush_now(pc: &PerCpu) {
     let g = FLUSH_GEN.load(Ordering::Acquire);
     if pc.flushed_gen.load(Ordering::Relaxed) < g {
         // SAFETY: INVEPT all-context in VMX operation.
@@ -113,12 +206,16 @@ pub fn stop_kicks(pc: &PerCpu) -> bool {
     true
 }
 
-/// Makes every CPU drop EPT translations made before this call.
-pub fn shootdown() {
+/// Makes every CPU drop EPT translations made before this call, or fails
+/// with [`Unacked`] after [`SHOOTDOWN_TIMEOUT`]: then translations made
+/// before the call may live on, and the caller must undo its change or keep
+/// what it would have freed (never go on as if the flush had happened).
+#[must_use]
+pub fn shootdown() -> Result<Flushed, Unacked> {
     let h = hv();
     if h.iommu_only() {
         // No VMX, no EPT in use: nothing to flush.
-        return;
+        return Ok(Flushed(FLUSH_GEN.load(Ordering::Acquire)));
     }
     let g = FLUSH_GEN.fetch_add(1, Ordering::AcqRel) + 1;
     let me = this_cpu().index as usize;
@@ -128,7 +225,8 @@ pub fn shootdown() {
             kick(i);
         }
     }
-    flush_if_needed(this_cpu());
+    // The initiator flushes itself whatever `DROP_ACKS` says.
+    flush_now(this_cpu());
     for i in 0..h.num_cpus() {
         let pc = h.percpu(i);
         let t0 = instr::rdtsc();
@@ -138,9 +236,11 @@ pub fn shootdown() {
             && pc.parked.load(Ordering::Acquire) == 0
         {
             let now = instr::rdtsc();
-            if now.wrapping_sub(t0) > 1 << 34 {
-                log::error!("cpu{i} did not acknowledge a TLB shootdown");
-                break;
+            if now.wrapping_sub(t0) > SHOOTDOWN_TIMEOUT {
+                if UNACKED.fetch_add(1, Ordering::Relaxed) < 16 {
+                    log::error!("cpu{i} did not acknowledge a TLB shootdown; the change is undone or kept back");
+                }
+                return Err(Unacked { cpu: i });
             }
             if now.wrapping_sub(last) > KICK_RESEND {
                 // The kick may have been lost: kick again (sent only if
@@ -151,4 +251,5 @@ pub fn shootdown() {
             core::hint::spin_loop();
         }
     }
+    Ok(Flushed(g))
 }

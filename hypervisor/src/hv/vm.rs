@@ -111,6 +111,9 @@ pub struct Vm {
     pub tlb_dirty: AtomicU64,
     /// The PC of a `VM_FLAG_LINUX` VM (`hv/linux.rs`).
     pub linux: Option<super::linux::Platform>,
+    /// A shootdown after a copy-on-write copy was not acknowledged: no
+    /// vCPU enters until one succeeds.
+    pub flush_owed: AtomicBool,
 }
 
 impl Vm {
@@ -268,6 +271,7 @@ fn create_with(
         dying: AtomicBool::new(false),
         children: AtomicU32::new(0),
         tlb_dirty: AtomicU64::new(u64::MAX),
+        flush_owed: AtomicBool::new(false),
         linux,
     });
     VMS.lock().insert(id, vm.clone());
@@ -313,6 +317,12 @@ pub fn destroy(id: u32) -> Result<(), VmError> {
     let vmcs: Vec<Hpa> = vm.vcpus.iter().map(|v| v.vmcs).collect();
     vmops::release(&DirectMap, &mut POOL.lock(), g, &vmcs);
     free_vpid(vm.vpid);
+    if count() == 0 {
+        // A merge pass's index may still hold frames of the VMs that are
+        // gone: with no VM left, the pass has nothing to do, and every
+        // frame must go back to the pool.
+        super::merge::end();
+    }
     Ok(())
 }
 

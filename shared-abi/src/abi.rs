@@ -1182,7 +1182,7 @@ pub mod linux {
     /// port with EAX = the number (`ghc::VERSION`, `ghc::VM_ID` or
     /// `ghc::FORK`) makes that hypercall, its result in EAX (as an i32).
     /// VMCALL needs ring 0; the port is the guest kernel's to grant
-    /// (`ioperm`, which needs CAP_SYS_RAWIO), checked by the CPU before any
+    /// (`ioperm` of its 4 ports, which needs CAP_SYS_RAWIO), checked by the CPU before any
     /// exit. `uxen-fork` in the guest initramfs uses it.
     pub const HYPERCALL_PORT: u16 = 0xe90;
 }

@@ -47,13 +47,7 @@ done
 expect_eq uuid-from-every-clone "$n" 8
 info "UUIDs after the fork: $uuids"
 expect_eq uuids-all-different "$(printf '%s\n' $uuids | sort -u | grep -c .)" 9
-for k in $ids; do
-    check "clone-$k-answers" ask "$k" "echo clone-$k-says-\$(($k * 7))" "^clone-$k-says-$((k * 7))"
-done
-check parent-answers ask "$a" 'echo parent-says-$((6 * 7))' '^parent-says-42'
-check parent-file-kept ask "$a" 'echo file=$(cat /root/f)' '^file=parent-file'
-check parent-process-kept ask "$a" "kill -0 $bg && echo bg-alive" '^bg-alive'
-check parent-reseeded ask "$a" 'dmesg | grep -c "reseeded due to virtual machine fork"' '^[1-9]'
+# The memory of nine guests that have each run a command (the UUID's).
 eight=$(pool_used)
 info "frames in use: the guest and its 8 clones, each after a command: $eight (one guest: $one)"
 if [ -n "$one" ] && [ -n "$eight" ] && [ "$eight" -lt $((one * 13 / 10)) ]; then
@@ -61,7 +55,13 @@ if [ -n "$one" ] && [ -n "$eight" ] && [ "$eight" -lt $((one * 13 / 10)) ]; then
 else
     fail clones-share-memory "one guest '$one', with 8 clones '$eight'"
 fi
-
+for k in $ids; do
+    check "clone-$k-answers" ask "$k" "echo clone-$k-says-\$(($k * 7))" "^clone-$k-says-$((k * 7))"
+done
+check parent-answers ask "$a" 'echo parent-says-$((6 * 7))' '^parent-says-42'
+check parent-file-kept ask "$a" 'echo file=$(cat /root/f)' '^file=parent-file'
+check parent-process-kept ask "$a" "kill -0 $bg && echo bg-alive" '^bg-alive'
+check parent-reseeded ask "$a" 'dmesg | grep -c "reseeded due to virtual machine fork"' '^[1-9]'
 # 3. A guest of two vCPUs forks; both vCPUs run in the clone.
 b=$(uxenctl create --kernel $K --initrd $I --mem 64 --vcpus 2 --name smp)
 check smp-boots wait_console "$b" "$READY" 15000

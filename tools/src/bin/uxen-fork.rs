@@ -4,8 +4,9 @@
 //! VM has its own console (`uxenctl console CHILD_ID` on the host).
 //!
 //! It makes the guest FORK hypercall through `linux::HYPERCALL_PORT`
-//! (VMCALL needs ring 0): it asks the guest kernel for that port with
-//! `ioperm`, which needs root (CAP_SYS_RAWIO), and reads 32 bits from it
+//! (VMCALL needs ring 0): it asks the guest kernel for that port (and the
+//! three after it, which a 32-bit IN also reaches) with `ioperm`, which
+//! needs root (CAP_SYS_RAWIO), and reads 32 bits from it
 //! with the hypercall's number in EAX (`docs/guest-abi.md`, part 2).
 
 use shared_abi::{ghc, linux};
@@ -27,8 +28,9 @@ fn main() -> ExitCode {
         eprintln!("usage: uxen-fork\n  forks this VM: prints `parent CHILD_ID` in the parent and `child` in the child");
         return ExitCode::from(2);
     }
+    // A 32-bit IN reaches four ports: the CPU checks all four bits.
     // SAFETY: ioperm only changes this process's I/O permissions.
-    if unsafe { libc::ioperm(linux::HYPERCALL_PORT as libc::c_ulong, 1, 1) } != 0 {
+    if unsafe { libc::ioperm(linux::HYPERCALL_PORT as libc::c_ulong, 4, 1) } != 0 {
         eprintln!("uxen-fork: cannot use the hypercall port: {} (root is needed)", std::io::Error::last_os_error());
         return ExitCode::FAILURE;
     }

@@ -32,11 +32,23 @@ bg=$(sed -n 's/^bg=\([0-9]*\).*/\1/p' "/run/uxen/vm-$a.console" | tail -n1)
 one=$(pool_used)
 info "frames in use: one booted guest $one"
 
-# 2. Eight clones, each asked for its UUID right after the fork and then a
-# command of its own; the parent asked for its UUID too.
+# 2. Eight clones, each answering a command of its own (a shell builtin)
+# right after the fork; the frames of the nine guests then; then each
+# asked for a random UUID (`cat`, a fork and exec in the guest), the
+# parent too, all different.
 kids=$(fork_vm "$a" --count 8 --json)
 ids=$(printf '%s' "$kids" | grep -o '"id":[0-9]*' | cut -d: -f2)
 expect_eq eight-clones "$(printf '%s\n' $ids | grep -c .)" 8
+for k in $ids; do
+    check "clone-$k-answers" ask "$k" "echo clone-$k-says-\$(($k * 7))" "^clone-$k-says-$((k * 7))"
+done
+eight=$(pool_used)
+info "frames in use: the guest and its 8 clones, each after a command: $eight (one guest: $one)"
+if [ -n "$one" ] && [ -n "$eight" ] && [ "$eight" -lt $((one * 13 / 10)) ]; then
+    pass clones-share-memory
+else
+    fail clones-share-memory "one guest '$one', with 8 clones '$eight'"
+fi
 uuids=$(uuid_of "$a" uuid-parent)
 n=0
 for k in $ids; do
@@ -47,21 +59,12 @@ done
 expect_eq uuid-from-every-clone "$n" 8
 info "UUIDs after the fork: $uuids"
 expect_eq uuids-all-different "$(printf '%s\n' $uuids | sort -u | grep -c .)" 9
-# The memory of nine guests that have each run a command (the UUID's).
-eight=$(pool_used)
-info "frames in use: the guest and its 8 clones, each after a command: $eight (one guest: $one)"
-if [ -n "$one" ] && [ -n "$eight" ] && [ "$eight" -lt $((one * 13 / 10)) ]; then
-    pass clones-share-memory
-else
-    fail clones-share-memory "one guest '$one', with 8 clones '$eight'"
-fi
-for k in $ids; do
-    check "clone-$k-answers" ask "$k" "echo clone-$k-says-\$(($k * 7))" "^clone-$k-says-$((k * 7))"
-done
+info "frames in use: the guest and its 8 clones, each after also a cat: $(pool_used)"
 check parent-answers ask "$a" 'echo parent-says-$((6 * 7))' '^parent-says-42'
 check parent-file-kept ask "$a" 'echo file=$(cat /root/f)' '^file=parent-file'
 check parent-process-kept ask "$a" "kill -0 $bg && echo bg-alive" '^bg-alive'
 check parent-reseeded ask "$a" 'dmesg | grep -c "reseeded due to virtual machine fork"' '^[1-9]'
+
 # 3. A guest of two vCPUs forks; both vCPUs run in the clone.
 b=$(uxenctl create --kernel $K --initrd $I --mem 64 --vcpus 2 --name smp)
 check smp-boots wait_console "$b" "$READY" 15000

@@ -67,8 +67,11 @@ fork_tsc() {
 fork_cost() {
     _c=""
     for _i in 1 2 3; do
-        set -- $(fork_tsc "$1") && uxenctl destroy "$2" && wait_gone "$2"
-        _c="$_c ${1:-}"
+        _r=$(fork_tsc "$1")
+        _t=${_r% *}
+        _k=${_r#* }
+        [ -n "$_r" ] && uxenctl destroy "$_k" && wait_gone "$_k"
+        _c="$_c ${_t:-none}"
     done
     median $_c
 }

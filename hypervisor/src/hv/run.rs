@@ -887,6 +887,15 @@ fn guest_fork(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
     st.gpr[RAX] = 0;
     instr::fxsave(&mut st.fx);
     st.cr2 = instr::read_cr2();
+    if vm.linux.is_some() {
+        // The guest's syscall and GS MSRs are live on this CPU; the saved
+        // ones are those of the vCPU's last exit to the host (a call from
+        // user mode finds KERNEL_GS_BASE swapped since).
+        for (i, m) in SWITCHED.iter().enumerate() {
+            // SAFETY: reading MSRs the hypervisor switches for the guest.
+            st.msrs[i] = unsafe { instr::rdmsr(*m) };
+        }
+    }
     let state = vm::child_state(&st, Some(vmx::capture()));
     match vm::fork(vm, alloc::vec![state], false) {
         Ok(child) => {

@@ -36,7 +36,7 @@ done
 # cow_line SIDE: the cowcost guest's figures for the parent or the child,
 # as key=value words; nothing if it printed none.
 cow_line() {
-    printf '%s\n' "$cow" | sed -n "s/^cowcost: $1 \(first=[0-9]* next=[0-9]* copy4k=[0-9]*\)\$/\1/p"
+    printf '%s\n' "$cow" | tr -d '\r' | sed -n "s/^cowcost: $1 \(first=[0-9]* next=[0-9]* copy4k=[0-9]*\)\$/\1/p"
 }
 cow=$(uxenctl run /guests/cowcost --mem 32 2>&1); rc=$?
 info "cowcost: $(printf '%s' "$cow" | tr '\n' ' ')"

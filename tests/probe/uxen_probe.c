@@ -195,7 +195,9 @@ static void hostile_hypercalls(void)
 
 	/* Numbers that are not host hypercalls, and leaving VMX with a VM. */
 	REPORT("nr-0", hc(0, p, PAGE_SIZE));
-	REPORT("nr-0x7", hc(0x7, p, PAGE_SIZE));
+	REPORT("nr-0x8", hc(0x8, p, PAGE_SIZE));
+	/* HOST_CPU (0x7) with RDI neither 0 nor 1. */
+	REPORT("host-cpu-bad", hc(0x7, p, PAGE_SIZE));
 	REPORT("nr-0x19", hc(0x19, p, PAGE_SIZE));
 	/* VM_IRQ (0x18) with a block of 0xa5 bytes: no such line. */
 	REPORT("irq-bad-line", hc(0x18, p2, 16));

@@ -230,7 +230,8 @@ load-from-apic $EFAULT
 load-long $EINVAL
 load-across-pages $EINVAL
 nr-0 $ENOSYS
-nr-0x7 $ENOSYS
+nr-0x8 $ENOSYS
+host-cpu-bad $EINVAL
 nr-0x19 $ENOSYS
 irq-bad-line $EINVAL
 nr-0x1000 $ENOSYS

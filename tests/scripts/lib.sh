@@ -230,6 +230,28 @@ exits_of() {
     echo "${_n:-0}"
 }
 
+# faults: the IOMMU faults counted so far.
+faults() {
+    jnum "$(stats_json)" faults
+}
+
+# dma_blocked NAME PHYS SID [keep]: edu's DMA of a page's worth to PHYS
+# completes, is blocked and counted as a fault with edu's source id SID and
+# the address PHYS; with `keep` the page also reads the same after.
+dma_blocked() {
+    _before=$(uxtest devmem read "$2" 4096)
+    _f0=$(faults)
+    check "dma-to-$1-runs" uxtest edu dma-to "$2" 4095 0xcc
+    if [ "${4:-}" = keep ]; then
+        expect_eq "$1-page-unchanged" "$(uxtest devmem read "$2" 4096)" "$_before"
+    fi
+    _j=$(stats_json)
+    _f1=$(jnum "$_j" faults)
+    if [ "${_f1:-0}" -gt "${_f0:-0}" ]; then pass "$1-fault-counted"; else fail "$1-fault-counted" "$_f0 -> $_f1"; fi
+    expect_eq "$1-fault-source" "$(jnum "$_j" last_fault_source)" "$3"
+    expect_eq "$1-fault-addr" "$(jnum "$_j" last_fault_addr)" "$2"
+}
+
 # pool_free: pool.frames_free from the stats.
 pool_free() {
     uxenctl stats --json | sed -n 's/.*"pool":{"frames_total":[0-9]*,"frames_free":\([0-9]*\)}.*/\1/p'

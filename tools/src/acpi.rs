@@ -27,6 +27,14 @@
 //!
 //! ```text
 //! Scope (\_SB) {
+//!     Device (COM1) {
+//!         Name (_HID, EisaId ("PNP0501"))
+//!         Name (_UID, 1)
+//!         Name (_CRS, ResourceTemplate () {
+//!             IO (Decode16, 0x3f8, 0x3f8, 8, 8)
+//!             Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { UART_GSI }
+//!         })
+//!     }
 //!     Device (VGEN) {
 //!         Name (_HID, "VMGENCTR")
 //!         Name (_CID, "VM_Gen_Counter")
@@ -53,6 +61,15 @@
 //! (0x80, "the ID changed"), and `vmgenid` reads the new ID and reseeds the
 //! kernel's random number generator with it. There is no `_S5`, so Linux
 //! has no ACPI power-off and still halts to power off; no `\_PIC` or PCI.
+//!
+//! `COM1` is there for its interrupt. A hardware-reduced platform has no
+//! 8259s, and then Linux numbers the IOAPIC's inputs dynamically and maps
+//! no ISA IRQ by itself (with the MP table it took them from its entries):
+//! only an interrupt a device's `_CRS` names is mapped, under a number of
+//! Linux's choosing. The 8250 driver takes the port and its interrupt from
+//! `COM1` (through PnP); without it, it would ask for IRQ 4, which is not
+//! the UART's, fail to start the port, and the console's reads would fail,
+//! so that the first shell exits at once.
 
 use acpi_tables::{aml, Aml};
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -154,8 +171,15 @@ pub fn dsdt_aml(genid_gpa: u64, gsi: u32) -> Vec<u8> {
     let evt = aml::Method::new("_EVT".into(), 1, true, vec![&when]);
     let ged = aml::Device::new("GED_".into(), vec![&ged_hid, &ged_uid, &ged_crs, &evt]);
 
+    let uart_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uart_uid = aml::Name::new("_UID".into(), &aml::ONE);
+    let (ports, uart_irq) = (aml::IO::new(linux::UART_PORT_FIRST, linux::UART_PORT_FIRST, 8, 8), aml::Interrupt::new(true, true, false, false, linux::UART_GSI));
+    let uart_res = aml::ResourceTemplate::new(vec![&ports, &uart_irq]);
+    let uart_crs = aml::Name::new("_CRS".into(), &uart_res);
+    let com1 = aml::Device::new("COM1".into(), vec![&uart_hid, &uart_uid, &uart_crs]);
+
     let mut out = Vec::new();
-    aml::Scope::new("\\_SB_".into(), vec![&vgen, &ged]).to_aml_bytes(&mut out);
+    aml::Scope::new("\\_SB_".into(), vec![&com1, &vgen, &ged]).to_aml_bytes(&mut out);
     out
 }
 
@@ -333,10 +357,10 @@ mod tests {
         assert_eq!(d[8], 2, "revision 2: 64-bit integers");
         let a = &d[36..];
         assert_eq!(a, &dsdt_aml(linux::VMGENID_GPA, linux::VMGENID_GSI)[..]);
-        // Scope (\_SB), with both devices in it.
+        // Scope (\_SB), with the three devices in it.
         assert_eq!(a[0], 0x10);
         assert!(find(a, b"\\_SB_").is_some());
-        for dev in [&b"VGEN"[..], b"GED_"] {
+        for dev in [&b"COM1"[..], b"VGEN", b"GED_"] {
             let at = find(a, dev).unwrap_or_else(|| panic!("{dev:?}"));
             // DeviceOp (ExtOpPrefix 0x5b, 0x82), then its length, then the name.
             assert!(a[..at].windows(2).any(|w| w == [0x5b, 0x82]));
@@ -367,6 +391,12 @@ mod tests {
         assert_eq!(body[2..6], cond);
         assert_eq!(body[6..12], [0x86, b'V', b'G', b'E', b'N', 0x0a]);
         assert_eq!(body[12], NOTIFY_GENERATION);
+        // COM1: EisaId ("PNP0501") (DWordPrefix 0x0c, then 0x0105d041),
+        // its eight ports from 0x3f8 (an I/O descriptor, 0x47) and IRQ 4.
+        assert!(find(a, &[0x0c, 0x41, 0xd0, 0x05, 0x01]).is_some());
+        assert!(find(a, &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x08, 0x08]).is_some());
+        let uart = linux::UART_GSI.to_le_bytes();
+        assert!(find(a, &[0x89, 6, 0, 0x03, 1, uart[0], uart[1], uart[2], uart[3]]).is_some());
         // An address above 4 GiB splits into its halves.
         let hi = dsdt_aml(0x1_2345_6000, 5);
         assert!(find(&hi, &[0x12, 0x08, 0x02, 0x0c, 0x00, 0x60, 0x45, 0x23, 0x01]).is_some());

@@ -10,7 +10,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 /// Bumped on every change to anything in this file.
-pub const ABI_REVISION: u32 = 4;
+pub const ABI_REVISION: u32 = 5;
 
 /// Version of the uxen-rs release, NUL-padded.
 pub const VERSION: [u8; 16] = *b"0.1.0\0\0\0\0\0\0\0\0\0\0\0";
@@ -628,6 +628,16 @@ const _: () = assert_size(core::mem::size_of::<VmCreate>(), 56);
 /// the hypervisor.
 pub const VM_FLAG_LINUX: u32 = 1 << 0;
 
+/// [`VmCreate::flags`], only with [`VM_FLAG_LINUX`]: the VM has a VM
+/// generation ID (Microsoft's "Virtual Machine Generation ID", which
+/// Linux's `vmgenid` driver reads), a 16-byte buffer at
+/// [`linux::VMGENID_GPA`] that the VMM's ACPI tables describe. At every
+/// fork the hypervisor writes a new ID into the parent's and the child's
+/// own copy of it, and pulses IOAPIC input [`linux::VMGENID_GSI`] of each,
+/// the interrupt of the ACPI Generic Event Device that notifies the
+/// driver (`docs/guest-abi.md`, part 2).
+pub const VM_FLAG_VMGENID: u32 = 1 << 1;
+
 /// Largest guest, in bytes.
 pub const VM_MAX_MEM: u64 = 4 << 30;
 /// Guest memory granule.
@@ -1170,6 +1180,22 @@ pub mod linux {
     pub const MPTABLE_GPA: u64 = 0x9_fc00;
     /// End of the low RAM in the e820 map.
     pub const LOW_RAM_END: u64 = 0x9_fc00;
+    /// The ACPI tables: the RSDP (where Linux also finds it by scanning
+    /// 0xe_0000-0xf_ffff), then the XSDT, FADT, MADT and DSDT. In the
+    /// e820 map's reserved part.
+    pub const ACPI_GPA: u64 = 0xe_0000;
+    /// Most bytes of ACPI tables, from [`ACPI_GPA`].
+    pub const ACPI_MAX: u64 = 0x1000;
+    /// The VM generation ID: 16 bytes, alone in their page, which a fork
+    /// copies for each side before the hypervisor writes a new ID there
+    /// (`super::VM_FLAG_VMGENID`).
+    pub const VMGENID_GPA: u64 = 0xe_1000;
+    pub const VMGENID_LEN: usize = 16;
+    /// The IOAPIC input the hypervisor pulses after it wrote a new
+    /// generation ID: the interrupt of the ACPI Generic Event Device, which
+    /// notifies the generation-ID device. Edge-triggered, active high, as
+    /// an ISA input; unused otherwise.
+    pub const VMGENID_GSI: u32 = 5;
     /// The kernel command line.
     pub const CMDLINE_GPA: u64 = 0x2_0000;
     /// Longest command line, without its NUL.

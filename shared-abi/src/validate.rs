@@ -14,7 +14,7 @@
 
 use crate::abi::{
     errno, DebugTranslate, IocBuf, IocLoad, MemRange, Regs, VmCreate, VmFork, VmId, VmInfo, VmLoad, VmRun, FORK_COPY,
-    MAX_VMS, VMRUN_NO_WAIT, VM_MAX_MEM, VM_MAX_VCPUS, VM_MEM_ALIGN, VmIrq, VM_FLAG_LINUX, IOAPIC_PINS, IRQ_PULSE,
+    MAX_VMS, VMRUN_NO_WAIT, VM_MAX_MEM, VM_MAX_VCPUS, VM_MEM_ALIGN, VmIrq, VM_FLAG_LINUX, VM_FLAG_VMGENID, IOAPIC_PINS, IRQ_PULSE,
 };
 
 /// Why an argument is refused. Every variant is `EINVAL` on the wire; the
@@ -60,8 +60,8 @@ const fn canonical(v: u64) -> bool {
 }
 
 /// `VmCreate` (the ioctl and `hc::VM_CREATE`): guest memory a non-zero
-/// multiple of 2 MiB up to 4 GiB, 1 to 8 vCPUs, no flags, `reserved0`
-/// zero. `id` is an output and `name` any bytes.
+/// multiple of 2 MiB up to 4 GiB, 1 to 8 vCPUs, no flags but
+/// `VM_FLAG_LINUX` and (with it) `VM_FLAG_VMGENID`. `id` is an output and `name` any bytes.
 pub const fn vm_create(c: &VmCreate) -> Result<(), Invalid> {
     if c.mem_bytes == 0 || c.mem_bytes % VM_MEM_ALIGN != 0 || c.mem_bytes > VM_MAX_MEM {
         return Err(Invalid::Size);
@@ -69,7 +69,11 @@ pub const fn vm_create(c: &VmCreate) -> Result<(), Invalid> {
     if c.vcpus == 0 || c.vcpus > VM_MAX_VCPUS {
         return Err(Invalid::Size);
     }
-    if c.flags & !VM_FLAG_LINUX != 0 {
+    if c.flags & !(VM_FLAG_LINUX | VM_FLAG_VMGENID) != 0 {
+        return Err(Invalid::Flags);
+    }
+    // A generation ID lives in a Linux guest's platform.
+    if c.flags & VM_FLAG_VMGENID != 0 && c.flags & VM_FLAG_LINUX == 0 {
         return Err(Invalid::Flags);
     }
     Ok(())
@@ -274,7 +278,9 @@ mod tests {
         assert_eq!(vm_create(&create(2 << 20, 0)), Err(Invalid::Size));
         assert_eq!(vm_create(&create(2 << 20, VM_MAX_VCPUS + 1)), Err(Invalid::Size));
         assert_eq!(vm_create(&VmCreate { flags: VM_FLAG_LINUX, ..create(2 << 20, 1) }), Ok(()));
-        assert_eq!(vm_create(&VmCreate { flags: 2, ..create(2 << 20, 1) }), Err(Invalid::Flags));
+        assert_eq!(vm_create(&VmCreate { flags: VM_FLAG_LINUX | VM_FLAG_VMGENID, ..create(2 << 20, 1) }), Ok(()));
+        assert_eq!(vm_create(&VmCreate { flags: VM_FLAG_VMGENID, ..create(2 << 20, 1) }), Err(Invalid::Flags));
+        assert_eq!(vm_create(&VmCreate { flags: 4, ..create(2 << 20, 1) }), Err(Invalid::Flags));
         // Outputs and the name are not checked.
         assert_eq!(vm_create(&VmCreate { id: 7, name: [0xff; 32], ..create(2 << 20, 1) }), Ok(()));
     }

@@ -43,7 +43,7 @@ check linux-answers wait_console "$l" "^guest: Linux 6.12"
 check linux-nproc wait_console "$l" "on 2 CPUs"
 run uxenctl console "$l"
 
-say "2b. Clones: the booted guest forked 3 times; each answers with its own random UUID"
+say "2b. Clones: the booted guest forked 3 times; each side gets a new VM generation ID, reseeds, and answers with its own random UUID"
 lused0=$(pool_used)
 lkids=$(uxenctl fork "$l" --count 3 --json)
 echo "# uxenctl fork $l --count 3 --json"
@@ -51,8 +51,10 @@ echo "$lkids"
 lids=$(printf '%s' "$lkids" | grep -o '"id":[0-9]*' | cut -d: -f2)
 uuids=""
 for k in $l $lids; do
-    uxenctl console "$k" --send "echo \"vm $k: uuid \$(cat /proc/sys/kernel/random/uuid)\"\n"
+    uxenctl console "$k" --send "echo \"vm $k: uuid \$(cat /proc/sys/kernel/random/uuid)\"; echo \"vm $k: kernel: \$(dmesg | grep -o 'crng reseeded due to virtual machine fork' | tail -n1)\"\n"
     check "linux-vm$k-uuid" wait_console "$k" "^vm $k: uuid [0-9a-f-]{36}"
+    check "linux-vm$k-reseeded" wait_console "$k" "^vm $k: kernel: crng reseeded due to virtual machine fork"
+    sed -n "s/^\(vm $k: kernel: .*\)/\1/p" "/run/uxen/vm-$k.console" | tail -n1
     u=$(sed -n "s/^vm $k: uuid \([0-9a-f-]*\).*/\1/p" "/run/uxen/vm-$k.console" | tail -n1)
     echo "vm $k: uuid $u"
     uuids="$uuids $u"

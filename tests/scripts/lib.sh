@@ -208,6 +208,19 @@ wait_console() {
     return 1
 }
 
+# ask VM CMD REGEX [TRIES]: sends CMD to the VM's console and waits for a
+# line matching REGEX.
+ask() {
+    uxenctl console "$1" --send "$2\n" && wait_console "$1" "$3" "${4:-5000}"
+}
+
+# uuid_of VM TAG: asks the VM for a random UUID, printed as "TAG=UUID";
+# prints the UUID, or nothing.
+uuid_of() {
+    ask "$1" "echo $2=\$(cat /proc/sys/kernel/random/uuid)" "^$2=[0-9a-f-]{36}" >/dev/null || return 1
+    sed -n "s/^$2=\([0-9a-f-]*\).*/\1/p" "/run/uxen/vm-$1.console" | tail -n1
+}
+
 # wait_gone VM [TRIES]: waits until the VM's VMM has ended.
 wait_gone() {
     _n=${2:-2000}

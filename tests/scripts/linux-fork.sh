@@ -11,19 +11,6 @@ I=/linux-guest/initramfs.cpio.gz
 READY="uxen-guest: ready"
 free0=$(pool_free)
 
-# ask VM CMD REGEX [TRIES]: sends CMD to the VM's console and waits for a
-# line matching REGEX.
-ask() {
-    uxenctl console "$1" --send "$2\n" && wait_console "$1" "$3" "${4:-5000}"
-}
-
-# uuid_of VM TAG: asks the VM for a random UUID, printed as "TAG=UUID";
-# prints the UUID, or nothing.
-uuid_of() {
-    ask "$1" "echo $2=\$(cat /proc/sys/kernel/random/uuid)" "^$2=[0-9a-f-]{36}" >/dev/null || return 1
-    sed -n "s/^$2=\([0-9a-f-]*\).*/\1/p" "/run/uxen/vm-$1.console" | tail -n1
-}
-
 # 1. The parent: booted, a file written and a process left running.
 a=$(uxenctl create --kernel $K --initrd $I --mem 64 --name parent)
 check parent-boots wait_console "$a" "$READY" 15000
@@ -59,6 +46,11 @@ done
 expect_eq uuid-from-every-clone "$n" 8
 info "UUIDs after the fork: $uuids"
 expect_eq uuids-all-different "$(printf '%s\n' $uuids | sort -u | grep -c .)" 9
+# What makes them differ, whatever the timing: each side got a new VM
+# generation ID and its interrupt, and its kernel reseeded.
+for k in $a $ids; do
+    check "vm$k-reseeded" ask "$k" "echo reseeds-$k=\$(dmesg | grep -c 'crng reseeded due to virtual machine fork')" "^reseeds-$k=[1-9]"
+done
 info "frames in use: the guest and its 8 clones, each after also a cat: $(pool_used)"
 check parent-answers ask "$a" 'echo parent-says-$((6 * 7))' '^parent-says-42'
 check parent-file-kept ask "$a" 'echo file=$(cat /root/f)' '^file=parent-file'
@@ -82,6 +74,9 @@ check inner-fork ask "$c" 'uxen-fork' '^parent [0-9]+'
 cc=$(sed -n 's/^parent \([0-9]*\).*/\1/p' "/run/uxen/vm-$c.console" | tail -n1)
 check inner-child-says-child wait_console "$cc" '^child' 5000
 check inner-child-goes-on ask "$cc" 'echo inner-child-ok' '^inner-child-ok'
+for k in $c $cc; do
+    check "inner-vm$k-reseeded" ask "$k" "echo reseeds-$k=\$(dmesg | grep -c 'crng reseeded due to virtual machine fork')" "^reseeds-$k=[1-9]"
+done
 check inner-parent-goes-on ask "$c" 'echo inner-parent-ok' '^inner-parent-ok'
 expect_match inner-child-listed "$(uxenctl list --json)" "\"id\":$cc,[^}]*\"parent\":$c"
 # Not for an unprivileged process: the guest kernel refuses it the port.

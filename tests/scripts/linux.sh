@@ -79,14 +79,40 @@ expect_match send-bad-escape-message "$out" "escape"
 out=$(uxenctl console "$a")
 expect_match console-shows-output "$out" "sent-5"
 
+# The guest found its ACPI tables: the VM generation ID's driver and the
+# Generic Event Device that notifies it are bound.
+check acpi-devices-sent uxenctl console "$a" --send 'ls /sys/bus/platform/drivers/vmgenid /sys/bus/platform/drivers/acpi-ged | grep -c -e VMGENCTR: -e ACPI0013: | sed s/^/acpi-devices=/\n'
+check acpi-devices-bound wait_console "$a" "^acpi-devices=2"
+
 # Forks of the booted guest: each child resumes where its parent was, with
 # its devices' state (APIC timers, IOAPIC, UART), and answers on its own
 # console; the parent answers on; the clones share the parent's memory.
+# Each side got a new VM generation ID and reseeded its random number
+# generator: the parent and each clone, asked right after the fork, give
+# different random UUIDs. (In its first two minutes Linux also reseeds
+# from its input pool every uptime/2 seconds, which interrupt timing and
+# RDRAND make differ between clones, so the UUIDs alone would differ here
+# even without the ID; the interrupt and the kernel's reseed message below
+# are what show the generation ID at work.)
 used_a=$(pool_used)
 kids=$(fork_vm "$a" --count 2 --json)
 info "fork of a booted Linux guest: $kids"
 ids=$(printf '%s' "$kids" | grep -o '"id":[0-9]*' | cut -d: -f2)
 expect_eq fork-children "$(printf '%s\n' $ids | grep -c .)" 2
+uuids="$(uuid_of "$a" uuid-parent)"
+for k in $ids; do
+    uuids="$uuids $(uuid_of "$k" "uuid-$k")"
+done
+info "random UUIDs after the fork, parent then clones: $uuids"
+expect_eq fork-uuids-answered "$(printf '%s\n' $uuids | grep -cE '^[0-9a-f-]{36}$')" 3
+expect_eq fork-uuids-differ "$(printf '%s\n' $uuids | sort -u | grep -c .)" 3
+# What made them differ: each side took the generation ID's interrupt and
+# its kernel reseeded.
+for k in $a $ids; do
+    check "fork-vm$k-reseed-sent" uxenctl console "$k" --send "grep Ged /proc/interrupts; echo reseeds-$k=\$(dmesg | grep -c 'crng reseeded due to virtual machine fork')\n"
+    check "fork-vm$k-ged-interrupt-taken" wait_console "$k" "^ *[0-9]+: +[1-9][0-9]* .*ACPI:Ged"
+    check "fork-vm$k-reseeded" wait_console "$k" "^reseeds-$k=[1-9]"
+done
 for k in $ids; do
     check "fork-vm$k-send" uxenctl console "$k" --send "echo clone-$k-says-\$((20 + $k))\n"
     check "fork-vm$k-answers" wait_console "$k" "^clone-$k-says-$((20 + k))" 5000

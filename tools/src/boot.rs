@@ -173,7 +173,7 @@ impl Guest {
     pub fn vm_flags(&self) -> u32 {
         match self {
             Guest::Test(_) => 0,
-            Guest::Linux(_) => shared_abi::VM_FLAG_LINUX,
+            Guest::Linux(_) => shared_abi::VM_FLAG_LINUX | shared_abi::VM_FLAG_VMGENID,
         }
     }
 

@@ -2,7 +2,8 @@
 //! part 2): the kernel (a bzImage, entered through its 64-bit entry point,
 //! or an uncompressed vmlinux), the initrd, the zero page with its e820
 //! map, the command line, the boot GDT, the identity page tables, the MP
-//! table, and vCPU 0's registers.
+//! table, the ACPI tables with the VM generation ID, and vCPU 0's
+//! registers.
 //!
 //! Everything is laid out in a staging copy of guest memory and checked
 //! before the VM exists, so that bad input is refused with one line and no
@@ -10,7 +11,7 @@
 
 use crate::boot::{self, PageTables};
 use crate::dev::Vm;
-use crate::mptable;
+use crate::{acpi, mptable};
 use anyhow::{anyhow, bail, Context, Result};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -269,7 +270,8 @@ pub fn place_initrd(kernel_top: u64, len: u64, mem_bytes: u64, initrd_addr_max: 
 }
 
 /// The e820 map of a VM of `mem_bytes` bytes: the low RAM, the legacy
-/// area (the MP table, the BIOS holes) reserved, and the RAM above 1 MiB.
+/// area (the MP table, the ACPI tables, the generation ID, the BIOS holes)
+/// reserved, and the RAM above 1 MiB.
 pub fn e820(mem_bytes: u64) -> Vec<boot_e820_entry> {
     let e = |addr: u64, end: u64, type_: u32| boot_e820_entry { addr, size: end - addr, type_ };
     vec![e(0, linux::LOW_RAM_END, E820_RAM), e(linux::LOW_RAM_END, HIGH_RAM, E820_RESERVED), e(HIGH_RAM, mem_bytes, E820_RAM)]
@@ -305,7 +307,20 @@ pub fn zero_page(hdr: Option<&setup_header>, cmdline_len: usize, initrd: Option<
         p.e820_table[i] = *e;
     }
     p.e820_entries = map.len() as u8;
+    p.acpi_rsdp_addr = linux::ACPI_GPA;
     p
+}
+
+/// A VM's first generation ID: 16 random bytes from the host, so that
+/// guests booted apart differ too (the hypervisor writes the IDs of forks).
+pub fn first_generation_id() -> Result<[u8; linux::VMGENID_LEN]> {
+    let mut id = [0u8; linux::VMGENID_LEN];
+    // SAFETY: getrandom writes at most `id.len()` bytes into `id`.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        bail!("cannot draw the VM generation ID: {}", std::io::Error::last_os_error());
+    }
+    Ok(id)
 }
 
 /// vCPU 0's registers at the kernel's 64-bit entry point `entry`.
@@ -391,6 +406,9 @@ pub fn prepare_bytes(name: &str, kernel: &[u8], initrd: Option<&[u8]>, user_cmdl
     c.push(0);
     staging.write_slice(&c, GuestAddress(linux::CMDLINE_GPA)).context("staging write")?;
     staging.write_slice(&mptable::build(linux::MPTABLE_GPA, vcpus)?, GuestAddress(linux::MPTABLE_GPA)).context("staging write")?;
+    let tables = acpi::build(linux::ACPI_GPA, vcpus, linux::VMGENID_GPA)?;
+    staging.write_slice(&tables.bytes, GuestAddress(linux::ACPI_GPA)).context("staging write")?;
+    staging.write_slice(&first_generation_id()?, GuestAddress(linux::VMGENID_GPA)).context("staging write")?;
 
     let mut ranges = vec![(0, HIGH_RAM), loaded];
     if let Some((at, len)) = initrd_range {
@@ -609,6 +627,18 @@ mod tests {
         assert_eq!(&page(&p, linux::MPTABLE_GPA)[..4], b"_MP_");
         let t = mptable::build(linux::MPTABLE_GPA, 2).unwrap();
         assert_eq!(&page(&p, linux::MPTABLE_GPA)[..t.len()], &t[..]);
+        // The ACPI tables, for two vCPUs, which the zero page points at,
+        // in the reserved part of the e820 map.
+        assert_eq!({ z.acpi_rsdp_addr }, linux::ACPI_GPA);
+        let t = acpi::build(linux::ACPI_GPA, 2, linux::VMGENID_GPA).unwrap();
+        assert_eq!(&page(&p, linux::ACPI_GPA)[..t.bytes.len()], &t.bytes[..]);
+        let r = &z.e820_table[1];
+        assert!(r.type_ == E820_RESERVED && r.addr <= linux::ACPI_GPA && linux::VMGENID_GPA + 4096 <= r.addr + r.size);
+        // The generation ID: random, so another boot's differs.
+        let id = &page(&p, linux::VMGENID_GPA)[..linux::VMGENID_LEN];
+        let again = prepare_bytes("k", &good(), None, None, 64 << 20, 2).unwrap();
+        assert_ne!(id, &page(&again, linux::VMGENID_GPA)[..linux::VMGENID_LEN]);
+        assert_ne!(id, &[0; linux::VMGENID_LEN]);
         // Nothing but the low structures, the kernel and the initrd.
         for (a, _) in &p.pages {
             assert!(*a < 0x10_0000 || (linux::KERNEL_GPA..linux::KERNEL_GPA + 8192).contains(a) || *a >= at, "{a:#x}");

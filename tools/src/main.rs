@@ -7,6 +7,7 @@ use shared_abi as abi;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod acpi;
 mod automerge;
 mod boot;
 mod check;

@@ -1,7 +1,8 @@
 //! The devices of a Linux guest's PC platform (`docs/guest-abi.md`, part
 //! 2) that the hypervisor emulates: a local APIC per vCPU, in x2APIC mode
-//! with the TSC-deadline timer, one IOAPIC, and a read-only CMOS clock; and
-//! what it watches of the VMM's COM1 to batch console output (`uart`).
+//! with the TSC-deadline timer, one IOAPIC, and a read-only CMOS clock;
+//! what it watches of the VMM's COM1 to batch console output (`uart`); and
+//! the generator of VM generation IDs that forks write (`vmgenid`).
 //!
 //! These are models and nothing more: plain data with no clock, no locks,
 //! no memory access and no `unsafe`, so they are portable and unit-tested on
@@ -15,6 +16,7 @@ pub mod cmos;
 pub mod ioapic;
 pub mod lapic;
 pub mod uart;
+pub mod vmgenid;
 
 pub use cmos::Cmos;
 pub use ioapic::{Deliveries, Delivery, Ioapic};

@@ -211,7 +211,7 @@ fn reclaim(arg: u64, len: u64) -> Result<i64, HcError> {
 fn vm_create(arg: u64, len: u64) -> Result<i64, HcError> {
     let mut c = decode::vm_create(&memory::HostBlocks, arg, len)?;
     let linux = (c.flags & shared_abi::VM_FLAG_LINUX != 0).then_some(c.tsc_khz);
-    let vm = vm::create(c.mem_bytes, c.vcpus, c.name, 0, linux)?;
+    let vm = vm::create(c.mem_bytes, c.vcpus, c.name, 0, linux, c.flags & shared_abi::VM_FLAG_VMGENID != 0)?;
     c.id = vm.id;
     log::info!("vm{}: created, {} MiB, {} vCPU{}", vm.id, c.mem_bytes >> 20, c.vcpus, if linux.is_some() { ", Linux PC" } else { "" });
     copy_out(arg, len, &c)?;

@@ -15,6 +15,8 @@
 //!   nothing, as `apic_needs_pit()` and `probe_8259A()` expect.
 //! - A triple fault is a reset: Linux's reboot path (`reboot=t`). The
 //!   warm-reset word at 0x472 says whether a panic caused it.
+//! - A fork gives each side a new VM generation ID and its interrupt
+//!   ([`new_generation`]).
 
 use super::memory::DirectMap;
 use super::vm::{Start, Vm};
@@ -26,6 +28,7 @@ use crate::arch::x86::vmx;
 use crate::devices::cmos::{self, Cmos};
 use crate::devices::ioapic::{Delivery, Ioapic};
 use crate::devices::uart::{Access, UartShadow};
+use crate::devices::vmgenid::{self, Generator};
 use crate::devices::lapic::{DeliveryMode, Ipi, Shorthand, WriteEffect};
 use crate::mem::PhysMem;
 use core::sync::atomic::Ordering;
@@ -40,17 +43,68 @@ pub struct Platform {
     pub cmos: spin::Mutex<Cmos>,
     /// What is known of the VMM's COM1, and console bytes batched for it.
     pub uart: spin::Mutex<UartShadow>,
+    /// The VM has a generation-ID buffer (`VM_FLAG_VMGENID`): forks write
+    /// new IDs there ([`new_generation`]).
+    pub vmgenid: bool,
 }
 
 impl Platform {
-    pub fn new(tsc_khz: u32) -> Self {
-        Platform { tsc_khz, ioapic: spin::Mutex::new(Ioapic::new(linux::IOAPIC_ID)), cmos: spin::Mutex::new(Cmos::default()), uart: spin::Mutex::new(UartShadow::default()) }
+    pub fn new(tsc_khz: u32, vmgenid: bool) -> Self {
+        Platform {
+            tsc_khz,
+            ioapic: spin::Mutex::new(Ioapic::new(linux::IOAPIC_ID)),
+            cmos: spin::Mutex::new(Cmos::default()),
+            uart: spin::Mutex::new(UartShadow::default()),
+            vmgenid,
+        }
     }
 
     /// A copy for a forked child.
     pub fn clone_state(&self) -> Self {
-        Platform { tsc_khz: self.tsc_khz, ioapic: spin::Mutex::new(*self.ioapic.lock()), cmos: spin::Mutex::new(*self.cmos.lock()), uart: spin::Mutex::new(self.uart.lock().forked()) }
+        Platform {
+            tsc_khz: self.tsc_khz,
+            ioapic: spin::Mutex::new(*self.ioapic.lock()),
+            cmos: spin::Mutex::new(*self.cmos.lock()),
+            uart: spin::Mutex::new(self.uart.lock().forked()),
+            vmgenid: self.vmgenid,
+        }
     }
+}
+
+/// The one maker of VM generation IDs, for every VM.
+static GENERATIONS: spin::Mutex<Generator> = spin::Mutex::new(Generator::new());
+
+/// A fork's new generation for `vm`, its parent or its child, if the VM
+/// has a generation ID (`VM_FLAG_VMGENID`): a new ID goes into the VM's own
+/// copy of the buffer page (the write copies a page the fork shared), then
+/// the Generic Event Device's input pulses, whose interrupt makes the
+/// guest's ACPI notify its `vmgenid` driver. Fails only for want of pool
+/// frames for that copy.
+///
+/// The interrupt is posted to the APICs without a kick: the parent's vCPUs
+/// are held out of the guest by the fork (or run on this CPU, for the
+/// guest's own FORK), and a child has not run yet, so each side takes it
+/// at its next VM entry, before the guest runs anything else.
+pub fn new_generation(vm: &Vm) -> Result<(), super::vm::VmError> {
+    let Some(p) = vm.linux.as_ref().filter(|p| p.vmgenid) else { return Ok(()) };
+    // Without RDRAND the TSC is all the entropy there is; the IDs stay
+    // unique regardless (`devices::vmgenid`).
+    let entropy = instr::rdrand64().unwrap_or_else(|| vmgenid::mix(instr::rdtsc() ^ ((vm.id as u64) << 40)));
+    let id = GENERATIONS.lock().next(entropy);
+    super::vm::load(vm, linux::VMGENID_GPA, &id)?;
+    let d = p.ioapic.lock().pulse(linux::VMGENID_GSI);
+    if let Some(d) = d {
+        for v in &vm.vcpus {
+            let mut l = v.lapic.lock();
+            if matches!(d.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority) && l.matches(d.apic_dest(), d.logical) {
+                l.accept(d.vector, d.level);
+                if d.mode == DeliveryMode::LowestPriority {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes vCPU `i` notice an interrupt just posted to its APIC: a CPU that

@@ -192,9 +192,9 @@ pub use crate::control::vmops::boot_regs;
 
 /// Creates a VM. Needs pool frames for its EPT root and VMCS pages. A
 /// Linux guest's VM (`linux_tsc_khz` given) gets a PC: local APICs and an
-/// IOAPIC.
-pub fn create(mem_bytes: u64, vcpus: u32, name: [u8; VM_NAME_LEN], parent: u32, linux_tsc_khz: Option<u32>) -> Result<Arc<Vm>, VmError> {
-    let platform = linux_tsc_khz.map(super::linux::Platform::new);
+/// IOAPIC, and with `vmgenid` a VM generation ID.
+pub fn create(mem_bytes: u64, vcpus: u32, name: [u8; VM_NAME_LEN], parent: u32, linux_tsc_khz: Option<u32>, vmgenid: bool) -> Result<Arc<Vm>, VmError> {
+    let platform = linux_tsc_khz.map(|khz| super::linux::Platform::new(khz, vmgenid));
     create_with(mem_bytes, vcpus, name, parent, None, None, platform)
 }
 
@@ -396,6 +396,13 @@ pub fn fork(parent: &Arc<Vm>, states: Vec<VcpuState>, copy: bool) -> Result<Arc<
         *c.lapic.lock() = *p.lapic.lock();
     }
     parent.children.fetch_add(1, Ordering::AcqRel);
+    // Each side gets a new VM generation ID before it runs again. Without
+    // the frames to copy the ID's page the fork is undone, and the caller
+    // donates and asks again (the parent may keep the ID it just got).
+    if let Err(e) = super::linux::new_generation(&child).and_then(|()| super::linux::new_generation(parent)) {
+        let _ = destroy(child.id);
+        return Err(e);
+    }
     Ok(child)
 }
 

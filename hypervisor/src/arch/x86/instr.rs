@@ -269,6 +269,26 @@ pub fn read_ldtr() -> u16 {
     v
 }
 
+/// RDRAND of 64 bits, where CPUID.1:ECX.RDRAND[bit 30] says the CPU has
+/// it; `None` without it, or when it fails ten times in a row, which
+/// Intel's DRNG guide says only a broken generator does (it sets CF when
+/// the value is valid).
+pub fn rdrand64() -> Option<u64> {
+    if cpuid(1, 0)[2] & (1 << 30) == 0 {
+        return None;
+    }
+    for _ in 0..10 {
+        let (v, ok): (u64, u8);
+        // SAFETY: RDRAND only writes its register and the flags; the CPU
+        // has it (CPUID above).
+        unsafe { asm!("rdrand {}", "setc {}", out(reg) v, out(reg_byte) ok, options(nomem, nostack)) };
+        if ok != 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
 pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no side effects.
     unsafe { core::arch::x86_64::_rdtsc() }

@@ -18,6 +18,7 @@ mod abi;
 mod validate;
 mod dev;
 mod hv;
+mod launch;
 mod merge;
 mod shim;
 

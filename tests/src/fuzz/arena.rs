@@ -31,6 +31,24 @@ pub(super) enum Ptr {
 }
 
 impl Ptr {
+    /// The errno a call through this pointer must give: EFAULT for a
+    /// pointer to no usable memory, then the first of `refusals` (a
+    /// condition and its errno) that holds, then EFAULT for a read-only
+    /// page (the answer cannot be written back), else 0.
+    pub(super) fn errno(self, refusals: &[(bool, i32)]) -> i32 {
+        if self.bad() {
+            return EFAULT;
+        }
+        if let Some(&(_, e)) = refusals.iter().find(|(c, _)| *c) {
+            return e;
+        }
+        if self == Ptr::ReadOnly {
+            EFAULT
+        } else {
+            0
+        }
+    }
+
     /// The kernel can neither read nor write it.
     pub(super) fn bad(self) -> bool {
         !matches!(self, Ptr::Good | Ptr::Misaligned | Ptr::ReadOnly)

@@ -483,15 +483,7 @@ impl Fuzz {
         let fd = self.ctl_fd();
         let r = self.ioctl(fd, ioctl::CREATE_VM, addr);
         self.log(format!("CREATE_VM mem={:#x} vcpus={} flags={:#x} {p:?} -> {r:?}", c.mem_bytes, c.vcpus, c.flags));
-        let want = if p.bad() {
-            EFAULT
-        } else if !valid {
-            EINVAL
-        } else if p == Ptr::ReadOnly {
-            EFAULT
-        } else {
-            0
-        };
+        let want = p.errno(&[(!valid, EINVAL)]);
         if !self.want("CREATE_VM", &r, &[want]) {
             if r.is_ok() {
                 // Keep the model whole: take the VM in.

@@ -43,13 +43,7 @@ impl Fuzz {
         let r = self.ioctl(fd, ioctl::VM_FORK, self.arena.addr(0));
         let Ok(cfd) = r else { return (r, None) };
         let out: VmFork = from_bytes(&self.arena.read(0, std::mem::size_of::<VmFork>()));
-        let vm = &self.vms[&id];
-        let mut c = VmM::new(out.child, cfd as i32, vm.mem, vm.vcpus.len() as u32, id, vm.name);
-        c.prog = vm.prog;
-        c.vcpus = vm.vcpus.iter().map(Self::child_vcpu).collect();
-        self.vms.get_mut(&id).unwrap().children += 1;
-        self.vms.insert(out.child, c);
-        self.max_live = self.max_live.max(self.live());
+        self.adopt_child(id, out.child, cfd as i32);
         (r, Some(out.child))
     }
 

@@ -185,17 +185,7 @@ impl Fuzz {
         let fd = self.ctl_fd();
         let r = self.ioctl(fd, ioctl::MERGE, addr);
         self.log(format!("MERGE vm{vm} flags={flags:#x} {p:?} -> {r:?}"));
-        let want = if p.bad() {
-            EFAULT
-        } else if flags != 0 {
-            EINVAL
-        } else if vm != 0 && !live.contains(&vm) {
-            ENOENT
-        } else if p == Ptr::ReadOnly {
-            EFAULT
-        } else {
-            0
-        };
+        let want = p.errno(&[(flags != 0, EINVAL), (vm != 0 && !live.contains(&vm), ENOENT)]);
         if self.want("MERGE", &r, &[want]) && r.is_ok() {
             self.bump("merge passes");
             let out: abi::MergeScan = from_bytes(&self.arena.read(off.unwrap(), std::mem::size_of::<abi::MergeScan>()));
@@ -231,17 +221,7 @@ impl Fuzz {
         let fd = self.ctl_fd();
         let r = self.ioctl(fd, ioctl::DEBUG_POOL, addr);
         self.log(format!("DEBUG_POOL op {} pages {} {p:?} -> {r:?}", d.op, d.pages));
-        let want = if !self.debug {
-            libc::EPERM
-        } else if p.bad() {
-            EFAULT
-        } else if !valid {
-            EINVAL
-        } else if p == Ptr::ReadOnly {
-            EFAULT
-        } else {
-            0
-        };
+        let want = if !self.debug { libc::EPERM } else { p.errno(&[(!valid, EINVAL)]) };
         self.want("DEBUG_POOL", &r, &[want]);
     }
 
@@ -399,15 +379,7 @@ impl Fuzz {
         self.log(format!("VM_GET_REGS vm{id} vcpu {vcpu} {p:?} -> {r:?}"));
         let vm = &self.vms[&id];
         let valid = (vcpu as usize) < vm.vcpus.len();
-        let want = if p.bad() {
-            EFAULT
-        } else if vm.destroyed || !valid {
-            ENOENT
-        } else if p == Ptr::ReadOnly {
-            EFAULT
-        } else {
-            0
-        };
+        let want = p.errno(&[(vm.destroyed || !valid, ENOENT)]);
         // A vCPU that has run, or was forked from one that had, shows where
         // it stands; any other its initial registers.
         let (prog, ready) = (vm.prog, valid && (vm.vcpus[vcpu as usize].ready || vm.vcpus[vcpu as usize].snap));

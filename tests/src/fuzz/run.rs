@@ -308,13 +308,19 @@ impl Fuzz {
             self.note(format!("VM_FORK of vm{id} wrote back vm {} child {}", out.vm, out.child));
             return;
         }
+        self.adopt_child(id, out.child, cfd as i32);
+        self.bump(if f.flags == abi::FORK_COPY { "host forks (full copy)" } else { "host forks" });
+    }
+
+    /// Takes in the child `child` (descriptor `cfd`) that a fork of `id`
+    /// gave: it has its parent's memory, program and vCPUs.
+    pub(super) fn adopt_child(&mut self, id: u32, child: u32, cfd: i32) {
         let vm = &self.vms[&id];
-        let mut c = VmM::new(out.child, cfd as i32, vm.mem, vm.vcpus.len() as u32, id, vm.name);
+        let mut c = VmM::new(child, cfd, vm.mem, vm.vcpus.len() as u32, id, vm.name);
         c.prog = vm.prog;
         c.vcpus = vm.vcpus.iter().map(Self::child_vcpu).collect();
         self.vms.get_mut(&id).unwrap().children += 1;
-        self.vms.insert(out.child, c);
-        self.bump(if f.flags == abi::FORK_COPY { "host forks (full copy)" } else { "host forks" });
+        self.vms.insert(child, c);
         self.max_live = self.max_live.max(self.live());
     }
 

@@ -19,6 +19,8 @@
 //! [`HcError::errno`], called by the dispatchers.
 
 pub mod decode;
+pub mod dispatch;
+pub mod platform;
 pub mod vmops;
 
 // Test code lives outside `src/` (`hypervisor/tests/support/`), compiled
@@ -40,6 +42,8 @@ use shared_abi::validate::Invalid;
 use shared_abi::HC_NEED_PAGES;
 
 pub use decode::{Block, HostMem};
+pub use dispatch::dispatch;
+pub use platform::{Platform, Unacked};
 
 /// Why a VM operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

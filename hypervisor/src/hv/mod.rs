@@ -10,6 +10,7 @@ pub mod linux;
 pub mod logger;
 pub mod memory;
 pub mod merge;
+pub mod platform;
 pub mod run;
 pub mod setup;
 pub mod tlb;

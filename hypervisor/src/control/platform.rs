@@ -65,9 +65,7 @@ pub trait Platform {
     fn iommu_map(&mut self, ranges: &[PhysRange]) -> Result<(), crate::vtd::Error>;
     /// Zeroes every page of `range`, so that no host data reaches a guest.
     fn scrub(&mut self, range: &MemRange) {
-        for p in 0..range.size / crate::addr::PAGE_SIZE {
-            self.mem().zero_page(crate::addr::Hpa(range.base + p * crate::addr::PAGE_SIZE));
-        }
+        super::vmops::scrub(self.mem(), range);
     }
 
     /// The number of VMs.

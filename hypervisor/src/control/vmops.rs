@@ -182,6 +182,13 @@ pub fn translate(mem: &impl PhysMem, g: &GuestMem, gpa: u64) -> Result<u64, VmEr
     Ok(g.lookup(mem, Gpa(gpa)).map(|(p, _)| p.0 + (gpa & (PAGE_SIZE - 1))).unwrap_or(0))
 }
 
+/// Zeroes every page of `range`.
+pub fn scrub(mem: &impl PhysMem, range: &MemRange) {
+    for p in 0..range.size / PAGE_SIZE {
+        mem.zero_page(Hpa(range.base + p * PAGE_SIZE));
+    }
+}
+
 /// DONATE, once the ranges are out of the host's reach and scrubbed: adds
 /// them to the pool. Returns the number of pages.
 pub fn donate(pool: &mut FramePool, ranges: &[MemRange]) -> Result<u64, HcError> {

@@ -278,8 +278,9 @@ pub enum Step {
     /// Every invariant, in full.
     Check,
     /// From now on the machine fails as `faults` says (bit 0: no CPU
-    /// acknowledges a TLB shootdown; bit 1: the IOMMU does not answer),
-    /// until the next such step.
+    /// acknowledges a TLB shootdown; bit 1: the IOMMU does not answer;
+    /// bit 2: the heap cannot split a host EPT page), until the next such
+    /// step.
     Faults(u8),
 }
 
@@ -441,7 +442,7 @@ pub fn run_script(s: &Script) -> Report {
                 }
             }
             Step::Check => h.check_all(),
-            Step::Faults(f) => h.m.faults = Faults { shootdown: f & 1 != 0, iommu: f & 2 != 0 },
+            Step::Faults(f) => h.m.faults = Faults { shootdown: f & 1 != 0, iommu: f & 2 != 0, heap: f & 4 != 0 },
         }
     }
     h.finish();
@@ -1780,9 +1781,10 @@ pub mod seeds {
     }
 
     /// The machine failing under the dispatcher: a DONATE without a
-    /// shootdown, then one the IOMMU does not follow, both refused and
-    /// undone; the same pages given once it recovers; a RECLAIM the IOMMU
-    /// does not follow (the host gets the pages anyway).
+    /// shootdown, then one the IOMMU does not follow, then one the heap
+    /// cannot split a page for, all refused and undone; the same pages
+    /// given once it recovers; a RECLAIM the IOMMU does not follow (the
+    /// host gets the pages anyway).
     pub fn faults() -> Script {
         Script {
             flags: FLAG_ROOMY,
@@ -1792,6 +1794,13 @@ pub mod seeds {
                 Step::Faults(2),
                 donate(POOL, 2 << 20),
                 donate(POOL + (2 << 20), 4096),
+                Step::Faults(4),
+                Step::Call {
+                    nr: hc::DONATE,
+                    arg: BLOCK,
+                    len: 32,
+                    block: [decode::as_bytes(&MemRange { base: POOL, size: 4096 }), decode::as_bytes(&MemRange { base: POOL + 8192, size: 4096 })].concat(),
+                },
                 Step::Faults(0),
                 donate(POOL, 2 << 20),
                 create(2 << 20, 1),

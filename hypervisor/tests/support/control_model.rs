@@ -118,6 +118,9 @@ pub struct Faults {
     /// The IOMMU cannot take pages out of, or put them back into, the DMA
     /// view.
     pub iommu: bool,
+    /// The heap has no frame to split a large page of the host EPT: the
+    /// first range of a DONATE leaves the host's EPT, then the unmap fails.
+    pub heap: bool,
 }
 
 /// The model hypervisor.
@@ -270,6 +273,9 @@ impl Platform for Model {
         self.calls.push(Call::HostUnmap(ranges.to_vec()));
         for r in ranges {
             self.host.taken.extend(r.base / PAGE_SIZE..(r.base + r.size) / PAGE_SIZE);
+            if self.faults.heap {
+                return Err(HcError::NoMemory);
+            }
         }
         Ok(())
     }
@@ -310,9 +316,7 @@ impl Platform for Model {
 
     fn scrub(&mut self, range: &MemRange) {
         self.calls.push(Call::Scrub(*range));
-        for p in 0..range.size / PAGE_SIZE {
-            self.host.mem.zero_page(Hpa(range.base + p * PAGE_SIZE));
-        }
+        vmops::scrub(&self.host.mem, range);
     }
 
     fn vm_count(&self) -> u32 {

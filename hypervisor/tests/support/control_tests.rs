@@ -95,7 +95,7 @@ fn seeds_reach_their_paths() {
     assert_eq!((r.errors.get(&ENOSPC), r.errors.get(&EAGAIN)), (Some(&1), Some(&2)), "{r:?}");
 
     let r = fuzz::run_script(&seeds::faults());
-    assert_eq!((r.errors.get(&EBUSY), r.errors.get(&EIO)), (Some(&1), Some(&2)), "{r:?}");
+    assert_eq!((r.errors.get(&EBUSY), r.errors.get(&EIO), r.errors.get(&ENOMEM)), (Some(&1), Some(&2), Some(&1)), "{r:?}");
     assert_eq!((r.ok(hc::DONATE), r.ok(hc::VM_CREATE), r.ok(hc::RECLAIM)), (1, 1, 1), "{r:?}");
 
     let r = fuzz::run_script(&seeds::refusals());
@@ -276,7 +276,7 @@ mod prop {
             12 => call(),
             1 => (0..4096u64, proptest::collection::vec(any::<u8>(), 1..64)).prop_map(|(o, bytes)| Step::Poke { pa: seeds::DATA + o, bytes }),
             1 => Just(Step::Check),
-            1 => (0..4u8).prop_map(Step::Faults),
+            1 => (0..8u8).prop_map(Step::Faults),
         ]
     }
 
@@ -688,6 +688,16 @@ mod dispatch {
             m.calls,
             [Call::HostUnmap(alloc::vec![PAGES]), Call::Shootdown, Call::IommuUnmap(phys()), Call::IommuMap(phys()), Call::HostMap(phys())]
         );
+        unchanged(&m);
+    }
+
+    #[test]
+    fn a_donation_the_host_ept_cannot_follow_stays_the_hosts() {
+        let mut m = model();
+        host_data(&m);
+        m.faults.heap = true;
+        assert_eq!(call(&mut m, hc::DONATE, &PAGES), (-ENOMEM, 0));
+        assert_eq!(m.calls, [Call::HostUnmap(alloc::vec![PAGES]), Call::Shootdown, Call::HostMap(phys())]);
         unchanged(&m);
     }
 

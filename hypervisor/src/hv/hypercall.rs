@@ -43,7 +43,7 @@ pub fn dispatch(nr: u64, arg: u64, len: u64, regs: &mut GuestRegs) -> Switch {
         hc::DEBUG_FAULTS => debug_faults(arg, len),
         _ => control::dispatch(&mut Machine::default(), nr, arg, len),
     };
-    let (status, pages) = crate::control::status(r);
+    let (status, pages) = control::status(r);
     Switch::Return(status, pages)
 }
 
@@ -54,11 +54,12 @@ pub fn direct(nr: u64, arg: u64, len: u64) -> (i64, u64) {
     let r = match nr {
         hc::UNLOAD => unload_without_vmx(),
         hc::POLL => Ok(super::iommu::poll() as i64),
-        // The dispatcher refuses the VM calls it serves itself.
+        // These need VMX and are answered here; the VM calls the core
+        // dispatcher serves, it refuses itself when there is no VMX.
         hc::HOST_CPU | hc::VM_GET_REGS | hc::VM_SET_REGS | hc::VM_RUN | hc::VM_IRQ | hc::MERGE | hc::DEBUG_FAULTS => Err(HcError::NoVmx),
         _ => control::dispatch(&mut Machine::default(), nr, arg, len),
     };
-    crate::control::status(r)
+    control::status(r)
 }
 
 /// Copies a `T` in from host memory at `pa`, after checking the host owns it.

@@ -614,7 +614,7 @@ mod dispatch {
     //! a guest and a guest's memory from the host are checks only the
     //! dispatcher makes.
     use super::super::decode::{as_bytes, HostMem};
-    use super::super::model::{Call, Model};
+    use super::super::model::{Call, Faults, Model};
     use super::super::vmops::Limits;
     use crate::addr::{Hpa, PhysRange};
     use crate::mem::PhysMem;
@@ -664,14 +664,22 @@ mod dispatch {
         assert_eq!(m.pool.frames_free(), 2);
     }
 
-    #[test]
-    fn a_donation_without_a_shootdown_scrubs_and_pools_nothing() {
+    /// A DONATE the machine fails as `faults` says: it answers `status`,
+    /// after exactly `steps`, and the pages stay the host's.
+    fn refused(faults: Faults, status: i64, steps: &[Call]) -> Model {
         let mut m = model();
         host_data(&m);
-        m.faults.shootdown = true;
-        assert_eq!(call(&mut m, hc::DONATE, &PAGES), (-EBUSY, 0));
-        assert_eq!(m.calls, [Call::HostUnmap(alloc::vec![PAGES]), Call::Shootdown, Call::HostMap(phys())]);
+        m.faults = faults;
+        assert_eq!(call(&mut m, hc::DONATE, &PAGES), (status, 0));
+        assert_eq!(m.calls, steps);
         unchanged(&m);
+        m
+    }
+
+    #[test]
+    fn a_donation_without_a_shootdown_scrubs_and_pools_nothing() {
+        let steps = [Call::HostUnmap(alloc::vec![PAGES]), Call::Shootdown, Call::HostMap(phys())];
+        let mut m = refused(Faults { shootdown: true, ..Faults::default() }, -EBUSY, &steps);
         // Once the CPUs answer again, the same pages can be given.
         m.faults.shootdown = false;
         assert_eq!(call(&mut m, hc::DONATE, &PAGES), (2, 0));
@@ -679,26 +687,14 @@ mod dispatch {
 
     #[test]
     fn a_donation_the_iommu_cannot_follow_stays_the_hosts() {
-        let mut m = model();
-        host_data(&m);
-        m.faults.iommu = true;
-        let (s, _) = call(&mut m, hc::DONATE, &PAGES);
-        assert!(s < 0 && s != -EBUSY, "an IOMMU error: {s}");
-        assert_eq!(
-            m.calls,
-            [Call::HostUnmap(alloc::vec![PAGES]), Call::Shootdown, Call::IommuUnmap(phys()), Call::IommuMap(phys()), Call::HostMap(phys())]
-        );
-        unchanged(&m);
+        let steps = [Call::HostUnmap(alloc::vec![PAGES]), Call::Shootdown, Call::IommuUnmap(phys()), Call::IommuMap(phys()), Call::HostMap(phys())];
+        refused(Faults { iommu: true, ..Faults::default() }, -EIO, &steps);
     }
 
     #[test]
     fn a_donation_the_host_ept_cannot_follow_stays_the_hosts() {
-        let mut m = model();
-        host_data(&m);
-        m.faults.heap = true;
-        assert_eq!(call(&mut m, hc::DONATE, &PAGES), (-ENOMEM, 0));
-        assert_eq!(m.calls, [Call::HostUnmap(alloc::vec![PAGES]), Call::Shootdown, Call::HostMap(phys())]);
-        unchanged(&m);
+        let steps = [Call::HostUnmap(alloc::vec![PAGES]), Call::Shootdown, Call::HostMap(phys())];
+        refused(Faults { heap: true, ..Faults::default() }, -ENOMEM, &steps);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod linux;
 pub mod logger;
 pub mod memory;
 pub mod merge;
+pub mod platform;
 pub mod run;
 pub mod tlb;
 pub mod vm;

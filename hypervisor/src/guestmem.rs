@@ -101,16 +101,20 @@ pub fn read_only(e: EptEntry) -> EptEntry {
 /// child, so every entry in both loses write access.
 fn clone_table(mem: &impl PhysMem, pool: &mut FramePool, src: Hpa) -> Result<Hpa, MemError> {
     let dst = pool.alloc().ok_or(MemError::NeedPages(1))?;
+    let entry = |i: u64| EptEntry(mem.read_u64(Hpa(src.0 + i * 8)));
+    // Every child gains a reference first, in one sweep of the pool;
+    // then both tables map them read-only.
+    if let Err(e) = pool.get_each((0..512u64).map(entry).filter(|e| e.present()).map(|e| Hpa(e.addr()))) {
+        let _ = pool.put(mem, dst);
+        return Err(e.into());
+    }
     for i in 0..512u64 {
-        let at = Hpa(src.0 + i * 8);
-        let e = EptEntry(mem.read_u64(at));
-        if !e.present() {
-            continue;
+        let e = entry(i);
+        if e.present() {
+            let ro = read_only(e);
+            mem.write_u64(Hpa(src.0 + i * 8), ro.0);
+            mem.write_u64(Hpa(dst.0 + i * 8), ro.0);
         }
-        pool.get(Hpa(e.addr()))?;
-        let ro = read_only(e);
-        mem.write_u64(at, ro.0);
-        mem.write_u64(Hpa(dst.0 + i * 8), ro.0);
     }
     Ok(dst)
 }

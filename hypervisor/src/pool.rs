@@ -24,6 +24,24 @@ struct Chunk {
 
 const BIG: u8 = u8::MAX;
 
+/// One more reference in the count `r` of frame `pfn` (counts from
+/// [`BIG`] on live in `big`).
+fn add_ref(r: &mut u8, big: &mut BTreeMap<u64, u32>, pfn: u64) -> Result<(), PoolError> {
+    debug_assert!(*r > 0, "reference to a free frame");
+    match *r {
+        BIG => {
+            let n = big.get_mut(&pfn).unwrap();
+            *n = n.checked_add(1).ok_or(PoolError::RefOverflow)?;
+        }
+        r8 if r8 == BIG - 1 => {
+            *r = BIG;
+            big.insert(pfn, BIG as u32);
+        }
+        _ => *r += 1,
+    }
+    Ok(())
+}
+
 fn bit(v: &[u64], i: usize) -> bool {
     v[i / 64] & (1 << (i % 64)) != 0
 }
@@ -116,6 +134,17 @@ impl FramePool {
         (!bit(&self.chunks[&b].gone, i)).then_some((b, i))
     }
 
+    /// The chunk of pool frame `pa` and its index there, with a single
+    /// search of the chunks: reference counts change once for every entry
+    /// of each table a fork or a copy-on-write write clones, 512 at a
+    /// time, so the lookup is on the fork's path.
+    fn live_slot(chunks: &mut BTreeMap<u64, Chunk>, pa: Hpa) -> Option<(u64, &mut Chunk, usize)> {
+        let pfn = pa.pfn();
+        let (&base, c) = chunks.range_mut(..=pfn).next_back()?;
+        let i = (pfn - base) as usize;
+        (i < c.len() && !bit(&c.gone, i)).then_some((base, c, i))
+    }
+
     /// Whether `pa` is a pool frame.
     pub fn contains(&self, pa: Hpa) -> bool {
         self.slot(pa).is_some()
@@ -183,8 +212,13 @@ impl FramePool {
 
     /// The reference count of `pa`.
     pub fn refs(&self, pa: Hpa) -> Option<u32> {
-        let (b, i) = self.slot(pa)?;
-        Some(match self.chunks[&b].refs[i] {
+        let pfn = pa.pfn();
+        let (&base, c) = self.chunks.range(..=pfn).next_back()?;
+        let i = (pfn - base) as usize;
+        if i >= c.len() || bit(&c.gone, i) {
+            return None;
+        }
+        Some(match c.refs[i] {
             BIG => self.big[&pa.pfn()],
             r => r as u32,
         })
@@ -192,19 +226,28 @@ impl FramePool {
 
     /// Adds a reference.
     pub fn get(&mut self, pa: Hpa) -> Result<(), PoolError> {
-        let (b, i) = self.slot(pa).ok_or(PoolError::NotPoolFrame)?;
-        let r = &mut self.chunks.get_mut(&b).unwrap().refs[i];
-        debug_assert!(*r > 0, "reference to a free frame");
-        match *r {
-            BIG => {
-                let n = self.big.get_mut(&pa.pfn()).unwrap();
-                *n = n.checked_add(1).ok_or(PoolError::RefOverflow)?;
+        let (_, c, i) = Self::live_slot(&mut self.chunks, pa).ok_or(PoolError::NotPoolFrame)?;
+        add_ref(&mut c.refs[i], &mut self.big, pa.pfn())
+    }
+
+    /// Adds a reference to each of `pas`, searching the chunks only when a
+    /// frame lies outside the last one's chunk: the entries of a table
+    /// that a fork clones mostly point into a few chunks. Stops at the
+    /// first frame that is not a pool frame (the earlier ones keep their
+    /// new reference).
+    pub fn get_each(&mut self, pas: impl IntoIterator<Item = Hpa>) -> Result<(), PoolError> {
+        let mut cur: Option<(u64, &mut Chunk)> = None;
+        for pa in pas {
+            let pfn = pa.pfn();
+            if !matches!(&cur, Some((b, c)) if pfn >= *b && ((pfn - *b) as usize) < c.len()) {
+                cur = self.chunks.range_mut(..=pfn).next_back().map(|(&b, c)| (b, c));
             }
-            r8 if r8 == BIG - 1 => {
-                *r = BIG;
-                self.big.insert(pa.pfn(), BIG as u32);
+            let (b, c) = cur.as_mut().ok_or(PoolError::NotPoolFrame)?;
+            let i = (pfn - *b) as usize;
+            if i >= c.len() || bit(&c.gone, i) {
+                return Err(PoolError::NotPoolFrame);
             }
-            _ => *r += 1,
+            add_ref(&mut c.refs[i], &mut self.big, pfn)?;
         }
         Ok(())
     }
@@ -212,8 +255,7 @@ impl FramePool {
     /// Drops a reference; the last one scrubs the frame and frees it.
     /// Returns whether the frame was freed.
     pub fn put(&mut self, mem: &impl PhysMem, pa: Hpa) -> Result<bool, PoolError> {
-        let (b, i) = self.slot(pa).ok_or(PoolError::NotPoolFrame)?;
-        let c = self.chunks.get_mut(&b).unwrap();
+        let (b, c, i) = Self::live_slot(&mut self.chunks, pa).ok_or(PoolError::NotPoolFrame)?;
         let r = &mut c.refs[i];
         assert!(*r > 0, "double free of pool frame {pa:?}");
         if *r == BIG {
@@ -323,6 +365,27 @@ mod tests {
         assert!(p.big.is_empty());
         assert!(p.put(&mem, a).unwrap());
         assert_eq!(p.frames_free(), 2);
+    }
+
+    #[test]
+    fn get_each_counts_like_get_across_chunks() {
+        let mut p = FramePool::new();
+        p.donate(Hpa(0x10_0000), 3).unwrap();
+        p.donate(Hpa(0x40_0000), 2).unwrap();
+        let f: Vec<Hpa> = (0..5).map(|_| p.alloc().unwrap()).collect();
+        // Out of order, across both chunks, one frame past its count of 254.
+        for _ in 0..254 {
+            p.get(f[4]).unwrap();
+        }
+        p.get_each([f[3], f[0], f[4], f[0], f[2], f[3]]).unwrap();
+        let want = [3, 1, 2, 3, 256];
+        for (a, n) in f.iter().zip(want) {
+            assert_eq!(p.refs(*a), Some(n), "{a:?}");
+        }
+        // A frame that is not the pool's stops it there.
+        assert_eq!(p.get_each([f[1], Hpa(0x20_0000), f[1]]), Err(PoolError::NotPoolFrame));
+        assert_eq!(p.refs(f[1]), Some(2));
+        assert_eq!(p.get_each([Hpa(0x10_3000)]), Err(PoolError::NotPoolFrame), "just past a chunk");
     }
 
     #[test]

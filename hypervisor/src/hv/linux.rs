@@ -15,8 +15,8 @@
 //!   nothing, as `apic_needs_pit()` and `probe_8259A()` expect.
 //! - A triple fault is a reset: Linux's reboot path (`reboot=t`). The
 //!   warm-reset word at 0x472 says whether a panic caused it.
-//! - A fork gives each side a new VM generation ID and its interrupt
-//!   ([`new_generation`]).
+//! - A fork leaves each side a new VM generation ID and its interrupt,
+//!   which the side writes as it next enters ([`pay_generation`]).
 
 use super::memory::DirectMap;
 use super::vm::{Start, Vm};
@@ -46,6 +46,12 @@ pub struct Platform {
     /// The VM has a generation-ID buffer (`VM_FLAG_VMGENID`): forks write
     /// new IDs there ([`new_generation`]).
     pub vmgenid: bool,
+    /// A fork left this VM a new generation ID to write before any of its
+    /// vCPUs enters again ([`pay_generation`]). The lock makes the other
+    /// vCPUs wait while one writes it.
+    pub generation_owed: spin::Mutex<bool>,
+    /// The lock-free look at `generation_owed` on every entry.
+    pub generation_owed_hint: core::sync::atomic::AtomicBool,
 }
 
 impl Platform {
@@ -56,6 +62,8 @@ impl Platform {
             cmos: spin::Mutex::new(Cmos::default()),
             uart: spin::Mutex::new(UartShadow::default()),
             vmgenid,
+            generation_owed: spin::Mutex::new(false),
+            generation_owed_hint: core::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -67,6 +75,8 @@ impl Platform {
             cmos: spin::Mutex::new(*self.cmos.lock()),
             uart: spin::Mutex::new(self.uart.lock().forked()),
             vmgenid: self.vmgenid,
+            generation_owed: spin::Mutex::new(false),
+            generation_owed_hint: core::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -74,18 +84,48 @@ impl Platform {
 /// The one maker of VM generation IDs, for every VM.
 static GENERATIONS: spin::Mutex<Generator> = spin::Mutex::new(Generator::new());
 
-/// A fork's new generation for `vm`, its parent or its child, if the VM
-/// has a generation ID (`VM_FLAG_VMGENID`): a new ID goes into the VM's own
-/// copy of the buffer page (the write copies a page the fork shared), then
-/// the Generic Event Device's input pulses, whose interrupt makes the
-/// guest's ACPI notify its `vmgenid` driver. Fails only for want of pool
-/// frames for that copy.
+/// A fork leaves each side, its parent and its child, a new generation if
+/// the VM has a generation ID (`VM_FLAG_VMGENID`), which that side writes
+/// at its next entry ([`pay_generation`]). The fork itself stays a copy of
+/// the EPT root: writing the ID copies the buffer's page and, before that,
+/// every shared table on its path, a few hundred reference counts that
+/// each side pays on its own CPU, as it pays its other first writes.
+pub fn owe_generation(vm: &Vm) {
+    if let Some(p) = vm.linux.as_ref().filter(|p| p.vmgenid) {
+        *p.generation_owed.lock() = true;
+        p.generation_owed_hint.store(true, Ordering::Release);
+    }
+}
+
+/// Before a vCPU of `vm` enters: writes the generation a fork left owed,
+/// if any. Every vCPU of the VM passes here before it enters, and waits
+/// while another writes, so none runs guest code before the new ID and
+/// its interrupt are in place. Fails only for want of pool frames (the
+/// driver donates and runs the vCPU again).
+pub fn pay_generation(vm: &Vm) -> Result<(), super::vm::VmError> {
+    let Some(p) = vm.linux.as_ref() else { return Ok(()) };
+    if !p.generation_owed_hint.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let mut owed = p.generation_owed.lock();
+    if *owed {
+        new_generation(vm)?;
+        *owed = false;
+        p.generation_owed_hint.store(false, Ordering::Release);
+    }
+    Ok(())
+}
+
+/// A new generation for `vm`: a new ID goes into the VM's own copy of the
+/// buffer page (the write copies a page a fork shared), then the Generic
+/// Event Device's input pulses, whose interrupt makes the guest's ACPI
+/// notify its `vmgenid` driver. Fails only for want of pool frames for
+/// that copy.
 ///
-/// The interrupt is posted to the APICs without a kick: the parent's vCPUs
-/// are held out of the guest by the fork (or run on this CPU, for the
-/// guest's own FORK), and a child has not run yet, so each side takes it
-/// at its next VM entry, before the guest runs anything else.
-pub fn new_generation(vm: &Vm) -> Result<(), super::vm::VmError> {
+/// The interrupt is posted to the APICs without a kick: no vCPU of the VM
+/// is in the guest ([`pay_generation`] runs before any enters), so each
+/// takes it at its entry, before the guest runs anything else.
+fn new_generation(vm: &Vm) -> Result<(), super::vm::VmError> {
     let Some(p) = vm.linux.as_ref().filter(|p| p.vmgenid) else { return Ok(()) };
     // Without RDRAND the TSC is all the entropy there is; the IDs stay
     // unique regardless (`devices::vmgenid`).

@@ -104,6 +104,18 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
         }
         vm.flush_owed.store(false, Ordering::Release);
     }
+    match super::linux::pay_generation(&vm) {
+        Ok(()) => {}
+        Err(vm::VmError::Mem(MemError::NeedPages(n))) => {
+            write_record(arg, &record(exit::NONE));
+            return Ok(Switch::Return(HC_NEED_PAGES, n));
+        }
+        Err(e) => {
+            // Nothing else can fail in a write to the VM's own buffer page.
+            log::error!("vm{}: cannot write its new generation ID: {e:?}", vm.id);
+            return Err(e.errno());
+        }
+    }
     if vcpu.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return Err(-EBUSY);
     }

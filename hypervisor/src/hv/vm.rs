@@ -396,13 +396,10 @@ pub fn fork(parent: &Arc<Vm>, states: Vec<VcpuState>, copy: bool) -> Result<Arc<
         *c.lapic.lock() = *p.lapic.lock();
     }
     parent.children.fetch_add(1, Ordering::AcqRel);
-    // Each side gets a new VM generation ID before it runs again. Without
-    // the frames to copy the ID's page the fork is undone, and the caller
-    // donates and asks again (the parent may keep the ID it just got).
-    if let Err(e) = super::linux::new_generation(&child).and_then(|()| super::linux::new_generation(parent)) {
-        let _ = destroy(child.id);
-        return Err(e);
-    }
+    // Each side gets a new VM generation ID before it runs again, written
+    // as it enters.
+    super::linux::owe_generation(&child);
+    super::linux::owe_generation(parent);
     Ok(child)
 }
 

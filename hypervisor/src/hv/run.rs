@@ -138,10 +138,7 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
             vcpu.running.store(false, Ordering::Release);
             // SAFETY: the guest's VMCS goes back to memory; the host VM's
             // becomes current again.
-            unsafe {
-                let _ = instr::vmclear(vcpu.vmcs.0);
-                let _ = instr::vmptrld(pc.vmcs_pa);
-            }
+            unsafe { vmx::switch_back(vcpu.vmcs.0, pc.vmcs_pa) };
             write_record(arg, &vm.final_record());
             return Ok(Switch::Return(0, 0));
         }
@@ -321,10 +318,7 @@ fn leave(pc: &mut PerCpu, regs: &mut GuestRegs, mut rec: ExitRecord, pending: Pe
     }
     // SAFETY: the guest's VMCS goes back to memory (so that any CPU can
     // load it next) and the host VM's becomes current again.
-    unsafe {
-        let _ = instr::vmclear(vcpu.vmcs.0);
-        let _ = instr::vmptrld(pc.vmcs_pa);
-    }
+    unsafe { vmx::switch_back(vcpu.vmcs.0, pc.vmcs_pa) };
     if status == 0 {
         write_record(g.arg_pa, &rec);
         if g.vm.linux.is_some() {

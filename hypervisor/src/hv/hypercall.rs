@@ -128,10 +128,11 @@ fn vm_regs(arg: u64, len: u64, set: bool) -> Result<i64, HcError> {
             return Ok(0);
         }
         let pc = crate::arch::x86::cpu::this_cpu();
-        // SAFETY: the vCPU is not running, so its VMCS is clear; load it
-        // briefly, then make the host VM's current again.
-        unsafe {
-            if instr::vmptrld(vcpu.vmcs.0).is_ok() {
+        // A VMCS that cannot be loaded leaves these registers at 0.
+        // SAFETY: the vCPU is not running, so its VMCS is clear; the host
+        // VM's VMCS is current (this is the host's hypercall).
+        let _ = unsafe {
+            vmx::with_idle_vmcs(vcpu.vmcs.0, pc.vmcs_pa, || {
                 out.rip = vmx::read(GUEST_RIP);
                 out.rsp = vmx::read(GUEST_RSP);
                 out.rflags = vmx::read(GUEST_RFLAGS);
@@ -139,10 +140,8 @@ fn vm_regs(arg: u64, len: u64, set: bool) -> Result<i64, HcError> {
                 out.cr3 = vmx::read(GUEST_CR3);
                 out.cr4 = vmx::read(CR4_READ_SHADOW);
                 out.efer = vmx::read(GUEST_IA32_EFER);
-                let _ = instr::vmclear(vcpu.vmcs.0);
-            }
-            let _ = instr::vmptrld(pc.vmcs_pa);
-        }
+            })
+        };
         out
     } else {
         st.init
@@ -290,21 +289,11 @@ fn unload(regs: &mut GuestRegs) -> Result<Switch, HcError> {
         return Ok(Switch::Retry);
     }
     log::info!("cpu{}: leaving VMX, the host runs natively again", pc.index);
-    let tramp_return = h.boot.tramp_return;
-    // SAFETY: the VMCS state was copied out above; from here this CPU runs
-    // natively, restores Linux's MSRs and jumps to the driver's trampoline,
-    // which reloads the rest from `st` (on this stack, which the host's
-    // direct map covers) and resumes the host.
-    unsafe {
-        let _ = instr::vmclear(pc.vmcs_pa);
-        let _ = instr::vmxoff();
-        instr::write_cr4(instr::read_cr4() & !(1 << 13));
-        for (m, v) in msrs {
-            instr::wrmsr_safe(m, v);
-        }
-        core::arch::asm!("mov dr7, {}", in(reg) dr7, options(nostack));
-        core::arch::asm!("jmp {t}", t = in(reg) tramp_return, in("rdi") &st, options(noreturn));
-    }
+    // SAFETY: the host's state was copied out of the host VM's VMCS above
+    // (`st`, on this stack, `msrs`, `dr7`); no guest runs (no VM is left)
+    // and no kick is on its way (`stop_kicks`), so this CPU may leave VMX
+    // operation for good and resume the host through its trampoline.
+    unsafe { crate::arch::x86::unload::return_to_host(pc, &msrs, dr7, h.boot.tramp_return, &st) }
 }
 
 /// UNLOAD without VMX (`iommu_only=1`): turns DMA remapping off, after

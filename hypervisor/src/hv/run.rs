@@ -150,10 +150,7 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
             vcpu.running.store(false, Ordering::Release);
             // SAFETY: the guest's VMCS goes back to memory; the host VM's
             // becomes current again.
-            unsafe {
-                let _ = instr::vmclear(vcpu.vmcs.0);
-                let _ = instr::vmptrld(pc.vmcs_pa);
-            }
+            unsafe { vmx::switch_back(vcpu.vmcs.0, pc.vmcs_pa) };
             write_record(arg, &vm.final_record());
             return Ok(Switch::Return(0, 0));
         }
@@ -231,7 +228,7 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
             }
         }
     }
-    pc.guest = Some(Box::new(Running { vm: vm.clone(), vcpu: idx, host_regs: *regs, arg_pa: arg, mmio: None, deadline, host_msrs }));
+    pc.guest.put(Box::new(Running { vm: vm.clone(), vcpu: idx, host_regs: *regs, arg_pa: arg, mmio: None, deadline, host_msrs }));
     let bit = 1u64 << (pc.index % 64);
     if vm.tlb_dirty.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
         // SAFETY: INVEPT of this guest's EPT.
@@ -257,7 +254,7 @@ fn try_run(regs: &mut GuestRegs, arg: u64, len: u64) -> Result<Switch, i64> {
         vm.state.store(vm_state::RUNNING, Ordering::Release);
     }
     *regs = st.gpr;
-    pc.launch_next = 1;
+    pc.launch_next.store(1, Ordering::Relaxed);
     Ok(Switch::Entered)
 }
 
@@ -310,7 +307,7 @@ fn write_console(arg_pa: u64, vm: &Vm) {
 
 /// Leaves the guest for the host: RUN returns `status` (and `aux`), with
 /// `rec` as its exit record.
-fn leave(pc: &mut PerCpu, regs: &mut GuestRegs, mut rec: ExitRecord, pending: Pending, status: i64, aux: u64) {
+fn leave(pc: &PerCpu, regs: &mut GuestRegs, mut rec: ExitRecord, pending: Pending, status: i64, aux: u64) {
     let g = pc.guest.take().and_then(|g| g.downcast::<Running>().ok()).expect("leaving a guest that is not running");
     let vcpu = &g.vm.vcpus[g.vcpu];
     rec.rip = vmx::read(GUEST_RIP);
@@ -333,10 +330,7 @@ fn leave(pc: &mut PerCpu, regs: &mut GuestRegs, mut rec: ExitRecord, pending: Pe
     }
     // SAFETY: the guest's VMCS goes back to memory (so that any CPU can
     // load it next) and the host VM's becomes current again.
-    unsafe {
-        let _ = instr::vmclear(vcpu.vmcs.0);
-        let _ = instr::vmptrld(pc.vmcs_pa);
-    }
+    unsafe { vmx::switch_back(vcpu.vmcs.0, pc.vmcs_pa) };
     if status == 0 {
         write_record(g.arg_pa, &rec);
         if g.vm.linux.is_some() {
@@ -346,7 +340,7 @@ fn leave(pc: &mut PerCpu, regs: &mut GuestRegs, mut rec: ExitRecord, pending: Pe
     *regs = g.host_regs;
     regs[RAX] = status as u64;
     regs[RDX] = aux;
-    pc.launch_next = 0;
+    pc.launch_next.store(0, Ordering::Relaxed);
     if g.vm.state.load(Ordering::Acquire) == vm_state::RUNNING {
         g.vm.state.store(vm_state::PAUSED, Ordering::Release);
     }
@@ -358,12 +352,12 @@ fn record(kind: u32) -> ExitRecord {
 }
 
 /// Ends the VM and returns the stop to the host.
-fn stop_vm(pc: &mut PerCpu, regs: &mut GuestRegs, reason: u32) {
+fn stop_vm(pc: &PerCpu, regs: &mut GuestRegs, reason: u32) {
     end_vm(pc, regs, vm_state::STOPPED, reason)
 }
 
 /// Ends the VM in `state` (STOPPED, REBOOTED or PANICKED) with `reason`.
-fn end_vm(pc: &mut PerCpu, regs: &mut GuestRegs, state: u32, reason: u32) {
+fn end_vm(pc: &PerCpu, regs: &mut GuestRegs, state: u32, reason: u32) {
     let vm = running(pc).unwrap().vm.clone();
     log::info!("vm{}: {}: {} at rip {:#x}", vm.id, vm_state::name(state), stop::name(reason), vmx::read(GUEST_RIP));
     vm.stop(state, reason, 0);
@@ -373,7 +367,7 @@ fn end_vm(pc: &mut PerCpu, regs: &mut GuestRegs, state: u32, reason: u32) {
 
 /// Handles an exit of the guest this CPU runs; unless that left the guest,
 /// ends the guest's slice if it is over.
-pub fn guest_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
+pub fn guest_exit(pc: &PerCpu, regs: &mut GuestRegs, raw: u32) {
     handle_exit(pc, regs, raw);
     let Some(deadline) = running(pc).map(|g| g.deadline) else {
         return;
@@ -388,8 +382,7 @@ pub fn guest_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
     if instr::rdtsc() >= deadline {
         return leave(pc, regs, record(exit::INTR), Pending::None, 0, 0);
     }
-    let g = running(pc).unwrap();
-    let (vm, idx) = (g.vm.clone(), g.vcpu);
+    let (vm, idx) = running(pc).map(|g| (g.vm.clone(), g.vcpu)).unwrap();
     if vm.linux.is_some() {
         super::linux::before_entry(&vm, idx);
     }
@@ -417,7 +410,7 @@ fn arm_preemption_timer(ticks: u64) {
     vmx::set(PREEMPTION_TIMER_VALUE, (ticks >> (hv().caps.misc & 0x1f)).clamp(1, u32::MAX as u64));
 }
 
-fn handle_exit(pc: &mut PerCpu, regs: &mut GuestRegs, raw: u32) {
+fn handle_exit(pc: &PerCpu, regs: &mut GuestRegs, raw: u32) {
     let (reason, entry_failed) = ExitReason::decode(raw);
     tlb::flush_if_needed(pc);
     if entry_failed {
@@ -646,7 +639,7 @@ fn linux_wrmsr(regs: &mut GuestRegs, vm: &Vm, idx: usize) -> bool {
     wake
 }
 
-fn port_io(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
+fn port_io(pc: &PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
     let q = vmx::read(EXIT_QUALIFICATION);
     let size = (q & 7) as u8 + 1;
     let is_in = q & 8 != 0;
@@ -701,7 +694,7 @@ fn flush_local(vm: &Vm) {
     }
 }
 
-fn ept_violation(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Vm) {
+fn ept_violation(pc: &PerCpu, regs: &mut GuestRegs, vm: &Vm) {
     let gpa = vmx::read(GUEST_PHYSICAL_ADDRESS);
     let q = EptViolation::from_qualification(vmx::read(EXIT_QUALIFICATION));
     if gpa < vm.mem_bytes {
@@ -823,7 +816,7 @@ fn read_guest_code(vm: &Vm, rip: u64, out: &mut [u8; 15]) -> usize {
     n
 }
 
-fn hypercall(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>, idx: usize) {
+fn hypercall(pc: &PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>, idx: usize) {
     if super::exits::guest_cpl() != 0 {
         return inject_ud();
     }
@@ -867,7 +860,7 @@ fn hypercall(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>, idx: usize) {
 /// A Linux guest's hypercall through `linux::HYPERCALL_PORT` (an IN of 32
 /// bits, already skipped): EAX holds the number, and gets the result as
 /// an i32, zero-extended into RAX as the IN would.
-fn port_hypercall(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
+fn port_hypercall(pc: &PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
     let nr = regs[RAX] & 0xffff_ffff;
     let r: i64 = match nr {
         ghc::FORK => {
@@ -884,12 +877,13 @@ fn port_hypercall(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
     regs[RAX] = r as u64 & 0xffff_ffff;
 }
 
-/// The guest vCPU `pc` runs, if any.
-pub fn running(pc: &PerCpu) -> Option<&Running> {
-    pc.guest.as_deref().and_then(|g| g.downcast_ref())
+/// The guest vCPU `pc` runs, if any. The borrow must end before the guest
+/// is left (`leave`), which takes it out of the slot.
+pub fn running(pc: &PerCpu) -> Option<core::cell::Ref<'_, Running>> {
+    pc.guest.get()
 }
 
-fn guest_fork(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
+fn guest_fork(pc: &PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
     if vm.vcpus.len() != 1 {
         regs[RAX] = -EINVAL as u64;
         return;
@@ -933,7 +927,7 @@ fn guest_fork(pc: &mut PerCpu, regs: &mut GuestRegs, vm: &Arc<Vm>) {
 }
 
 /// A guest VM entry failed (VMLAUNCH/VMRESUME): the VM stops.
-pub fn entry_failed(pc: &mut PerCpu, regs: &mut GuestRegs) {
+pub fn entry_failed(pc: &PerCpu, regs: &mut GuestRegs) {
     let err = vmx::read(VM_INSTRUCTION_ERROR);
     log::error!("vm{}: VM entry failed: VM-instruction error {err}", running(pc).unwrap().vm.id);
     super::exits::dump_vmcs();

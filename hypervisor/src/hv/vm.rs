@@ -410,15 +410,8 @@ pub fn capture_idle(v: &Vcpu) -> VcpuState {
         return st;
     }
     let pc = crate::arch::x86::cpu::this_cpu();
-    let mut snap = None;
-    // SAFETY: the vCPU is not running, so its VMCS is clear in memory: load
-    // it, read it, clear it, and make the host VM's VMCS current again.
-    unsafe {
-        if crate::arch::x86::instr::vmptrld(v.vmcs.0).is_ok() {
-            snap = Some(crate::arch::x86::vmx::capture());
-            let _ = crate::arch::x86::instr::vmclear(v.vmcs.0);
-        }
-        let _ = crate::arch::x86::instr::vmptrld(pc.vmcs_pa);
-    }
+    // SAFETY: the vCPU is not running, so its VMCS is clear in memory; the
+    // host VM's VMCS is current (a hypercall of the host's).
+    let snap = unsafe { crate::arch::x86::vmx::with_idle_vmcs(v.vmcs.0, pc.vmcs_pa, crate::arch::x86::vmx::capture) };
     child_state(&st, snap)
 }

@@ -17,15 +17,15 @@ use shared_abi::{errno::*, BootInfo, ImageHeader, RegionLayout};
 /// The first step, on every CPU, still on the boot tables: the region's
 /// addresses, this CPU's area with Linux's state saved in it, and the
 /// hypervisor's IDT and per-CPU GS base.
-pub(super) fn arrive(info: &BootInfo, index: u32, h: &ImageHeader, l: &RegionLayout, linux_cr3: u64) -> &'static mut PerCpu {
+pub(super) fn arrive(info: &BootInfo, index: u32, h: &ImageHeader, l: &RegionLayout, linux_cr3: u64) -> &'static PerCpu {
     let i = index as usize;
     memory::init(info.direct_map_base, info.region_virt, info.region_phys, info.region_size);
     cpu::set_percpu_base(info.region_virt + l.percpu_start, h.percpu_size);
     cpu::set_nmi_hook(crate::hv::exits::nmi_in_root);
     let linux = vmx::save_linux_state(linux_cr3);
-    // SAFETY: each CPU initialises its own area once.
-    let pc = unsafe { PerCpu::init(i, info.cpus[i].linux_id) };
-    pc.linux = linux;
+    // SAFETY: each CPU initialises its own area once, before it loads the
+    // area's IDT and GS base below.
+    let pc = unsafe { PerCpu::init(i, info.cpus[i].linux_id, linux) };
     // Our IDT and per-CPU GS from here; Linux's are restored on failure.
     // SAFETY: the IDT is valid; interrupts are off.
     unsafe {
@@ -63,7 +63,7 @@ pub(super) fn switch_tables(cr3: u64) {
 /// The last step with VMX: this CPU's own set-up, then a barrier with the
 /// others; if every CPU is ready, VMLAUNCH of the host VM, which on success
 /// does not return. Otherwise every CPU rolls back and returns `-errno`.
-pub(super) fn launch_host(pc: &mut PerCpu, hv: &Hv, info: &BootInfo, rip: u64, rsp: u64, n: u32) -> i64 {
+pub(super) fn launch_host(pc: &PerCpu, hv: &Hv, info: &BootInfo, rip: u64, rsp: u64, n: u32) -> i64 {
     let i = pc.index;
     let r = percpu_setup(pc, hv, info, rip, rsp);
     if let Err(e) = r {
@@ -124,7 +124,7 @@ pub(super) fn iommu_only_finish(pc: &PerCpu, info: &BootInfo, n: u32) -> i64 {
 
 /// This CPU's VMX set-up: VMXON and the host VM's VMCS, with Linux's state
 /// as the guest state.
-fn percpu_setup(pc: &mut PerCpu, hv: &Hv, info: &BootInfo, rip: u64, rsp: u64) -> Result<(), VmxError> {
+fn percpu_setup(pc: &PerCpu, hv: &Hv, info: &BootInfo, rip: u64, rsp: u64) -> Result<(), VmxError> {
     vmx::check_and_enable()?;
     if info.fail_cpu >= 0 && info.fail_cpu as u32 == pc.index {
         return Err(VmxError::Injected);

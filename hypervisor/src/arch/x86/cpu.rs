@@ -1,6 +1,9 @@
 //! Per-CPU state, and the hypervisor's own GDT, TSS and IDT.
 
 use super::instr::{self, DescriptorTablePointer, FAULT_VECTOR_OFFSET, FIXUP_OFFSET};
+use alloc::boxed::Box;
+use core::any::Any;
+use core::cell::{Ref, RefCell};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use shared_abi::EXIT_REASON_SLOTS;
 
@@ -36,16 +39,26 @@ pub struct SavedState {
 
 /// Per-CPU area, at the start of the CPU's slice of the hypervisor region.
 /// `gs:0` points here in VMX root operation.
+///
+/// Only shared references to it exist once it is set up ([`this_cpu`],
+/// [`percpu_of`]): an NMI or exception can interrupt any code of the CPU
+/// and reach the same area, so a `&mut PerCpu` held by that code would
+/// alias. What changes after set-up is interior-mutable: atomics (which
+/// the NMI and exception paths use, and other CPUs read), and the
+/// [`GuestSlot`], which only the CPU's exit path touches.
 #[repr(C, align(4096))]
 pub struct PerCpu {
     /// This structure's own address (`gs:0`).
     pub self_ptr: u64,
     /// Where a fault in a `*_safe` instruction resumes (`gs:8`), or 0.
-    pub fixup_rip: u64,
+    /// Set and cleared by those instructions' assembly, taken by the
+    /// exception handler.
+    pub fixup_rip: AtomicU64,
     /// Vector of the last fault taken through `fixup_rip` (`gs:16`).
-    pub fault_vector: u64,
-    /// Non-zero when the next VM entry must be VMLAUNCH (`gs:24`).
-    pub launch_next: u64,
+    pub fault_vector: AtomicU64,
+    /// Non-zero when the next VM entry must be VMLAUNCH (`gs:24`); the exit
+    /// stub clears it.
+    pub launch_next: AtomicU64,
     pub index: u32,
     pub linux_id: u32,
     pub apic_id: u32,
@@ -79,7 +92,41 @@ pub struct PerCpu {
     pub sipi_vector: AtomicU32,
     /// What the layer above keeps for the guest vCPU this CPU runs, if any
     /// (`hv::run::Running`); opaque here.
-    pub guest: Option<alloc::boxed::Box<dyn core::any::Any>>,
+    pub guest: GuestSlot,
+}
+
+/// The slot of [`PerCpu::guest`]: what the layer above keeps for the guest
+/// vCPU the CPU runs.
+///
+/// Rules: only the CPU that owns the area touches its slot, and only from
+/// its exit and hypercall path, never from an NMI or exception handler
+/// (which may interrupt that path while it holds a borrow). Within those
+/// rules a borrow held while the slot is replaced is a bug of the exit
+/// path, and the `RefCell` turns it into a panic rather than a dangling
+/// reference.
+pub struct GuestSlot(RefCell<Option<Box<dyn Any>>>);
+
+impl GuestSlot {
+    /// Whether a guest is running here.
+    pub fn is_some(&self) -> bool {
+        self.0.borrow().is_some()
+    }
+
+    /// Records the guest this CPU now runs.
+    pub fn put(&self, g: Box<dyn Any>) {
+        *self.0.borrow_mut() = Some(g);
+    }
+
+    /// Ends the record of the guest this CPU ran, and returns it.
+    pub fn take(&self) -> Option<Box<dyn Any>> {
+        self.0.borrow_mut().take()
+    }
+
+    /// The guest this CPU runs, if any and of type `T`. Holding the result
+    /// across `put` or `take` panics.
+    pub fn get<T: Any>(&self) -> Option<Ref<'_, T>> {
+        Ref::filter_map(self.0.borrow(), |g| g.as_deref().and_then(|g| g.downcast_ref())).ok()
+    }
 }
 
 pub const LAUNCH_NEXT_OFFSET: usize = 24;
@@ -132,29 +179,48 @@ pub fn percpu_area(index: usize) -> u64 {
     PERCPU_BASE.load(Ordering::Relaxed) + index as u64 * PERCPU_STRIDE.load(Ordering::Relaxed)
 }
 
+/// CPU `index`'s area, shared: any CPU may read its atomics.
 pub fn percpu_of(index: usize) -> &'static PerCpu {
     // SAFETY: the area was initialised by `PerCpu::init` before any reader.
     unsafe { &*(percpu_area(index) as *const PerCpu) }
 }
 
-/// This CPU's per-CPU area (through GS).
-pub fn this_cpu() -> &'static mut PerCpu {
+/// This CPU's per-CPU area (through GS), shared.
+///
+/// It is a shared reference on purpose: the exit path, an NMI taken in
+/// root operation and the exception handler may each call this while an
+/// interrupted caller still holds its result, and no `&mut PerCpu` may
+/// exist alongside. Fields that change after set-up are atomics or the
+/// [`GuestSlot`] (see its rules); the NMI and exception paths use only the
+/// atomics and the fields fixed at set-up.
+pub fn this_cpu() -> &'static PerCpu {
     let p: u64;
     // SAFETY: in root operation GS base points at this CPU's `PerCpu`.
     unsafe { core::arch::asm!("mov {}, gs:[0]", out(reg) p, options(nostack, readonly, preserves_flags)) };
-    // SAFETY: each CPU only mutates its own area.
-    unsafe { &mut *(p as *mut PerCpu) }
+    // SAFETY: the area was initialised by `PerCpu::init` before GS pointed
+    // at it, and after that it is only ever borrowed shared.
+    unsafe { &*(p as *const PerCpu) }
 }
 
 impl PerCpu {
-    /// Prepares CPU `index`'s area: zeroed state, GDT, TSS and IDT.
+    /// Prepares CPU `index`'s area: zeroed state, Linux's state `linux`,
+    /// GDT, TSS and IDT. The only mutable borrow of the area is here; from
+    /// then on it is shared (see [`PerCpu`]).
     ///
     /// # Safety
-    /// Called once per CPU, by that CPU, before it uses the area.
-    pub unsafe fn init(index: usize, linux_id: u32) -> &'static mut PerCpu {
+    /// Called once per CPU, by that CPU, before it uses the area and before
+    /// it loads the area's IDT or points GS at it (so that no handler can
+    /// reach the area meanwhile).
+    pub unsafe fn init(index: usize, linux_id: u32, linux: SavedState) -> &'static PerCpu {
         let base = percpu_area(index);
-        // SAFETY: the area is this CPU's, zeroed by the driver.
+        // SAFETY: the area is this CPU's, zeroed by the driver, and nothing
+        // else can reach it yet (see the contract).
         let pc = unsafe { &mut *(base as *mut PerCpu) };
+        // SAFETY: a field of the area, overwritten without dropping what
+        // the zeroed memory holds, so that the slot is a well-formed empty
+        // `RefCell` whatever the layout.
+        unsafe { core::ptr::addr_of_mut!(pc.guest).write(GuestSlot(RefCell::new(None))) };
+        pc.linux = linux;
         pc.self_ptr = base;
         pc.index = index as u32;
         pc.linux_id = linux_id;
@@ -268,10 +334,13 @@ extern "sysv64" fn uxen_exception(f: &mut ExceptionFrame) {
         }
         return;
     }
-    if pc.fixup_rip != 0 && matches!(f.vector, 6 | 13 | 14 | 17) {
-        f.rip = pc.fixup_rip;
-        pc.fault_vector = f.vector;
-        pc.fixup_rip = 0;
+    // The fix-up address belongs to the instruction that faulted: it was
+    // set by this CPU's own code just before, so relaxed ordering suffices.
+    let fixup = pc.fixup_rip.load(Ordering::Relaxed);
+    if fixup != 0 && matches!(f.vector, 6 | 13 | 14 | 17) {
+        f.rip = fixup;
+        pc.fault_vector.store(f.vector, Ordering::Relaxed);
+        pc.fixup_rip.store(0, Ordering::Relaxed);
         return;
     }
     panic!(

@@ -194,6 +194,16 @@ pub fn read_dr7() -> u64 {
     v
 }
 
+/// Writes DR7.
+///
+/// # Safety
+/// `v` is a valid DR7 value that enables no breakpoint the running code
+/// does not expect (a hit raises #DB, SDM Vol. 3B, 18.2.4).
+pub unsafe fn write_dr7(v: u64) {
+    // SAFETY: per the caller's contract.
+    unsafe { asm!("mov dr7, {}", in(reg) v, options(nomem, nostack, preserves_flags)) };
+}
+
 pub fn read_rflags() -> u64 {
     let v: u64;
     // SAFETY: pushfq/pop only touch the stack.

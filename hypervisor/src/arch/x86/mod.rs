@@ -18,4 +18,6 @@ pub mod iommu;
 #[cfg(target_os = "none")]
 pub mod physmap;
 #[cfg(target_os = "none")]
+pub mod unload;
+#[cfg(target_os = "none")]
 pub mod vmx;

@@ -171,7 +171,8 @@ pub unsafe fn vmxon(pc: &PerCpu, caps: &VmxCaps) -> Result<(), VmxError> {
     Ok(())
 }
 
-/// Leaves VMX operation after a failed set-up.
+/// Leaves VMX operation on this CPU, after a failed set-up or at unload:
+/// VMCLEAR of its VMCS, VMXOFF, then CR4.VMXE cleared.
 ///
 /// # Safety
 /// In VMX operation on this CPU.
@@ -181,6 +182,43 @@ pub unsafe fn vmxoff(pc: &PerCpu) {
         let _ = instr::vmclear(pc.vmcs_pa);
         let _ = instr::vmxoff();
         instr::write_cr4(instr::read_cr4() & !(1 << 13));
+    }
+}
+
+/// Makes `home` (this CPU's host VM VMCS) current again after `vmcs`:
+/// VMCLEAR writes `vmcs` back to memory and makes it inactive, so that any
+/// CPU may load it next (SDM Vol. 3C, 25.1 and 25.11.1), then VMPTRLD of `home`.
+///
+/// # Safety
+/// In VMX operation; `vmcs` and `home` are VMCS regions of this
+/// hypervisor, `vmcs` active on no other CPU and `home` this CPU's own.
+pub unsafe fn switch_back(vmcs: u64, home: u64) {
+    // SAFETY: per the caller's contract.
+    unsafe {
+        let _ = instr::vmclear(vmcs);
+        let _ = instr::vmptrld(home);
+    }
+}
+
+/// Runs `f` with the idle VMCS `vmcs` current (to read or write its
+/// fields), then writes it back and makes `home` current again. `None`
+/// if `vmcs` could not be loaded (and `f` did not run).
+///
+/// # Safety
+/// In VMX operation, with `home` (this CPU's host VM VMCS) current;
+/// `vmcs` is a VMCS region of this hypervisor that is clear, active on no
+/// CPU (a vCPU that is not running). `f` must leave `vmcs` current.
+pub unsafe fn with_idle_vmcs<R>(vmcs: u64, home: u64, f: impl FnOnce() -> R) -> Option<R> {
+    // SAFETY: per the caller's contract; a clear VMCS may be loaded on any
+    // CPU, and is written back by VMCLEAR before `home` is loaded again
+    // (SDM Vol. 3C, 25.11.1).
+    unsafe {
+        let r = instr::vmptrld(vmcs).ok().map(|()| f());
+        if r.is_some() {
+            let _ = instr::vmclear(vmcs);
+        }
+        let _ = instr::vmptrld(home);
+        r
     }
 }
 

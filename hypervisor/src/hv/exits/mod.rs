@@ -132,8 +132,8 @@ extern "sysv64" fn uxen_vmexit_handler(regs: &mut GuestRegs) {
 
 /// Common tail of every exit: deliver an NMI that belongs to the host once
 /// the host VM is about to run, and account the time.
-fn after_exit(pc: &mut crate::arch::x86::cpu::PerCpu, t0: u64) {
-    if pc.guest.is_none() {
+fn after_exit(pc: &crate::arch::x86::cpu::PerCpu, t0: u64) {
+    if !pc.guest.is_some() {
         super::ipi::park_if_init(pc);
         if pc.host_nmi_pending.load(core::sync::atomic::Ordering::Acquire) != 0 {
             inject_host_nmi(pc);

@@ -470,7 +470,10 @@ fn stats(arg: u64, len: u64) -> Result<i64, HcError> {
         s.merge_indexed = super::merge::INDEXED.load(Ordering::Relaxed);
         s.merge_pages_shared_now = pool.refs_beyond_one().saturating_sub(s.merge_indexed);
     }
-    s.merge_index_heap_bytes = s.merge_indexed * super::merge::INDEX_ENTRY_BYTES;
+    s.merge_index_heap_bytes = super::merge::INDEX_HEAP.load(Ordering::Relaxed);
+    s.merge_stable = super::merge::STABLE.load(Ordering::Relaxed);
+    s.merge_index_frames = super::merge::INDEX_FRAMES.load(Ordering::Relaxed);
+    s.merge_skipped = super::merge::SKIPPED.load(Ordering::Relaxed);
     s.merge_passes = super::merge::PASSES.load(Ordering::Relaxed);
     s.merge_aborted = super::merge::ABORTED.load(Ordering::Relaxed);
     s.merge_tsc = super::merge::TSC.load(Ordering::Relaxed);

@@ -65,9 +65,13 @@ impl PhysMem for DirectMap {
     }
     fn pages_equal(&self, a: Hpa, b: Hpa) -> bool {
         let (x, y) = (phys_ptr(a.0) as *const u64, phys_ptr(b.0) as *const u64);
-        // SAFETY: aligned 8-byte reads of two pages through the direct map,
-        // word by word (no copies), stopping at the first difference.
-        (0..PAGE_SIZE as usize / 8).all(|i| unsafe { x.add(i).read() == y.add(i).read() })
+        // Eight words at a time, their differences or'ed together: a load
+        // and two ALU operations a word, and one branch per 64 bytes.
+        (0..PAGE_SIZE as usize / 8).step_by(8).all(|i| {
+            // SAFETY: aligned 8-byte reads of two pages through the direct
+            // map (no copies); `i + k` stays below 512.
+            (0..8).fold(0, |d, k| d | unsafe { x.add(i + k).read() ^ y.add(i + k).read() }) == 0
+        })
     }
 }
 

@@ -344,6 +344,13 @@ impl Index {
         freed
     }
 
+    /// Drops the entries whose frames nothing but the index holds any more
+    /// (their VMs are gone), and the table if no entry is left. Returns how
+    /// many frames that freed besides the table's own.
+    pub fn drop_unmapped(&mut self, mem: &impl PhysMem, pool: &mut FramePool) -> u64 {
+        self.retain(mem, pool, |refs, stable| (refs >= 2).then_some(stable))
+    }
+
     /// Drops every entry and the table. Returns how many frames that freed
     /// besides the table's own.
     pub fn clear(&mut self, mem: &impl PhysMem, pool: &mut FramePool) -> u64 {
@@ -727,6 +734,41 @@ mod tests {
         let (freed, index) = m.finish(&mem, &mut pool);
         assert_eq!((freed, index.len(), index.table_frames()), (1, 0, 0));
         g.destroy(&mem, &mut pool);
+        assert_eq!(used(&pool), 0);
+    }
+
+    #[test]
+    fn merged_frames_stay_indexed_between_passes_until_their_vms_go() {
+        let (mem, mut pool) = setup(256);
+        let mut a = GuestMem::new(&mem, &mut pool, 4 << 20).unwrap();
+        let mut b = GuestMem::new(&mem, &mut pool, 4 << 20).unwrap();
+        for i in 0..4u64 {
+            a.write(&mem, &mut pool, Gpa(i * 4096), &page(3)).unwrap();
+            b.write(&mem, &mut pool, Gpa(i * 4096), &page(3)).unwrap();
+        }
+        b.write(&mem, &mut pool, Gpa(0x10_0000), &page(4)).unwrap();
+        let (s, _, index) = merge_pass(&mem, &mut pool, &mut [&mut a, &mut b], Index::new());
+        assert_eq!((s.scanned, s.merged, s.skipped), (9, 7, 0));
+        // The unique page's entry went at the end of the pass.
+        assert_eq!((index.len(), index.stable()), (1, 1));
+        // The pages a merge remapped are skipped unread; the first page,
+        // whose frame the others now share, is marked on the way.
+        let (s, _, index) = merge_pass(&mem, &mut pool, &mut [&mut a, &mut b], index);
+        assert_eq!((s.scanned, s.merged, s.skipped), (9, 0, 7));
+        let (s, _, mut index) = merge_pass(&mem, &mut pool, &mut [&mut a, &mut b], index);
+        assert_eq!((s.scanned, s.merged, s.skipped), (9, 0, 8));
+        // A write copies the shared page; the others keep the contents.
+        b.write(&mem, &mut pool, Gpa(0x2000), &[9]).unwrap();
+        let mut r = [0u8; 4096];
+        a.read(&mem, Gpa(0x2000), &mut r).unwrap();
+        assert_eq!(r, page(3));
+        // With both VMs gone, only the index holds the frame: it goes, and
+        // the table with it.
+        a.destroy(&mem, &mut pool);
+        b.destroy(&mem, &mut pool);
+        assert_eq!(used(&pool), 1 + index.table_frames() as u64);
+        assert_eq!(index.drop_unmapped(&mem, &mut pool), 1);
+        assert_eq!((index.len(), index.table_frames()), (0, 0));
         assert_eq!(used(&pool), 0);
     }
 

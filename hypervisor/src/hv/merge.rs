@@ -124,6 +124,20 @@ pub fn end() {
     finish(&mut PASS.lock());
 }
 
+/// A VM is gone: the index (the running pass's, or the one between
+/// passes) lets go of the frames only it still holds, so that they go back
+/// to the pool now rather than at the end of a later pass.
+pub fn vm_gone() {
+    let mut st = PASS.lock();
+    let st = &mut *st;
+    let index = match st.pass.as_mut() {
+        Some(p) => &mut p.merger.index,
+        None => &mut st.index,
+    };
+    index.drop_unmapped(&DirectMap, &mut POOL.lock());
+    publish(index);
+}
+
 /// Ends the running pass and drops the whole index, stable part and table
 /// (when no VM is left: every frame goes back to the pool).
 pub fn forget() {

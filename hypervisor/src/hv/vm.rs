@@ -322,6 +322,9 @@ pub fn destroy(id: u32) -> Result<(), VmError> {
         // still hold frames of the VMs that are gone: with no VM left, the
         // pass has nothing to do, and every frame must go back to the pool.
         super::merge::forget();
+    } else {
+        // Frames of this VM that only the index still holds go back now.
+        super::merge::vm_gone();
     }
     Ok(())
 }

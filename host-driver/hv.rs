@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0
-//! The hypervisor's lifecycle as the driver sees it: load the image, enter
-//! it on every CPU, talk to it with VMCALL, forward its log, unload it.
+//! The hypervisor's lifecycle as the driver sees it once loaded: the
+//! trampoline, VMCALL and direct calls, the log, and the unload. The load
+//! and the entry on every CPU are `launch.rs`.
 
 use crate::abi;
+use crate::launch::{BootTables, EntryCtx};
 use crate::shim::{self, Kthread, Pages};
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use kernel::c_str;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use kernel::prelude::*;
 
 /// Bytes of the log ring.
@@ -187,13 +188,13 @@ core::arch::global_asm!(
 extern "C" {
     static uxen_tramp_start: u8;
     static uxen_tramp_end: u8;
-    fn uxen_tramp_enter(entry: u64, cpu: u32, info: *const abi::BootInfo, boot_cr3: u64, stack_top: u64) -> i64;
+    pub(crate) fn uxen_tramp_enter(entry: u64, cpu: u32, info: *const abi::BootInfo, boot_cr3: u64, stack_top: u64) -> i64;
     fn uxen_tramp_call(func: u64, boot_cr3: u64, stack_top: u64, cpu: u32, nr: u64, arg: u64, len: u64) -> abi::CallResult;
-    fn uxen_tramp_return();
+    pub(crate) fn uxen_tramp_return();
 }
 
 /// The trampoline page: (virtual, physical) addresses.
-fn trampoline() -> Result<(u64, u64)> {
+pub(crate) fn trampoline() -> Result<(u64, u64)> {
     // SAFETY: taking the addresses of assembler symbols.
     let (start, end) = unsafe { (&uxen_tramp_start as *const u8, &uxen_tramp_end as *const u8) };
     let v = start as u64;
@@ -204,65 +205,9 @@ fn trampoline() -> Result<(u64, u64)> {
     Ok((v, shim::module_addr_to_phys(start)))
 }
 
-/// The boot page tables: the region at its direct-map address and the
-/// trampoline page, in 4 KiB pages. Used by the entry only, until the
-/// hypervisor switches to page tables of its own.
-struct BootTables {
-    pages: Pages,
-    used: usize,
-}
-
-const PT_P: u64 = 1;
-const PT_RW: u64 = 2;
-
-impl BootTables {
-    fn new() -> Result<Self> {
-        Ok(BootTables { pages: Pages::alloc(3)?, used: 1 })
-    }
-
-    fn cr3(&self) -> u64 {
-        self.pages.phys()
-    }
-
-    fn table(&self, i: usize) -> *mut u64 {
-        // SAFETY: `i` < 8, within the allocation.
-        unsafe { self.pages.virt().add(i * 4096).cast() }
-    }
-
-    fn index_of(&self, pa: u64) -> usize {
-        ((pa - self.pages.phys()) / 4096) as usize
-    }
-
-    fn map(&mut self, va: u64, pa: u64, flags: u64) -> Result {
-        let mut t = 0usize;
-        for level in (1..=3).rev() {
-            let idx = ((va >> (12 + 9 * level)) & 511) as usize;
-            // SAFETY: `t` indexes one of our table pages.
-            let e = unsafe { self.table(t).add(idx) };
-            // SAFETY: as above.
-            let v = unsafe { e.read() };
-            t = if v & PT_P != 0 {
-                self.index_of(v & !0xfff)
-            } else {
-                if self.used == 8 {
-                    return Err(ENOMEM);
-                }
-                let n = self.used;
-                self.used += 1;
-                // SAFETY: as above.
-                unsafe { e.write((self.pages.phys() + n as u64 * 4096) | PT_P | PT_RW) };
-                n
-            };
-        }
-        // SAFETY: as above.
-        unsafe { self.table(t).add(((va >> 12) & 511) as usize).write(pa | flags) };
-        Ok(())
-    }
-}
-
 /// Whether the CPU hotplug callbacks are registered: the hypervisor runs
 /// with VMX and hears of every CPU that goes offline or comes back.
-static HOTPLUG: AtomicBool = AtomicBool::new(false);
+pub(crate) static HOTPLUG: AtomicBool = AtomicBool::new(false);
 
 /// The CPU hotplug callback (from the C shim), on the CPU concerned: tells
 /// the hypervisor this CPU is going offline (`online` 0) or is back (1).
@@ -309,38 +254,9 @@ pub(crate) fn status(s: i64) -> Result<i64> {
     }
 }
 
-/// What every CPU's entry call shares.
-struct EntryCtx {
-    entry: u64,
-    info: *const abi::BootInfo,
-    boot_cr3: u64,
-    stacks: [u64; abi::MAX_CPUS],
-    cpus: [i32; abi::MAX_CPUS],
-    ncpus: usize,
-    results: [AtomicI64; abi::MAX_CPUS],
-}
-
-impl EntryCtx {
-    fn index_of(&self, cpu: i32) -> Option<usize> {
-        self.cpus[..self.ncpus].iter().position(|&c| c == cpu)
-    }
-}
-
-unsafe extern "C" fn enter_on_cpu(ctx: *mut c_void) {
-    // SAFETY: `ctx` is the `EntryCtx` that `start` keeps alive across
+pub(crate) unsafe extern "C" fn unload_on_cpu(ctx: *mut c_void) {
+    // SAFETY: `ctx` is the `EntryCtx` that the caller keeps alive across
     // `on_each_cpu`.
-    let ctx = unsafe { &*(ctx as *const EntryCtx) };
-    let Some(i) = ctx.index_of(shim::this_cpu()) else {
-        return;
-    };
-    // SAFETY: the image is loaded and relocated; this is its entry, called
-    // through the trampoline with the boot tables and this CPU's stack.
-    let r = unsafe { uxen_tramp_enter(ctx.entry, i as u32, ctx.info, ctx.boot_cr3, ctx.stacks[i]) };
-    ctx.results[i].store(r, Ordering::Release);
-}
-
-unsafe extern "C" fn unload_on_cpu(ctx: *mut c_void) {
-    // SAFETY: as in `enter_on_cpu`.
     let ctx = unsafe { &*(ctx as *const EntryCtx) };
     let Some(i) = ctx.index_of(shim::this_cpu()) else {
         return;
@@ -356,18 +272,18 @@ unsafe extern "C" fn unload_on_cpu(ctx: *mut c_void) {
 /// no VMCALL, so the driver calls the image's call entry through the
 /// trampoline, on the boot page tables (kept for this) and the calling
 /// CPU's hypervisor stack. See `docs/vtd.md`.
-struct Direct {
+pub(crate) struct Direct {
     /// The image's `uxen_call` (`ImageHeader::call_offset`).
-    call: u64,
-    boot: BootTables,
-    stacks: [u64; abi::MAX_CPUS],
-    cpus: [i32; abi::MAX_CPUS],
-    ncpus: usize,
+    pub(crate) call: u64,
+    pub(crate) boot: BootTables,
+    pub(crate) stacks: [u64; abi::MAX_CPUS],
+    pub(crate) cpus: [i32; abi::MAX_CPUS],
+    pub(crate) ncpus: usize,
 }
 
 impl Direct {
     /// Issues hypercall `nr` on this CPU, with interrupts off.
-    fn call(&self, nr: u64, arg: u64, len: u64) -> (i64, u64) {
+    pub(crate) fn call(&self, nr: u64, arg: u64, len: u64) -> (i64, u64) {
         let _irqs = shim::irq_save();
         let cpu = shim::this_cpu();
         let Some(i) = self.cpus[..self.ncpus].iter().position(|&c| c == cpu) else {
@@ -383,7 +299,7 @@ impl Direct {
 }
 
 /// Issues hypercall `nr`: VMCALL from the demoted host, or a direct call.
-fn hypercall(direct: Option<&Direct>, nr: u64, arg: u64, len: u64) -> (i64, u64) {
+pub(crate) fn hypercall(direct: Option<&Direct>, nr: u64, arg: u64, len: u64) -> (i64, u64) {
     match direct {
         Some(d) => d.call(nr, arg, len),
         None => vmcall(nr, arg, len),
@@ -393,27 +309,27 @@ fn hypercall(direct: Option<&Direct>, nr: u64, arg: u64, len: u64) -> (i64, u64)
 /// What the `uxen-log` thread works with: it drains the log and, when the
 /// IOMMU is on, has the hypervisor read its fault records, so that a fault
 /// is logged within a poll period even if nobody asks for statistics.
-struct PollerData {
-    log: *const Log,
+pub(crate) struct PollerData {
+    pub(crate) log: *const Log,
     /// Null with VMX.
-    direct: *const Direct,
-    iommu: bool,
+    pub(crate) direct: *const Direct,
+    pub(crate) iommu: bool,
 }
 
 /// The log ring and the driver's position in it.
-struct Log {
-    pages: Pages,
+pub(crate) struct Log {
+    pub(crate) pages: Pages,
     pos: AtomicU64,
     lock: AtomicBool,
 }
 
 impl Log {
-    fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         Ok(Log { pages: Pages::alloc(LOG_ORDER)?, pos: AtomicU64::new(0), lock: AtomicBool::new(false) })
     }
 
     /// Prints every complete line written since the last drain.
-    fn drain(&self) {
+    pub(crate) fn drain(&self) {
         if self.lock.swap(true, Ordering::Acquire) {
             return;
         }
@@ -456,21 +372,21 @@ impl Log {
 
 /// The hypervisor, from load to unload.
 pub(crate) struct Hypervisor {
-    active: AtomicBool,
-    region: Option<Pages>,
+    pub(crate) active: AtomicBool,
+    pub(crate) region: Option<Pages>,
     /// The hypervisor writes the log ring and reads the entry context for
     /// as long as it runs on any CPU: both are dropped by hand, and kept if
     /// it could not leave every CPU.
-    log: core::mem::ManuallyDrop<KBox<Log>>,
-    ctx: core::mem::ManuallyDrop<KBox<EntryCtx>>,
-    poller: Option<Kthread>,
-    poller_data: Option<KBox<PollerData>>,
+    pub(crate) log: core::mem::ManuallyDrop<KBox<Log>>,
+    pub(crate) ctx: core::mem::ManuallyDrop<KBox<EntryCtx>>,
+    pub(crate) poller: Option<Kthread>,
+    pub(crate) poller_data: Option<KBox<PollerData>>,
     /// Direct calls (`iommu_only=1`); `None` with VMX.
-    direct: Option<KBox<Direct>>,
-    num_cpus: u32,
+    pub(crate) direct: Option<KBox<Direct>>,
+    pub(crate) num_cpus: u32,
 }
 
-unsafe extern "C" fn log_poller(data: *mut c_void) -> i32 {
+pub(crate) unsafe extern "C" fn log_poller(data: *mut c_void) -> i32 {
     // SAFETY: `data` is the `PollerData`, which with the log and the direct
     // calls it points to outlives this thread (stopped first in
     // `Hypervisor::drop`).
@@ -488,244 +404,6 @@ unsafe extern "C" fn log_poller(data: *mut c_void) -> i32 {
 }
 
 impl Hypervisor {
-    /// Loads the image and enters it on every CPU.
-    pub(crate) fn start(header: &abi::ImageHeader) -> Result<Self> {
-        let params = shim::params();
-        if shim::host_iommu_enabled() {
-            pr_err!("Linux itself drives the Intel IOMMU (booted with intel_iommu=on); boot with intel_iommu=off so that the hypervisor can own it\n");
-            return Err(EBUSY);
-        }
-        if shim::la57() {
-            pr_err!("Linux runs with 5-level paging, which the hypervisor does not support; boot with no5lvl\n");
-            return Err(Error::from_errno(-(abi::errno::EOPNOTSUPP as i32)));
-        }
-        if params.iommu_only && header.call_offset == 0 {
-            pr_err!("the hypervisor image has no direct-call entry, which iommu_only=1 needs\n");
-            return Err(ENOEXEC);
-        }
-        let (tramp_virt, tramp_phys) = trampoline()?;
-        let log = KBox::new(Log::new()?, GFP_KERNEL)?;
-        let _hotplug = shim::cpus_read_lock();
-        let online = shim::num_online_cpus();
-        let present = shim::num_present_cpus();
-        if online != present {
-            pr_err!("{} of {} CPUs are offline; bring every CPU online before loading\n", present - online, present);
-            return Err(EBUSY);
-        }
-        let mut cpus = [0i32; abi::MAX_CPUS];
-        let mut n = 0usize;
-        for cpu in 0..shim::nr_cpu_ids() {
-            if shim::cpu_online(cpu) {
-                if n == abi::MAX_CPUS || n as u32 == header.max_cpus {
-                    pr_err!("more CPUs than the hypervisor supports ({})\n", header.max_cpus);
-                    return Err(EINVAL);
-                }
-                cpus[n] = cpu;
-                n += 1;
-            }
-        }
-
-        // The region: image, boot info, heap and per-CPU areas, contiguous,
-        // used at its direct-map address.
-        let min = header.region_min(n as u64);
-        let mut order = 0u32;
-        while (4096u64 << order) < min {
-            order += 1;
-        }
-        if order > 10 {
-            pr_err!("the hypervisor needs {} KiB of contiguous memory, more than one allocation gives\n", min >> 10);
-            return Err(ENOMEM);
-        }
-        let region = Pages::alloc(order).inspect_err(|_| pr_err!("cannot allocate {} KiB for the hypervisor\n", 4u64 << order))?;
-        let size = region.len() as u64;
-        let layout = header.layout(size, n as u64).ok_or(EINVAL)?;
-        let base = region.virt();
-        let image = crate::IMAGE;
-        // SAFETY: the region is larger than the image, and ours alone.
-        unsafe { core::ptr::copy_nonoverlapping(image.as_ptr(), base, header.file_size as usize) };
-        relocate(header, image, base)?;
-
-        let mut boot = BootTables::new()?;
-        let mut off = 0;
-        while off < size {
-            boot.map(base as u64 + off, region.phys() + off, PT_P | PT_RW)?;
-            off += 4096;
-        }
-        boot.map(tramp_virt, tramp_phys, PT_P)?;
-
-        // The DMAR, for DMA protection: `rsdp=` overrides; else the table
-        // the kernel's own ACPI found, which works under UEFI too, where no
-        // RSDP lies in the BIOS areas. The hypervisor copies it during its
-        // global set-up; the copy here is freed once every CPU has entered.
-        let dmar = if params.rsdp != 0 {
-            pr_info!("rsdp={:#x}: the hypervisor finds the ACPI DMAR table through it\n", params.rsdp);
-            None
-        } else {
-            let d = shim::acpi_dmar()?;
-            match &d {
-                Some((p, len)) => pr_info!("the kernel's ACPI DMAR table ({} bytes) goes to the hypervisor at {:#x}\n", len, p.phys()),
-                None => pr_info!("the kernel's ACPI has no DMAR table; the hypervisor searches the BIOS areas\n"),
-            }
-            d
-        };
-
-        // SAFETY: the boot-info page lies inside the region, zeroed.
-        let info = unsafe { &mut *(base.add(layout.boot_info as usize) as *mut abi::BootInfo) };
-        *info = abi::BootInfo {
-            abi_revision: abi::ABI_REVISION,
-            num_cpus: n as u32,
-            flags: if params.require_iommu { abi::BOOT_FLAG_REQUIRE_IOMMU } else { 0 }
-                | if params.debug { abi::BOOT_FLAG_DEBUG } else { 0 }
-                | if params.iommu_only { abi::BOOT_FLAG_IOMMU_ONLY } else { 0 }
-                | if params.log_e9 { abi::BOOT_FLAG_LOG_E9 } else { 0 },
-            region_phys: region.phys(),
-            region_virt: base as u64,
-            region_size: size,
-            direct_map_base: shim::page_offset(),
-            rsdp_phys: params.rsdp,
-            dmar_phys: dmar.as_ref().map_or(0, |(p, _)| p.phys()),
-            dmar_len: dmar.as_ref().map_or(0, |(_, len)| *len as u64),
-            tramp_virt,
-            tramp_phys,
-            tramp_return: uxen_tramp_return as *const () as u64,
-            log_phys: log.pages.phys(),
-            log_size: log.pages.len() as u64,
-            fail_cpu: params.fail_cpu,
-            num_ram: 0,
-            ram: [abi::MemRange::default(); abi::MAX_RAM_RANGES],
-            cpus: [abi::BootCpu::default(); abi::MAX_CPUS],
-        };
-        let mut ram = [(0u64, 0u64); abi::MAX_RAM_RANGES];
-        let nram = shim::ram_ranges(&mut ram);
-        if nram > abi::MAX_RAM_RANGES {
-            pr_err!("too many RAM ranges ({})\n", nram);
-            return Err(EINVAL);
-        }
-        for (i, (b, s)) in ram[..nram].iter().enumerate() {
-            info.ram[i] = abi::MemRange { base: *b, size: *s };
-        }
-        info.num_ram = nram as u32;
-        let mut stacks = [0u64; abi::MAX_CPUS];
-        for i in 0..n {
-            info.cpus[i].linux_id = cpus[i] as u32;
-            stacks[i] = base as u64 + header.stack_top(&layout, i as u64);
-        }
-
-        let ctx = KBox::new(
-            EntryCtx {
-                entry: base as u64 + header.entry_offset,
-                info,
-                boot_cr3: boot.cr3(),
-                stacks,
-                cpus,
-                ncpus: n,
-                results: [const { AtomicI64::new(i64::MIN) }; abi::MAX_CPUS],
-            },
-            GFP_KERNEL,
-        )?;
-        pr_info!("entering the hypervisor on {} CPUs (region {:#x}, {} KiB)\n", n, region.phys(), size >> 10);
-        // SAFETY: `ctx` outlives the call; the entry runs with interrupts off.
-        unsafe { shim::on_each_cpu(enter_on_cpu, &*ctx as *const EntryCtx as *mut c_void) };
-        drop(dmar);
-        // Without VMX the boot tables stay: direct calls enter on them.
-        let direct = if params.iommu_only {
-            Some(KBox::new(
-                Direct { call: base as u64 + header.call_offset, boot, stacks, cpus, ncpus: n },
-                GFP_KERNEL,
-            )?)
-        } else {
-            drop(boot);
-            None
-        };
-        log.drain();
-
-        let mut first_err = 0i64;
-        let mut entered = 0;
-        for i in 0..n {
-            match ctx.results[i].load(Ordering::Acquire) {
-                0 => entered += 1,
-                e => {
-                    // The CPUs that rolled back because another failed say
-                    // EAGAIN; report the cause.
-                    if first_err == 0 || first_err == -(abi::errno::EAGAIN) {
-                        first_err = e;
-                    }
-                    pr_err!("cpu{}: hypervisor entry failed ({})\n", cpus[i], e);
-                }
-            }
-        }
-        if entered != n {
-            if entered > 0 {
-                if let Some(d) = &direct {
-                    // Without VMX one call turns the hypervisor off.
-                    d.call(abi::hc::UNLOAD, 0, 0);
-                } else {
-                    // Some CPUs were launched before another failed: take them out.
-                    // SAFETY: as above.
-                    unsafe { shim::on_each_cpu(unload_on_cpu, &*ctx as *const EntryCtx as *mut c_void) };
-                }
-                log.drain();
-            }
-            let e = if first_err < -4095 || first_err >= 0 { -(abi::errno::EIO) } else { first_err };
-            let why = match -e {
-                abi::errno::ENODEV => "VT-x is unavailable or unusable on this machine",
-                abi::errno::ETIMEDOUT => "the CPUs did not meet in time",
-                abi::errno::EOPNOTSUPP => "DMA protection (VT-d) is unavailable and require_iommu=1 asks for it",
-                abi::errno::EBUSY => "the IOMMU is already in use; boot the host with intel_iommu=off",
-                _ => "see the hypervisor's messages above",
-            };
-            pr_err!("cannot start the hypervisor: {} (errno {}); every CPU rolled back\n", why, -e);
-            return Err(Error::from_errno(e as i32));
-        }
-        let iommu = {
-            let mut v = KBox::new(abi::HvVersion::default(), GFP_KERNEL)?;
-            let pa = shim::virt_to_phys((&mut *v as *mut abi::HvVersion).cast());
-            let (s, _) = hypercall(direct.as_deref(), abi::hc::VERSION, pa, core::mem::size_of::<abi::HvVersion>() as u64);
-            s == 0 && v.features & abi::HV_FEATURE_IOMMU != 0
-        };
-        let poller_data = KBox::new(
-            PollerData {
-                log: &*log as *const Log,
-                direct: direct.as_deref().map_or(core::ptr::null(), |d| d as *const Direct),
-                iommu,
-            },
-            GFP_KERNEL,
-        )?;
-        let poller = {
-            let data = &*poller_data as *const PollerData as *mut c_void;
-            // SAFETY: the data outlives the thread (see `log_poller`).
-            unsafe { Kthread::run(log_poller, data, c_str!("uxen-log")) }.ok()
-        };
-        log.drain();
-        if direct.is_none() {
-            // Without the callbacks the hypervisor never hears of a CPU
-            // going offline, and the INIT that brings it back reaches it.
-            match shim::cpuhp_register(&_hotplug) {
-                Ok(()) => HOTPLUG.store(true, Ordering::Release),
-                Err(e) => pr_warn!("cannot register the CPU hotplug callbacks ({:?}): do not take CPUs offline while loaded\n", e),
-            }
-        }
-        if direct.is_some() {
-            pr_info!(
-                "DMA protection {} without VMX on {} CPUs (iommu_only=1): the host is not demoted\n",
-                if iommu { "on" } else { "unavailable" },
-                n
-            );
-        } else {
-            pr_info!("the host now runs as a VM on {} CPUs\n", n);
-        }
-        Ok(Hypervisor {
-            active: AtomicBool::new(true),
-            region: Some(region),
-            log: core::mem::ManuallyDrop::new(log),
-            ctx: core::mem::ManuallyDrop::new(ctx),
-            poller,
-            poller_data: Some(poller_data),
-            direct,
-            num_cpus: n as u32,
-        })
-    }
-
     /// Whether the host runs demoted under the hypervisor.
     pub(crate) fn active(&self) -> bool {
         self.active.load(Ordering::Acquire)
@@ -833,24 +511,6 @@ impl Hypervisor {
         }
         total
     }
-}
-
-/// Applies the image's `R_X86_64_RELATIVE` records for load address `base`.
-fn relocate(h: &abi::ImageHeader, image: &[u8], base: *mut u8) -> Result {
-    let size = core::mem::size_of::<abi::ElfRela>();
-    for i in 0..h.rela_count as usize {
-        let off = h.rela_offset as usize + i * size;
-        // SAFETY: `parse` checked that the records lie inside the image.
-        let r: abi::ElfRela = unsafe { core::ptr::read_unaligned(image.as_ptr().add(off).cast()) };
-        if r.info & 0xffff_ffff != abi::R_X86_64_RELATIVE || r.offset + 8 > h.file_size {
-            pr_err!("refusing the embedded hypervisor image: bad relocation {}\n", i);
-            return Err(ENOEXEC);
-        }
-        let v = (base as u64).wrapping_add(r.addend as u64);
-        // SAFETY: the target lies inside the loaded image.
-        unsafe { core::ptr::write_unaligned(base.add(r.offset as usize).cast::<u64>(), v) };
-    }
-    Ok(())
 }
 
 impl Hypervisor {

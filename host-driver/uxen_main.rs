@@ -10,7 +10,7 @@
 use core::sync::atomic::{AtomicPtr, Ordering};
 use kernel::prelude::*;
 
-#[path = "../shared-abi/src/abi.rs"]
+#[path = "../shared-abi/src/abi/mod.rs"]
 #[allow(dead_code, clippy::all)]
 mod abi;
 #[path = "../shared-abi/src/validate.rs"]
@@ -18,6 +18,7 @@ mod abi;
 mod validate;
 mod dev;
 mod hv;
+mod launch;
 mod merge;
 mod shim;
 

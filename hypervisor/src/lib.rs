@@ -1,6 +1,7 @@
 //! The uxen-rs hypervisor.
 //!
-//! Everything here except `arch` is portable: it holds no assembly and
+//! Everything here except `arch`, `hv` and `launch` (the late launch; these
+//! two are built only into the image) is portable: it holds no assembly and
 //! touches physical memory only through [`mem::PhysMem`], so `cargo test`
 //! runs it on the host against mock memory. `arch::x86` holds VMX, the VMCS,
 //! the EPT and VT-d formats and the privileged instruction wrappers.
@@ -26,3 +27,5 @@ pub mod vtd;
 
 #[cfg(target_os = "none")]
 pub mod hv;
+#[cfg(target_os = "none")]
+pub mod launch;

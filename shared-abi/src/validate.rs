@@ -8,7 +8,7 @@
 //! looks at a copy of the argument, never at memory it names. The callers
 //! turn [`Invalid`] into `EINVAL` at their boundary.
 //!
-//! Like `abi.rs`, the kernel module takes this file in by `#[path]`; it
+//! Like `abi/`, the kernel module takes this file in by `#[path]`; it
 //! names the ABI through `crate::abi`, which both crates have.
 #![allow(dead_code, unreachable_pub)]
 

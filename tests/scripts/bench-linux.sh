@@ -76,18 +76,18 @@ fork_cost() {
     median $_c
 }
 
-# answered VM CMD REGEX: sends CMD and waits for its answer.
-answered() {
-    uxenctl console "$1" --send "$2\n" && wait_console "$1" "$3" 5000
-}
 
 # The fork of the booted 64 MiB guest, and the time to the clone's answer.
 cost64=$(fork_cost "$a"); ok64=$?
 t0=$(uxtest rdtsc)
 set -- $(fork_tsc "$a")
 k=${2:-}
-answered "$k" 'echo first-answer' '^first-answer'; first_ok=$?
+tf=$(uxtest rdtsc)
+ask "$k" 'echo first-answer' '^first-answer'; first_ok=$?
 t1=$(uxtest rdtsc)
+# What a bare rdtsc costs, to read the figures against.
+t2=$(uxtest rdtsc)
+info "first answer: $((tf - t0)) ticks to the end of \`uxenctl fork\`, $((t1 - tf)) to the answer; a bare \`uxtest rdtsc\` $((t2 - t1))"
 [ -n "$k" ] && uxenctl destroy "$k" && wait_gone "$k"
 if [ $ok64 -eq 0 ] && [ $first_ok -eq 0 ]; then pass fork-64-measured; else fail fork-64-measured "cost '$cost64', first answer $first_ok"; fi
 echo "UXEN-BENCH: linux-fork mem_mib=64 fork=$cost64 boot=$boot first_answer=$((t1 - t0))"
@@ -112,7 +112,7 @@ frames="1:$f"
 for step in 1 3 4 8 16; do
     new=$(fork_vm "$a" --count $step --json | grep -o '"id":[0-9]*' | cut -d: -f2)
     for c in $new; do
-        answered "$c" "echo clone-$c-ran" "^clone-$c-ran" || fail "clone-$c-answers" "no answer"
+        ask "$c" "echo clone-$c-ran" "^clone-$c-ran" || fail "clone-$c-answers" "no answer"
     done
     kids="$kids $new"
     n=$((n + step))
@@ -134,7 +134,7 @@ guests=""
 for i in 1 2 3 4 5 6 7 8; do
     g=$(uxenctl create --kernel $K --initrd $I --mem 64 --name "sep$i")
     check "sep$i-boots" wait_console "$g" "uxen-guest: ready" 15000
-    answered "$g" "echo sep-$i-ran" "^sep-$i-ran" || fail "sep$i-answers" "no answer"
+    ask "$g" "echo sep-$i-ran" "^sep-$i-ran" || fail "sep$i-answers" "no answer"
     guests="$g $guests"
     sep="$sep $i:$(($(pool_used) - base))"
 done

@@ -208,10 +208,15 @@ wait_console() {
     return 1
 }
 
-# ask VM CMD REGEX [TRIES]: sends CMD to the VM's console and waits for a
-# line matching REGEX.
+# ask VM CMD REGEX [TRIES]: sends CMD to the VM's console and waits (TRIES
+# times 20 ms) for a line after it matching REGEX.
+# On failure it shows the console's last lines, which say what the guest
+# did instead.
 ask() {
-    uxenctl console "$1" --send "$2\n" && wait_console "$1" "$3" "${4:-5000}"
+    uxenctl console "$1" --send "$2\n" --expect "$3" --timeout $((${4:-5000} * 20)) >/dev/null && return 0
+    info "vm $1 gave no line matching '$3' after '$2'; its console ends with:"
+    tail -n 6 "/run/uxen/vm-$1.console" 2>/dev/null | while IFS= read -r _l; do info "  vm $1: $_l"; done
+    return 1
 }
 
 # uuid_of VM TAG: asks the VM for a random UUID, printed as "TAG=UUID";

@@ -207,6 +207,14 @@ enum Cmd {
         /// console only with -f. Escapes: \n, \r, \t, \\ and \xHH.
         #[arg(long, value_name = "TEXT")]
         send: Option<String>,
+        /// Wait until a line the console prints from now on (after what
+        /// --send sent) matches REGEX, print that line and exit 0; exit 1
+        /// if the time runs out or the VM ends first.
+        #[arg(long, value_name = "REGEX", conflicts_with = "follow")]
+        expect: Option<String>,
+        /// How long --expect waits, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 60_000, requires = "expect")]
+        timeout: u64,
     },
     /// Destroy a VM.
     Destroy { vm: u32 },
@@ -376,7 +384,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::List { json } => list(json),
-        Cmd::Console { vm, follow, send } => {
+        Cmd::Console { vm, follow, send, expect, timeout } => {
+            if let Some(re) = expect {
+                let re = regex::Regex::new(&re).map_err(|e| anyhow!("bad --expect regex: {e}"))?;
+                let from = daemon::console_len(vm)?;
+                if let Some(text) = send {
+                    let bytes = console::parse_escapes(&text).map_err(|e| anyhow!(e))?;
+                    vmm::request_input(vm, &bytes)?;
+                }
+                println!("{}", daemon::expect(vm, from, &re, std::time::Duration::from_millis(timeout))?);
+                return Ok(ExitCode::SUCCESS);
+            }
             if let Some(text) = send {
                 let bytes = console::parse_escapes(&text).map_err(|e| anyhow!(e))?;
                 vmm::request_input(vm, &bytes)?;
@@ -593,6 +611,14 @@ mod tests {
     use clap::CommandFactory;
 
     #[test]
+    fn console_expect_arguments() {
+        let c = Cli::try_parse_from(["uxenctl", "console", "3", "--send", "echo hi\\n", "--expect", "^hi", "--timeout", "500"]).unwrap();
+        assert!(matches!(c.cmd, Cmd::Console { vm: 3, expect: Some(ref r), timeout: 500, .. } if r == "^hi"));
+        assert!(Cli::try_parse_from(["uxenctl", "console", "3", "-f", "--expect", "x"]).is_err());
+        assert!(Cli::try_parse_from(["uxenctl", "console", "3", "--timeout", "5"]).is_err());
+    }
+
+    #[test]
     fn the_command_line_definition_is_valid() {
         Cli::command().debug_assert();
     }
@@ -648,9 +674,9 @@ mod tests {
     #[test]
     fn console_send() {
         let c = Cli::try_parse_from(["uxenctl", "console", "3", "--send", "ls\\n"]).unwrap();
-        assert!(matches!(c.cmd, Cmd::Console { vm: 3, follow: false, send: Some(ref t) } if t == "ls\\n"));
+        assert!(matches!(c.cmd, Cmd::Console { vm: 3, follow: false, send: Some(ref t), expect: None, .. } if t == "ls\\n"));
         let c = Cli::try_parse_from(["uxenctl", "console", "3", "-f"]).unwrap();
-        assert!(matches!(c.cmd, Cmd::Console { vm: 3, follow: true, send: None }));
+        assert!(matches!(c.cmd, Cmd::Console { vm: 3, follow: true, send: None, expect: None, .. }));
     }
 
     #[test]

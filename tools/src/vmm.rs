@@ -945,8 +945,11 @@ pub fn request_input(id: u32, bytes: &[u8]) -> anyhow::Result<()> {
         anyhow::anyhow!("cannot reach the VMM of vm {id} ({}: {e}); only VMs started with `uxenctl create` take input this way", path.display())
     })?;
     writeln!(&conn, "input {}", console::hex(bytes))?;
+    // A VMM answers at once; one that does not is stuck, and the caller
+    // (often a script) must hear so rather than wait for good.
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
     let mut line = String::new();
-    std::io::BufReader::new(&conn).read_line(&mut line)?;
+    std::io::BufReader::new(&conn).read_line(&mut line).map_err(|e| anyhow::anyhow!("the VMM of vm {id} did not answer the input request: {e}"))?;
     match line.trim() {
         "ok" => Ok(()),
         "" => Err(anyhow::anyhow!("cannot send to vm {id}: the VMM closed the connection")),

@@ -61,15 +61,19 @@ pub fn build_module(kb: &Path, image: &[u8], stage: &Path, dest: &Path) -> Resul
     let src = util::root();
     let drv = stage.join("host-driver");
     std::fs::create_dir_all(&drv)?;
-    std::fs::create_dir_all(stage.join("shared-abi/src"))?;
+    std::fs::create_dir_all(stage.join("shared-abi/src/abi"))?;
     for e in std::fs::read_dir(src.join("host-driver"))? {
         let p = e?.path();
         if matches!(p.extension().and_then(|x| x.to_str()), Some("rs" | "c" | "h")) || p.file_name() == Some("Kbuild".as_ref()) {
             copy_if_changed(&p, &drv.join(p.file_name().unwrap()))?;
         }
     }
-    for f in ["abi.rs", "validate.rs"] {
-        copy_if_changed(&src.join("shared-abi/src").join(f), &stage.join("shared-abi/src").join(f))?;
+    copy_if_changed(&src.join("shared-abi/src/validate.rs"), &stage.join("shared-abi/src/validate.rs"))?;
+    for e in std::fs::read_dir(src.join("shared-abi/src/abi"))? {
+        let p = e?.path();
+        if p.extension() == Some("rs".as_ref()) {
+            copy_if_changed(&p, &stage.join("shared-abi/src/abi").join(p.file_name().unwrap()))?;
+        }
     }
     write_if_changed(&drv.join("hypervisor.bin"), image)?;
     util::run_logged(

@@ -8,17 +8,24 @@
 //! - [`vmops`] holds the VM operations on [`FramePool`](crate::pool::FramePool)
 //!   and [`GuestMem`](crate::guestmem::GuestMem): the frames a VM takes at
 //!   creation and at a fork, what its destruction gives back, loads,
-//!   translations and its frame accounting.
+//!   translations and its frame accounting;
+//! - [`dispatch`] is the host hypercall dispatcher, generic over the
+//!   machine it runs on, a [`Platform`]: what each call may do and in which
+//!   order the machine acts.
 //!
-//! The image's dispatcher (`hv::hypercall`, `hv::vm`, `hv::run`) calls
-//! both. So does [`model`], a hypervisor without CPUs over mock physical
-//! memory, which the unit tests and the fuzz harnesses in [`fuzz`] drive
-//! with arbitrary hypercalls and ioctls (see `docs/fuzzing.md`).
+//! The image runs [`dispatch`] over the hypervisor (`hv::platform`), and
+//! answers itself only the calls that need the running VMX context
+//! (`hv::hypercall`, `hv::run`). [`model`], a hypervisor without CPUs over
+//! mock physical memory, is a [`Platform`] too: the unit tests and the fuzz
+//! harnesses in [`fuzz`] drive the same dispatcher with arbitrary
+//! hypercalls and ioctls (see `docs/fuzzing.md`).
 //!
 //! Errors become `-errno` in exactly one place per boundary:
 //! [`HcError::errno`], called by the dispatchers.
 
 pub mod decode;
+pub mod dispatch;
+pub mod platform;
 pub mod vmops;
 
 // Test code lives outside `src/` (`hypervisor/tests/support/`), compiled
@@ -40,6 +47,8 @@ use shared_abi::validate::Invalid;
 use shared_abi::HC_NEED_PAGES;
 
 pub use decode::{Block, HostMem};
+pub use dispatch::dispatch;
+pub use platform::{Platform, Unacked};
 
 /// Why a VM operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

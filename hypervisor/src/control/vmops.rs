@@ -182,15 +182,19 @@ pub fn translate(mem: &impl PhysMem, g: &GuestMem, gpa: u64) -> Result<u64, VmEr
     Ok(g.lookup(mem, Gpa(gpa)).map(|(p, _)| p.0 + (gpa & (PAGE_SIZE - 1))).unwrap_or(0))
 }
 
-/// DONATE, once the ranges are out of the host's reach: scrubs every page
-/// and adds the ranges to the pool. Returns the number of pages.
-pub fn donate(mem: &impl PhysMem, pool: &mut FramePool, ranges: &[MemRange]) -> Result<u64, HcError> {
+/// Zeroes every page of `range`.
+pub fn scrub(mem: &impl PhysMem, range: &MemRange) {
+    for p in 0..range.size / PAGE_SIZE {
+        mem.zero_page(Hpa(range.base + p * PAGE_SIZE));
+    }
+}
+
+/// DONATE, once the ranges are out of the host's reach and scrubbed: adds
+/// them to the pool. Returns the number of pages.
+pub fn donate(pool: &mut FramePool, ranges: &[MemRange]) -> Result<u64, HcError> {
     let mut total = 0;
     for r in ranges {
         let pages = r.size / PAGE_SIZE;
-        for p in 0..pages {
-            mem.zero_page(Hpa(r.base + p * PAGE_SIZE));
-        }
         pool.donate(Hpa(r.base), pages as usize).map_err(|_| HcError::Invalid)?;
         total += pages;
     }

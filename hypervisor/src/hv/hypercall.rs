@@ -1,5 +1,9 @@
-//! The hypercall dispatcher for the host VM: the one place where host input
-//! is validated and failures become `-errno`.
+//! The host VM's hypercalls: the calls that need the running VMX context
+//! (UNLOAD, RUN, the registers of a vCPU, VM_IRQ, MERGE, POLL, HOST_CPU,
+//! DEBUG_FAULTS) are answered here; every other goes to the portable
+//! dispatcher, `control::dispatch`, over this machine
+//! ([`super::platform::Machine`]). Failures become `-errno` in
+//! `control::status` only.
 
 use super::exits::GuestRegs;
 use super::{hv, memory};
@@ -8,13 +12,12 @@ use crate::arch::x86::instr;
 use crate::arch::x86::msr::*;
 use crate::arch::x86::vmcs_fields::*;
 use crate::arch::x86::vmx;
-use alloc::boxed::Box;
 use core::sync::atomic::Ordering;
 use super::run::{self, Switch};
 use super::vm::{self, VmError};
-use crate::addr::PhysRange;
-use crate::control::{decode, vmops, Block};
-use shared_abi::{hc, HvStats, ReturnState, HvVersion, ABI_REVISION, EXIT_REASON_SLOTS, HV_FEATURE_EPT, HV_FEATURE_UNRESTRICTED, HV_FEATURE_VMX, HV_FEATURE_VPID, VERSION};
+use super::platform::Machine;
+use crate::control::{self, decode, vmops, Block};
+use shared_abi::{hc, ReturnState};
 
 /// Host hypercall errors; `HcError::errno` turns them into `-errno` for
 /// this dispatcher and no one else.
@@ -23,34 +26,24 @@ pub use crate::control::HcError;
 /// Dispatches host hypercall `nr` with argument block `arg` of `len` bytes.
 pub fn dispatch(nr: u64, arg: u64, len: u64, regs: &mut GuestRegs) -> Switch {
     let r = match nr {
-        hc::VERSION => version(arg, len),
-        hc::STATS => stats(arg, len),
         hc::UNLOAD => match unload(regs) {
             Ok(retry) => return retry,
             Err(e) => Err(e),
         },
-        hc::DONATE => donate(arg, len),
-        hc::RECLAIM => reclaim(arg, len),
         hc::POLL => Ok(super::iommu::poll() as i64),
         hc::HOST_CPU => match arg {
             0 | 1 => Ok(super::ipi::host_cpu(arg == 1)),
             _ => Err(HcError::Invalid),
         },
-        hc::VM_CREATE => vm_create(arg, len),
-        hc::VM_DESTROY => vm_destroy(arg, len),
-        hc::VM_LOAD => vm_load(arg, len),
         hc::VM_GET_REGS => vm_regs(arg, len, false),
         hc::VM_SET_REGS => vm_regs(arg, len, true),
         hc::VM_RUN => return run::run(regs, arg, len),
-        hc::VM_LIST => vm_list(arg, len),
-        hc::VM_FORK => vm_fork(arg, len),
         hc::VM_IRQ => vm_irq(arg, len),
         hc::MERGE => merge(arg, len),
-        hc::DEBUG_TRANSLATE => debug_translate(arg, len),
         hc::DEBUG_FAULTS => debug_faults(arg, len),
-        _ => Err(HcError::NoSys),
+        _ => control::dispatch(&mut Machine::default(), nr, arg, len),
     };
-    let (status, pages) = crate::control::status(r);
+    let (status, pages) = control::status(r);
     Switch::Return(status, pages)
 }
 
@@ -59,28 +52,14 @@ pub fn dispatch(nr: u64, arg: u64, len: u64, regs: &mut GuestRegs) -> Switch {
 /// validated as VMCALLs are. The others fail with `ENODEV`.
 pub fn direct(nr: u64, arg: u64, len: u64) -> (i64, u64) {
     let r = match nr {
-        hc::VERSION => version(arg, len),
-        hc::STATS => stats(arg, len),
         hc::UNLOAD => unload_without_vmx(),
-        hc::DONATE => donate(arg, len),
-        hc::RECLAIM => reclaim(arg, len),
         hc::POLL => Ok(super::iommu::poll() as i64),
-        hc::VM_LIST => vm_list(arg, len),
-        hc::HOST_CPU
-        | hc::VM_CREATE
-        | hc::VM_DESTROY
-        | hc::VM_LOAD
-        | hc::VM_GET_REGS
-        | hc::VM_SET_REGS
-        | hc::VM_RUN
-        | hc::VM_FORK
-        | hc::VM_IRQ
-        | hc::MERGE
-        | hc::DEBUG_TRANSLATE
-        | hc::DEBUG_FAULTS => Err(HcError::NoVmx),
-        _ => Err(HcError::NoSys),
+        // These need VMX and are answered here; the VM calls the core
+        // dispatcher serves, it refuses itself when there is no VMX.
+        hc::HOST_CPU | hc::VM_GET_REGS | hc::VM_SET_REGS | hc::VM_RUN | hc::VM_IRQ | hc::MERGE | hc::DEBUG_FAULTS => Err(HcError::NoVmx),
+        _ => control::dispatch(&mut Machine::default(), nr, arg, len),
     };
-    crate::control::status(r)
+    control::status(r)
 }
 
 /// Copies a `T` in from host memory at `pa`, after checking the host owns it.
@@ -88,159 +67,11 @@ fn copy_in<T: Block>(pa: u64, len: u64) -> Result<T, HcError> {
     decode::copy_in(&memory::HostBlocks, pa, len)
 }
 
-/// DONATE: pages leave the host for the pool.
-fn donate(arg: u64, len: u64) -> Result<i64, HcError> {
-    let h = hv();
-    // Also refuses pages already donated (no longer the host's) and
-    // overlaps between ranges of this call (the first unmaps them).
-    let ranges = decode::donate(&memory::HostBlocks, arg, len)?;
-    // Tables of 4 KiB pages that whole 2 MiB donations replace (pages
-    // given back earlier, one by one).
-    let mut dropped = alloc::vec::Vec::new();
-    let unmapped: Result<(), HcError> = {
-        let mut ept = h.host_ept.lock();
-        let mut frames = memory::HeapFrames;
-        ranges.iter().try_for_each(|r| {
-            let mut a = r.base;
-            while a < r.base + r.size {
-                let big = a % (2 << 20) == 0 && a + (2 << 20) <= r.base + r.size;
-                let (level, step) = if big { (2, 2u64 << 20) } else { (1, 4096) };
-                let old = ept.unmap(&memory::DirectMap, &mut frames, crate::addr::Gpa(a), level).ok_or(HcError::NoMemory)?;
-                dropped.extend(old.map(|t| (t, level - 1)));
-                a += step;
-            }
-            Ok(())
-        })
-    };
-    // No CPU may keep a translation to the donated pages, nor walk the
-    // tables dropped above.
-    match super::tlb::shootdown() {
-        Ok(ok) => {
-            for (t, level) in dropped {
-                crate::ept::Ept::free_subtree(&memory::DirectMap, &mut memory::HeapFrames, t, level);
-            }
-            super::tlb::release_deferred(ok);
-        }
-        Err(_) => {
-            // A CPU may still reach the pages: they stay the host's. The
-            // dropped tables wait for a later shootdown.
-            for (t, level) in dropped {
-                super::tlb::defer_table(t, level);
-            }
-            let all: alloc::vec::Vec<PhysRange> = ranges.iter().map(|r| PhysRange::new(r.base, r.size)).collect();
-            map_back_for_host(&all)?;
-            return Err(HcError::Busy);
-        }
-    }
-    unmapped?;
-    // Nor any device: the pages leave the DMA map before they are scrubbed.
-    let dma: alloc::vec::Vec<PhysRange> = ranges.iter().map(|r| PhysRange::new(r.base, r.size)).collect();
-    if let Err(e) = super::iommu::remove(&dma) {
-        // The donation fails; the pages stay the host's.
-        let _ = super::iommu::restore(&dma);
-        map_back_for_host(&dma)?;
-        return Err(HcError::Iommu(e));
-    }
-    vmops::donate(&memory::DirectMap, &mut vm::POOL.lock(), &ranges).map(|n| n as i64)
-}
-
-/// Maps pages back into the host's EPT, 4 KiB at a time.
-fn map_back_for_host(ranges: &[PhysRange]) -> Result<(), HcError> {
-    let h = hv();
-    let mut ept = h.host_ept.lock();
-    let map = crate::ept::HostMap { ram: &h.ram, top: h.host_ept_top, holes: &[], huge_pages: h.host_ept_huge };
-    for r in ranges {
-        for a in (r.base.0..r.end.0).step_by(4096) {
-            crate::ept::host_map_page(&mut ept, &memory::DirectMap, &mut memory::HeapFrames, &map, crate::addr::Hpa(a)).ok_or(HcError::NoMemory)?;
-        }
-    }
-    Ok(())
-}
-
-/// Runs of physically contiguous frames, as ranges.
-fn runs(frames: &[crate::addr::Hpa]) -> alloc::vec::Vec<PhysRange> {
-    let mut out: alloc::vec::Vec<PhysRange> = alloc::vec::Vec::new();
-    for f in frames {
-        match out.last_mut() {
-            Some(r) if r.end == *f => r.end = crate::addr::Hpa(f.0 + 4096),
-            _ => out.push(PhysRange::new(f.0, 4096)),
-        }
-    }
-    out
-}
-
-/// RECLAIM: free pool frames go back to the host.
-fn reclaim(arg: u64, len: u64) -> Result<i64, HcError> {
-    let h = hv();
-    let max = decode::reclaim(&memory::HostBlocks, arg, len)?;
-    let frames = vm::POOL.lock().reclaim(max);
-    // Devices may reach them again. If the IOMMU cannot follow (it logs
-    // why), the host still gets the pages; DMA to them keeps faulting.
-    let _ = super::iommu::restore(&runs(&frames));
-    let tables = {
-        let mut ept = h.host_ept.lock();
-        let map = crate::ept::HostMap { ram: &h.ram, top: h.host_ept_top, holes: &[], huge_pages: h.host_ept_huge };
-        for f in &frames {
-            // Scrubbed when freed; mapped back for the host.
-            crate::ept::host_map_page(&mut ept, &memory::DirectMap, &mut memory::HeapFrames, &map, *f).ok_or(HcError::NoMemory)?;
-        }
-        // 2 MiB wholly the host's again go back to one large leaf, and
-        // their table to the heap.
-        let mut bases: alloc::vec::Vec<u64> = frames.iter().map(|f| f.0 & !(crate::addr::LARGE_PAGE_SIZE - 1)).collect();
-        bases.dedup();
-        bases.into_iter().filter_map(|b| ept.coalesce_identity(&memory::DirectMap, crate::addr::Gpa(b))).collect::<alloc::vec::Vec<_>>()
-    };
-    if !tables.is_empty() {
-        // Large leaves replaced the tables; a stale paging-structure cache
-        // may still walk them until the shootdown, so they wait for one
-        // that succeeds (the frames are the host's either way).
-        match super::tlb::shootdown() {
-            Ok(ok) => {
-                for t in tables {
-                    crate::ept::Ept::free_subtree(&memory::DirectMap, &mut memory::HeapFrames, t, 1);
-                }
-                super::tlb::release_deferred(ok);
-            }
-            Err(_) => tables.into_iter().for_each(|t| super::tlb::defer_table(t, 1)),
-        }
-    }
-    decode::reclaimed(&memory::HostBlocks, arg, &frames);
-    Ok(frames.len() as i64)
-}
-
-fn vm_create(arg: u64, len: u64) -> Result<i64, HcError> {
-    let mut c = decode::vm_create(&memory::HostBlocks, arg, len)?;
-    let linux = (c.flags & shared_abi::VM_FLAG_LINUX != 0).then_some(c.tsc_khz);
-    let vm = vm::create(c.mem_bytes, c.vcpus, c.name, 0, linux, c.flags & shared_abi::VM_FLAG_VMGENID != 0)?;
-    c.id = vm.id;
-    log::info!("vm{}: created, {} MiB, {} vCPU{}", vm.id, c.mem_bytes >> 20, c.vcpus, if linux.is_some() { ", Linux PC" } else { "" });
-    copy_out(arg, len, &c)?;
-    Ok(vm.id as i64)
-}
-
 /// VM_IRQ: drives an input of a Linux guest's IOAPIC.
 fn vm_irq(arg: u64, len: u64) -> Result<i64, HcError> {
     let q = decode::vm_irq(&memory::HostBlocks, arg, len)?;
     let vm = vm::get(q.vm)?;
     super::linux::irq(&vm, q.gsi, q.level).ok_or(HcError::Invalid)?;
-    Ok(0)
-}
-
-fn vm_destroy(arg: u64, len: u64) -> Result<i64, HcError> {
-    let v = decode::vm_id(&memory::HostBlocks, arg, len)?;
-    vm::destroy(v.id)?;
-    log::info!("vm{}: destroyed", v.id);
-    Ok(0)
-}
-
-fn vm_load(arg: u64, len: u64) -> Result<i64, HcError> {
-    let mut buf = [0u8; 4096];
-    let (l, data) = decode::vm_load(&memory::HostBlocks, arg, len, &mut buf)?;
-    let vm = vm::get(l.vm)?;
-    if vm.vcpus.iter().any(|v| v.running.load(Ordering::Acquire)) {
-        return Err(HcError::Busy);
-    }
-    vm::load(&vm, l.gpa, data)?;
     Ok(0)
 }
 
@@ -321,46 +152,6 @@ fn vm_regs(arg: u64, len: u64, set: bool) -> Result<i64, HcError> {
     Ok(0)
 }
 
-/// FORK from the host: the VM's vCPUs must be out of the guest.
-fn vm_fork(arg: u64, len: u64) -> Result<i64, HcError> {
-    let mut f = decode::vm_fork(&memory::HostBlocks, arg, len)?;
-    let vm = vm::get(f.vm)?;
-    if vm.is_stopped() || vm.dying.load(Ordering::Acquire) {
-        return Err(HcError::Vm(VmError::Invalid));
-    }
-    // Hold every vCPU as if running it, so that none starts meanwhile.
-    let mut held = 0;
-    for v in vm.vcpus.iter() {
-        if v.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            break;
-        }
-        held += 1;
-    }
-    let r = if held < vm.vcpus.len() {
-        Err(HcError::Busy)
-    } else {
-        let t0 = instr::rdtsc();
-        let states = vm.vcpus.iter().map(vm::capture_idle).collect();
-        vm::fork(&vm, states, f.flags & shared_abi::FORK_COPY != 0).map(|c| (c, instr::rdtsc() - t0)).map_err(HcError::from)
-    };
-    for v in vm.vcpus.iter().take(held) {
-        v.running.store(false, Ordering::Release);
-    }
-    let (child, tsc) = r?;
-    log::info!("vm{}: forked vm{}{}", vm.id, child.id, if f.flags & shared_abi::FORK_COPY != 0 { " (full copy)" } else { "" });
-    f.child = child.id;
-    f.tsc = tsc;
-    copy_out(arg, len, &f)?;
-    Ok(child.id as i64)
-}
-
-fn vm_list(arg: u64, len: u64) -> Result<i64, HcError> {
-    let list = vm::list();
-    let n = decode::vm_list(&memory::HostBlocks, arg, len, list.len())?;
-    decode::listed(&memory::HostBlocks, arg, &list[..n]);
-    Ok(list.len() as i64)
-}
-
 /// MERGE: one chunk of a re-merging pass; 1 while there is more to do, 2
 /// if the chunk was abandoned (a shootdown was not acknowledged), 0 when
 /// the pass is over. The pass's figures so far are written back each time.
@@ -409,97 +200,9 @@ fn debug_faults(arg: u64, len: u64) -> Result<i64, HcError> {
     Ok(0)
 }
 
-fn debug_translate(arg: u64, len: u64) -> Result<i64, HcError> {
-    if hv().boot.flags & shared_abi::BOOT_FLAG_DEBUG == 0 {
-        return Err(HcError::NoSys);
-    }
-    let mut t = decode::debug_translate(&memory::HostBlocks, arg, len)?;
-    let vm = vm::get(t.vm)?;
-    let mem = vm.mem.lock();
-    let g = mem.as_ref().ok_or(HcError::Vm(VmError::NoSuchVm))?;
-    t.hpa = vmops::translate(&memory::DirectMap, g, t.gpa)?;
-    drop(mem);
-    copy_out(arg, len, &t)?;
-    Ok(0)
-}
-
 /// Copies `value` out to host memory at `pa`, after checking the host owns it.
 fn copy_out<T: Block>(pa: u64, len: u64, value: &T) -> Result<(), HcError> {
     decode::copy_out(&memory::HostBlocks, pa, len, value)
-}
-
-fn version(arg: u64, len: u64) -> Result<i64, HcError> {
-    let v = HvVersion {
-        abi_revision: ABI_REVISION,
-        num_cpus: hv().num_cpus() as u32,
-        version: VERSION,
-        features: if hv().iommu_only() { 0 } else { HV_FEATURE_VMX | HV_FEATURE_EPT | HV_FEATURE_VPID | HV_FEATURE_UNRESTRICTED }
-            | if super::iommu::enabled() { shared_abi::HV_FEATURE_IOMMU } else { 0 },
-    };
-    copy_out(arg, len, &v)?;
-    Ok(0)
-}
-
-fn stats(arg: u64, len: u64) -> Result<i64, HcError> {
-    let h = hv();
-    // SAFETY: `HvStats` is plain data; all zeros is a valid value. It is
-    // too big for the stack.
-    let mut s: Box<HvStats> = unsafe { Box::new_zeroed().assume_init() };
-    s.abi_revision = ABI_REVISION;
-    s.num_cpus = h.num_cpus() as u32;
-    s.hv_region_base = h.region.base.0;
-    s.hv_region_size = h.region.size();
-    s.blocked_host_reads = h.stats.blocked_reads.load(Ordering::Relaxed);
-    s.blocked_host_writes = h.stats.blocked_writes.load(Ordering::Relaxed);
-    s.last_blocked_gpa = h.stats.last_blocked_gpa.load(Ordering::Relaxed);
-    let c = h.host_ept.lock().counts(&memory::DirectMap);
-    s.host_ept_1g = c.huge;
-    s.host_ept_2m = c.large;
-    s.host_ept_4k = c.small;
-    s.image_intact = super::setup::image_intact() as u32;
-    (s.heap_bytes_total, s.heap_bytes_free) = super::setup::heap_usage();
-    super::iommu::poll();
-    super::iommu::summary().fill(&mut s);
-    {
-        let pool = vm::POOL.lock();
-        s.pool_frames_total = pool.frames_total();
-        s.pool_frames_free = pool.frames_free();
-        s.frames_shared = pool.frames_shared();
-        // Read under the pool's lock, which a chunk holds while it changes
-        // the index.
-        s.merge_indexed = super::merge::INDEXED.load(Ordering::Relaxed);
-        s.merge_pages_shared_now = pool.refs_beyond_one().saturating_sub(s.merge_indexed);
-    }
-    s.merge_index_heap_bytes = super::merge::INDEX_HEAP.load(Ordering::Relaxed);
-    s.merge_stable = super::merge::STABLE.load(Ordering::Relaxed);
-    s.merge_index_frames = super::merge::INDEX_FRAMES.load(Ordering::Relaxed);
-    s.merge_skipped = super::merge::SKIPPED.load(Ordering::Relaxed);
-    s.merge_passes = super::merge::PASSES.load(Ordering::Relaxed);
-    s.merge_aborted = super::merge::ABORTED.load(Ordering::Relaxed);
-    s.merge_tsc = super::merge::TSC.load(Ordering::Relaxed);
-    s.shootdowns_unacked = super::tlb::UNACKED.load(Ordering::Relaxed);
-    s.shootdown_deferred = super::tlb::deferred_count() as u64;
-    s.vms = vm::count();
-    s.cow_copies = vm::COW_COPIES.load(Ordering::Relaxed);
-    s.merge_scanned = super::merge::SCANNED.load(Ordering::Relaxed);
-    s.merge_merged = super::merge::MERGED.load(Ordering::Relaxed);
-    s.merge_zero = super::merge::ZERO.load(Ordering::Relaxed);
-    for i in 0..h.num_cpus() {
-        let pc = h.percpu(i);
-        let d = &mut s.cpus[i];
-        d.cpu_id = pc.linux_id;
-        d.apic_id = pc.apic_id;
-        d.virtualized = pc.virtualized.load(Ordering::Relaxed);
-        d.exits = pc.exits.load(Ordering::Relaxed);
-        d.host_exits = pc.host_exits.load(Ordering::Relaxed);
-        d.exit_tsc = pc.exit_tsc.load(Ordering::Relaxed);
-        for r in 0..EXIT_REASON_SLOTS {
-            d.exits_by_reason[r] = pc.exits_by_reason[r].load(Ordering::Relaxed);
-            d.guest_exits_by_reason[r] = pc.guest_exits_by_reason[r].load(Ordering::Relaxed);
-        }
-    }
-    copy_out(arg, len, &*s)?;
-    Ok(0)
 }
 
 /// Leaves VMX on this CPU and resumes the host natively where it called.

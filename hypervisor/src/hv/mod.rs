@@ -1,6 +1,7 @@
-//! The running hypervisor: global state, set-up, exit handling and
-//! hypercalls. Built only into the image; the decisions it takes come from
-//! the portable modules (`policy`, `emulate`, `ept`, `paging`).
+//! The running hypervisor: global state, exit handling and hypercalls (the
+//! launch that sets it up is `crate::launch`). Built only into the image;
+//! the decisions it takes come from the portable modules (`policy`,
+//! `emulate`, `ept`, `paging`).
 
 pub mod exits;
 pub mod hypercall;
@@ -10,10 +11,15 @@ pub mod linux;
 pub mod logger;
 pub mod memory;
 pub mod merge;
+pub mod platform;
 pub mod run;
-pub mod setup;
 pub mod tlb;
 pub mod vm;
+
+/// The image's hash and heap, which the statistics report, under the path
+/// the hypercalls name them by; the launch code that owns them is
+/// `crate::launch`.
+pub use crate::launch as setup;
 
 use crate::addr::{Hpa, PhysRange};
 use crate::arch::x86::cpu::PerCpu;

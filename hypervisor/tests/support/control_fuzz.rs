@@ -32,7 +32,7 @@
 //!   as malformed (`EINVAL`).
 
 use super::decode::{self, from_bytes, Block, HostMem};
-use super::model::{Model, RAM};
+use super::model::{Call, Faults, Model, RAM};
 use super::vmops::Limits;
 use crate::addr::{Gpa, Hpa, PAGE_SIZE};
 use crate::arch::x86::ept_entry::{EptEntry, EptFlags};
@@ -277,6 +277,11 @@ pub enum Step {
     Poke { pa: u64, bytes: Vec<u8> },
     /// Every invariant, in full.
     Check,
+    /// From now on the machine fails as `faults` says (bit 0: no CPU
+    /// acknowledges a TLB shootdown; bit 1: the IOMMU does not answer;
+    /// bit 2: the heap cannot split a host EPT page), until the next such
+    /// step.
+    Faults(u8),
 }
 
 /// A hypercall script: flags (bit 0: debug; bits 1-3 and 4-5: the model's
@@ -288,9 +293,9 @@ pub struct Script {
 }
 
 impl Script {
-    /// Reads a script. Tags: 0, 5-7: a call with an 8-bit number and a
+    /// Reads a script. Tags: 0, 5, 6: a call with an 8-bit number and a
     /// 16-bit size; 1: a call with a 64-bit size; 2: a call with a 64-bit
-    /// number and size; 3: a poke; 4: a check.
+    /// number and size; 3: a poke; 4: a check; 7: the machine's faults.
     pub fn decode(data: &[u8]) -> Script {
         let mut r = Reader::new(data);
         let flags = r.u8();
@@ -304,6 +309,7 @@ impl Script {
                     Step::Poke { pa, bytes: r.bytes(n).to_vec() }
                 }
                 4 => Step::Check,
+                7 => Step::Faults(r.u8()),
                 _ => {
                     let nr = if tag == 2 { r.u64() } else { r.u8() as u64 };
                     let arg = r.u64();
@@ -329,6 +335,10 @@ impl Script {
                     w.bytes(&bytes[..bytes.len().min(MAX_BLOCK)]);
                 }
                 Step::Check => w.u8(4),
+                Step::Faults(f) => {
+                    w.u8(7);
+                    w.u8(*f);
+                }
                 Step::Call { nr, arg, len, block } => {
                     let tag = if *nr > 0xff { 2 } else if *len > 0xffff { 1 } else { 0 };
                     w.u8(tag);
@@ -357,7 +367,10 @@ pub fn documented(nr: u64) -> &'static [i64] {
     match nr {
         hc::VERSION | hc::STATS => &[EINVAL, EFAULT],
         hc::UNLOAD => &[EBUSY],
-        hc::DONATE | hc::RECLAIM => &[EINVAL, EFAULT, ENOMEM],
+        // EBUSY: a shootdown was not acknowledged; EIO: the IOMMU did not
+        // answer.
+        hc::DONATE => &[EINVAL, EFAULT, ENOMEM, EBUSY, EIO],
+        hc::RECLAIM => &[EINVAL, EFAULT, ENOMEM],
         hc::VM_CREATE => &[EINVAL, ENOSPC, EFAULT],
         hc::VM_DESTROY => &[ENOENT, EINVAL, EFAULT],
         hc::VM_LOAD => &[EINVAL, EFAULT, ENOENT, EBUSY, EOVERFLOW],
@@ -429,6 +442,7 @@ pub fn run_script(s: &Script) -> Report {
                 }
             }
             Step::Check => h.check_all(),
+            Step::Faults(f) => h.m.faults = Faults { shootdown: f & 1 != 0, iommu: f & 2 != 0, heap: f & 4 != 0 },
         }
     }
     h.finish();
@@ -461,6 +475,17 @@ impl Hyper {
         }
         let ids: Vec<u32> = self.m.vms.keys().copied().collect();
         let (total, free) = (self.m.pool.frames_total(), self.m.pool.frames_free());
+        // The host's pages a DONATE names, which stay the host's if it fails.
+        let owned: Vec<u64> = match nr {
+            hc::DONATE => pre
+                .chunks_exact(16)
+                .take((len / 16).min(256) as usize)
+                .filter_map(from_bytes::<MemRange>)
+                .flat_map(|r| (r.base..r.base.saturating_add(r.size.min(1 << 30))).step_by(PAGE_SIZE as usize))
+                .filter(|&p| self.m.host.owned(p, PAGE_SIZE))
+                .collect(),
+            _ => Vec::new(),
+        };
 
         let (s, aux) = self.m.dispatch(nr, arg, len);
         self.report.count(nr, if s == HC_NEED_PAGES { -4096 } else { s });
@@ -475,6 +500,10 @@ impl Hyper {
             }
             assert_eq!(ids, ids_after, "hypercall {nr:#x} failed ({s}) but changed the VMs");
             assert_eq!(total, self.m.pool.frames_total(), "hypercall {nr:#x} failed ({s}) but changed the pool");
+            for &p in &owned {
+                assert!(self.m.host.owned(p, PAGE_SIZE), "a failed DONATE ({s}) kept page {p:#x} from the host");
+            }
+            assert!(!self.m.calls.iter().any(|c| matches!(c, Call::Scrub(_))), "hypercall {nr:#x} failed ({s}) but scrubbed host pages");
             if nr == hc::VM_LOAD {
                 self.after_failed_load(&pre);
             } else {
@@ -535,6 +564,19 @@ impl Hyper {
                 let pages: u64 = ranges.iter().map(|r| r.size / PAGE_SIZE).sum();
                 assert_eq!(s as u64, pages, "DONATE's count");
                 assert_eq!(m.pool.frames_total(), total + pages);
+                // No CPU and no device reaches a page when it is scrubbed,
+                // and it is scrubbed before the pool has it.
+                let at = |what: fn(&Call) -> bool| m.calls.iter().position(what);
+                let scrubs: Vec<usize> = (0..m.calls.len()).filter(|&i| matches!(m.calls[i], Call::Scrub(_))).collect();
+                let order = [
+                    at(|c| matches!(c, Call::HostUnmap(_))),
+                    at(|c| matches!(c, Call::Shootdown)),
+                    at(|c| matches!(c, Call::IommuUnmap(_))),
+                    scrubs.first().copied(),
+                    scrubs.last().copied(),
+                    m.calls.iter().rposition(|c| matches!(c, Call::Pool)),
+                ];
+                assert!(order.iter().all(Option::is_some) && order.is_sorted(), "DONATE's steps out of order: {:?}", m.calls);
                 for r in &ranges {
                     for p in (r.base..r.base + r.size).step_by(PAGE_SIZE as usize) {
                         assert!(m.pool.contains(Hpa(p)) && !m.host.owned(p, PAGE_SIZE), "donated page {p:#x}");
@@ -1738,6 +1780,37 @@ pub mod seeds {
         Script { flags: 2 << 1, steps }
     }
 
+    /// The machine failing under the dispatcher: a DONATE without a
+    /// shootdown, then one the IOMMU does not follow, then one the heap
+    /// cannot split a page for, all refused and undone; the same pages
+    /// given once it recovers; a RECLAIM the IOMMU does not follow (the
+    /// host gets the pages anyway).
+    pub fn faults() -> Script {
+        Script {
+            flags: FLAG_ROOMY,
+            steps: vec![
+                Step::Faults(1),
+                donate(POOL, 2 << 20),
+                Step::Faults(2),
+                donate(POOL, 2 << 20),
+                donate(POOL + (2 << 20), 4096),
+                Step::Faults(4),
+                Step::Call {
+                    nr: hc::DONATE,
+                    arg: BLOCK,
+                    len: 32,
+                    block: [decode::as_bytes(&MemRange { base: POOL, size: 4096 }), decode::as_bytes(&MemRange { base: POOL + 8192, size: 4096 })].concat(),
+                },
+                Step::Faults(0),
+                donate(POOL, 2 << 20),
+                create(2 << 20, 1),
+                Step::Faults(3),
+                Step::Call { nr: hc::RECLAIM, arg: BLOCK, len: 64, block: Vec::new() },
+                Step::Check,
+            ],
+        }
+    }
+
     /// A block inside the hypervisor region.
     const REGION_BLOCK: u64 = 0x40_0000;
 
@@ -1843,6 +1916,7 @@ pub mod seeds {
             ("hypercall", "seed-refusals", refusals().encode()),
             ("hypercall", "seed-need-pages", need_pages().encode()),
             ("hypercall", "seed-limits", limits().encode()),
+            ("hypercall", "seed-faults", faults().encode()),
             ("ioctl_args", "seed-lifecycle", io_lifecycle().encode()),
             ("ioctl_args", "seed-refusals", io_refusals().encode()),
             ("guestmem_ops", "seed-mixed", mem_mixed().encode()),

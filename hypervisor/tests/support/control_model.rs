@@ -2,28 +2,35 @@
 //! over mock physical memory.
 //!
 //! [`Model::dispatch`] takes a hypercall as the host issues it (number,
-//! block address, block size) and answers with RAX and RDX. It reads its
-//! blocks through [`decode`] and acts through [`vmops`], the code the image
-//! runs; what it does without VMX is kept to bookkeeping: a table of VMs,
-//! the host's ownership of its RAM (what the host EPT would map), and the
-//! vCPUs' initial register files. RUN enters no guest: it checks its block
-//! and reports the guest preempted before its first instruction
-//! (`exit::INTR`). MERGE is not modelled (`-ENOSYS`).
+//! block address, block size) and answers with RAX and RDX. [`Model`] is a
+//! [`Platform`]: every call but those that need VMX goes through
+//! [`super::dispatch`], the dispatcher the image runs, and the model only
+//! carries out its steps, kept to bookkeeping: a table of VMs, the host's
+//! ownership of its RAM (what the host EPT would map), and the vCPUs'
+//! initial register files. It records the steps ([`Call`]) and can make
+//! the shootdown or the IOMMU fail ([`Faults`]), so that tests see the
+//! order the dispatcher acts in and its way back from a failure.
+//!
+//! What needs VMX is modelled here: RUN enters no guest (it checks its
+//! block and reports the guest preempted before its first instruction,
+//! `exit::INTR`), GET_REGS and SET_REGS read and write the initial register
+//! files, UNLOAD refuses while VMs exist. MERGE is not modelled
+//! (`-ENOSYS`).
 
 use super::decode::{self, HostMem};
+use super::platform::{Platform, Unacked};
 use super::vmops::{self, Limits};
 use super::{status, HcError, VmError};
-use crate::addr::{Hpa, PAGE_SIZE};
+use crate::addr::{Hpa, PhysRange, PAGE_SIZE};
 use crate::guestmem::GuestMem;
 use crate::mem::mock::MockMem;
 use crate::mem::PhysMem;
 use crate::pool::FramePool;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
-use core::mem::MaybeUninit;
 use shared_abi::{
-    exit, hc, vm_state, ExitRecord, HvStats, HvVersion, MemRange, Regs, VmInfo, ABI_REVISION, FORK_COPY, HV_FEATURE_EPT,
-    HV_FEATURE_UNRESTRICTED, HV_FEATURE_VMX, HV_FEATURE_VPID, VERSION, VM_NAME_LEN,
+    exit, hc, vm_state, ExitRecord, HvStats, MemRange, Regs, VmCreate, VmInfo, HV_FEATURE_EPT, HV_FEATURE_UNRESTRICTED, HV_FEATURE_VMX,
+    HV_FEATURE_VPID, VM_NAME_LEN,
 };
 
 /// The host's RAM in the model: 7 MiB at 1 MiB and 16 MiB at 16 MiB.
@@ -90,6 +97,32 @@ pub struct ModelVm {
     pub children: u32,
 }
 
+/// A step the dispatcher asked of the model, in the order it asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    HostUnmap(Vec<MemRange>),
+    HostMap(Vec<PhysRange>),
+    Shootdown,
+    IommuUnmap(Vec<PhysRange>),
+    IommuMap(Vec<PhysRange>),
+    Scrub(MemRange),
+    /// The pool was taken (locked, in the image).
+    Pool,
+}
+
+/// Steps the model makes fail, as the image's may.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// A CPU does not acknowledge the TLB shootdown.
+    pub shootdown: bool,
+    /// The IOMMU cannot take pages out of, or put them back into, the DMA
+    /// view.
+    pub iommu: bool,
+    /// The heap has no frame to split a large page of the host EPT: the
+    /// first range of a DONATE leaves the host's EPT, then the unmap fails.
+    pub heap: bool,
+}
+
 /// The model hypervisor.
 pub struct Model {
     pub host: Host,
@@ -100,62 +133,43 @@ pub struct Model {
     pub debug: bool,
     /// UNLOAD succeeded: the host runs natively again.
     pub unloaded: bool,
+    /// VMs with a vCPU in the guest (set by tests: the model runs none).
+    pub running: BTreeSet<u32>,
+    /// The steps of the calls so far.
+    pub calls: Vec<Call>,
+    pub faults: Faults,
     next_id: u32,
 }
 
 impl Model {
     pub fn new(limits: Limits, debug: bool) -> Self {
-        Model { host: Host::new(), pool: FramePool::new(), vms: BTreeMap::new(), limits, debug, unloaded: false, next_id: 1 }
+        Model {
+            host: Host::new(),
+            pool: FramePool::new(),
+            vms: BTreeMap::new(),
+            limits,
+            debug,
+            unloaded: false,
+            running: BTreeSet::new(),
+            calls: Vec::new(),
+            faults: Faults::default(),
+            next_id: 1,
+        }
     }
 
     /// Issues host hypercall `nr` with block `arg` of `len` bytes; returns
     /// (RAX, RDX).
     pub fn dispatch(&mut self, nr: u64, arg: u64, len: u64) -> (i64, u64) {
+        // The steps of one call are kept, for the tests that look at them.
+        self.calls.clear();
         let r = match nr {
-            hc::VERSION => self.version(arg, len),
-            hc::STATS => self.stats(arg, len),
             hc::UNLOAD => self.unload(),
-            hc::DONATE => self.donate(arg, len),
-            hc::RECLAIM => self.reclaim(arg, len),
-            hc::VM_CREATE => self.vm_create(arg, len),
-            hc::VM_DESTROY => self.vm_destroy(arg, len),
-            hc::VM_LOAD => self.vm_load(arg, len),
             hc::VM_GET_REGS => self.vm_regs(arg, len, false),
             hc::VM_SET_REGS => self.vm_regs(arg, len, true),
             hc::VM_RUN => self.vm_run(arg, len),
-            hc::VM_LIST => self.vm_list(arg, len),
-            hc::VM_FORK => self.vm_fork(arg, len),
-            hc::DEBUG_TRANSLATE => self.debug_translate(arg, len),
-            _ => Err(HcError::NoSys),
+            _ => super::dispatch(self, nr, arg, len),
         };
         status(r)
-    }
-
-    fn version(&mut self, arg: u64, len: u64) -> Result<i64, HcError> {
-        let v = HvVersion {
-            abi_revision: ABI_REVISION,
-            num_cpus: 1,
-            version: VERSION,
-            features: HV_FEATURE_VMX | HV_FEATURE_EPT | HV_FEATURE_VPID | HV_FEATURE_UNRESTRICTED,
-        };
-        decode::copy_out(&self.host, arg, len, &v)?;
-        Ok(0)
-    }
-
-    fn stats(&mut self, arg: u64, len: u64) -> Result<i64, HcError> {
-        // SAFETY: `HvStats` is plain data; all zeros is a valid value.
-        let mut s: alloc::boxed::Box<HvStats> = unsafe { alloc::boxed::Box::new(MaybeUninit::<HvStats>::zeroed().assume_init()) };
-        s.abi_revision = ABI_REVISION;
-        s.num_cpus = 1;
-        s.hv_region_base = REGION.base;
-        s.hv_region_size = REGION.size;
-        s.pool_frames_total = self.pool.frames_total();
-        s.pool_frames_free = self.pool.frames_free();
-        s.frames_shared = self.pool.frames_shared();
-        s.vms = self.vms.len() as u32;
-        s.image_intact = 1;
-        decode::copy_out(&self.host, arg, len, &*s)?;
-        Ok(0)
     }
 
     fn unload(&mut self) -> Result<i64, HcError> {
@@ -166,60 +180,15 @@ impl Model {
         Ok(0)
     }
 
-    fn donate(&mut self, arg: u64, len: u64) -> Result<i64, HcError> {
-        let ranges = decode::donate(&self.host, arg, len)?;
-        // The ranges leave the host's EPT.
-        for r in &ranges {
-            self.host.taken.extend(r.base / PAGE_SIZE..(r.base + r.size) / PAGE_SIZE);
-        }
-        vmops::donate(&self.host.mem, &mut self.pool, &ranges).map(|n| n as i64)
-    }
-
-    fn reclaim(&mut self, arg: u64, len: u64) -> Result<i64, HcError> {
-        let max = decode::reclaim(&self.host, arg, len)?;
-        let frames = self.pool.reclaim(max);
-        for f in &frames {
-            self.host.taken.remove(&f.pfn());
-        }
-        decode::reclaimed(&self.host, arg, &frames);
-        Ok(frames.len() as i64)
-    }
-
-    fn vm_create(&mut self, arg: u64, len: u64) -> Result<i64, HcError> {
-        let mut c = decode::vm_create(&self.host, arg, len)?;
-        let (g, vmcs) = vmops::take_frames(&self.host.mem, &mut self.pool, &self.limits, self.vms.len() as u32, c.mem_bytes, c.vcpus, None)?;
-        let id = self.next_id;
-        self.next_id += 1;
-        let init = alloc::vec![vmops::boot_regs(c.mem_bytes); c.vcpus as usize];
-        let vm = ModelVm { id, parent: 0, name: c.name, mem_bytes: c.mem_bytes, mem: g, vmcs, init, state: vm_state::CREATED, children: 0 };
-        self.vms.insert(id, vm);
-        c.id = id;
-        decode::copy_out(&self.host, arg, len, &c)?;
-        Ok(id as i64)
-    }
-
     /// Destroys VM `id`: its frames go back to the pool.
     pub fn destroy(&mut self, id: u32) -> Result<(), VmError> {
         let vm = self.vms.remove(&id).ok_or(VmError::NoSuchVm)?;
         if let Some(p) = self.vms.get_mut(&vm.parent) {
             p.children = p.children.saturating_sub(1);
         }
+        self.running.remove(&id);
         vmops::release(&self.host.mem, &mut self.pool, Some(vm.mem), &vm.vmcs);
         Ok(())
-    }
-
-    fn vm_destroy(&mut self, arg: u64, len: u64) -> Result<i64, HcError> {
-        let v = decode::vm_id(&self.host, arg, len)?;
-        self.destroy(v.id)?;
-        Ok(0)
-    }
-
-    fn vm_load(&mut self, arg: u64, len: u64) -> Result<i64, HcError> {
-        let mut buf = [0u8; 4096];
-        let (l, data) = decode::vm_load(&self.host, arg, len, &mut buf)?;
-        let vm = self.vms.get_mut(&l.vm).ok_or(VmError::NoSuchVm)?;
-        vmops::load(&self.host.mem, &mut self.pool, &mut vm.mem, l.gpa, data)?;
-        Ok(0)
     }
 
     fn vm_regs(&mut self, arg: u64, len: u64, set: bool) -> Result<i64, HcError> {
@@ -248,35 +217,6 @@ impl Model {
         Ok(0)
     }
 
-    fn vm_fork(&mut self, arg: u64, len: u64) -> Result<i64, HcError> {
-        let mut f = decode::vm_fork(&self.host, arg, len)?;
-        let count = self.vms.len() as u32;
-        let parent = self.vms.get_mut(&f.vm).ok_or(VmError::NoSuchVm)?;
-        let vcpus = parent.init.len();
-        let copy = f.flags & FORK_COPY != 0;
-        let child_mem = vmops::fork_memory(&self.host.mem, &mut self.pool, &self.limits, count, parent.children, &mut parent.mem, vcpus, copy)?;
-        let (g, vmcs) = vmops::take_frames(&self.host.mem, &mut self.pool, &self.limits, count, parent.mem_bytes, vcpus as u32, Some(child_mem))?;
-        parent.children += 1;
-        let id = self.next_id;
-        self.next_id += 1;
-        let child = ModelVm {
-            id,
-            parent: f.vm,
-            name: parent.name,
-            mem_bytes: parent.mem_bytes,
-            mem: g,
-            vmcs,
-            init: parent.init.clone(),
-            state: vm_state::PAUSED,
-            children: 0,
-        };
-        self.vms.insert(id, child);
-        f.child = id;
-        f.tsc = 0;
-        decode::copy_out(&self.host, arg, len, &f)?;
-        Ok(id as i64)
-    }
-
     /// VM `vm`'s line in VM_LIST.
     pub fn info(&self, vm: &ModelVm) -> VmInfo {
         let (private, shared) = vmops::frames(&self.host.mem, &self.pool, Some(&vm.mem), vm.vmcs.len());
@@ -294,22 +234,176 @@ impl Model {
             name: vm.name,
         }
     }
+}
 
-    fn vm_list(&mut self, arg: u64, len: u64) -> Result<i64, HcError> {
-        let n = decode::vm_list(&self.host, arg, len, self.vms.len())?;
-        let records: Vec<VmInfo> = self.vms.values().take(n).map(|v| self.info(v)).collect();
-        decode::listed(&self.host, arg, &records);
-        Ok(self.vms.len() as i64)
+/// The IOMMU's failure in the model: a unit that does not answer.
+const IOMMU_TIMEOUT: crate::vtd::Error = crate::vtd::Error::Timeout { unit: Hpa(0xfed9_0000), wait: crate::vtd::Wait::Iotlb };
+
+impl Platform for Model {
+    type Mem = MockMem;
+    type Host = Host;
+    type Vm = u32;
+
+    fn mem(&self) -> &MockMem {
+        &self.host.mem
     }
 
-    fn debug_translate(&mut self, arg: u64, len: u64) -> Result<i64, HcError> {
-        if !self.debug {
-            return Err(HcError::NoSys);
+    fn host(&self) -> &Host {
+        &self.host
+    }
+
+    fn with_pool<R>(&mut self, f: impl FnOnce(&MockMem, &mut FramePool) -> R) -> R {
+        self.calls.push(Call::Pool);
+        f(&self.host.mem, &mut self.pool)
+    }
+
+    fn vmx(&self) -> bool {
+        true
+    }
+
+    fn debug(&self) -> bool {
+        self.debug
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn host_unmap(&mut self, ranges: &[MemRange]) -> Result<(), HcError> {
+        self.calls.push(Call::HostUnmap(ranges.to_vec()));
+        for r in ranges {
+            self.host.taken.extend(r.base / PAGE_SIZE..(r.base + r.size) / PAGE_SIZE);
+            if self.faults.heap {
+                return Err(HcError::NoMemory);
+            }
         }
-        let mut t = decode::debug_translate(&self.host, arg, len)?;
-        let vm = self.vms.get(&t.vm).ok_or(VmError::NoSuchVm)?;
-        t.hpa = vmops::translate(&self.host.mem, &vm.mem, t.gpa)?;
-        decode::copy_out(&self.host, arg, len, &t)?;
-        Ok(0)
+        Ok(())
+    }
+
+    fn host_map(&mut self, ranges: &[PhysRange]) -> Result<(), HcError> {
+        self.calls.push(Call::HostMap(ranges.to_vec()));
+        for r in ranges {
+            for pfn in r.base.pfn()..r.end.pfn() {
+                self.host.taken.remove(&pfn);
+            }
+        }
+        Ok(())
+    }
+
+    fn shootdown(&mut self) -> Result<(), Unacked> {
+        self.calls.push(Call::Shootdown);
+        if self.faults.shootdown {
+            return Err(Unacked);
+        }
+        Ok(())
+    }
+
+    fn iommu_unmap(&mut self, ranges: &[PhysRange]) -> Result<(), crate::vtd::Error> {
+        self.calls.push(Call::IommuUnmap(ranges.to_vec()));
+        if self.faults.iommu {
+            return Err(IOMMU_TIMEOUT);
+        }
+        Ok(())
+    }
+
+    fn iommu_map(&mut self, ranges: &[PhysRange]) -> Result<(), crate::vtd::Error> {
+        self.calls.push(Call::IommuMap(ranges.to_vec()));
+        if self.faults.iommu {
+            return Err(IOMMU_TIMEOUT);
+        }
+        Ok(())
+    }
+
+    fn scrub(&mut self, range: &MemRange) {
+        self.calls.push(Call::Scrub(*range));
+        vmops::scrub(&self.host.mem, range);
+    }
+
+    fn vm_count(&self) -> u32 {
+        self.vms.len() as u32
+    }
+
+    fn vm(&self, id: u32) -> Result<u32, VmError> {
+        self.vms.contains_key(&id).then_some(id).ok_or(VmError::NoSuchVm)
+    }
+
+    fn vm_running(&self, vm: &u32) -> bool {
+        self.running.contains(vm)
+    }
+
+    fn with_vm_mem<R>(&mut self, vm: &u32, f: impl FnOnce(&MockMem, &mut FramePool, &mut GuestMem) -> R) -> Result<R, VmError> {
+        let v = self.vms.get_mut(vm).ok_or(VmError::NoSuchVm)?;
+        Ok(f(&self.host.mem, &mut self.pool, &mut v.mem))
+    }
+
+    fn vm_create(&mut self, c: &VmCreate) -> Result<u32, VmError> {
+        let (g, vmcs) = vmops::take_frames(&self.host.mem, &mut self.pool, &self.limits, self.vms.len() as u32, c.mem_bytes, c.vcpus, None)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let init = alloc::vec![vmops::boot_regs(c.mem_bytes); c.vcpus as usize];
+        let vm = ModelVm { id, parent: 0, name: c.name, mem_bytes: c.mem_bytes, mem: g, vmcs, init, state: vm_state::CREATED, children: 0 };
+        self.vms.insert(id, vm);
+        Ok(id)
+    }
+
+    fn vm_destroy(&mut self, id: u32) -> Result<(), VmError> {
+        self.destroy(id)
+    }
+
+    fn vm_ended(&self, _vm: &u32) -> bool {
+        // The model's guests never run, so never end.
+        false
+    }
+
+    fn vm_hold(&mut self, vm: &u32) -> bool {
+        !self.running.contains(vm)
+    }
+
+    fn vm_release(&mut self, _vm: &u32) {}
+
+    fn vm_fork(&mut self, vm: &u32, copy: bool) -> Result<u32, VmError> {
+        let count = self.vms.len() as u32;
+        let parent = self.vms.get_mut(vm).ok_or(VmError::NoSuchVm)?;
+        let vcpus = parent.init.len();
+        let child_mem = vmops::fork_memory(&self.host.mem, &mut self.pool, &self.limits, count, parent.children, &mut parent.mem, vcpus, copy)?;
+        let (g, vmcs) = vmops::take_frames(&self.host.mem, &mut self.pool, &self.limits, count, parent.mem_bytes, vcpus as u32, Some(child_mem))?;
+        parent.children += 1;
+        let id = self.next_id;
+        self.next_id += 1;
+        let child = ModelVm {
+            id,
+            parent: *vm,
+            name: parent.name,
+            mem_bytes: parent.mem_bytes,
+            mem: g,
+            vmcs,
+            init: parent.init.clone(),
+            state: vm_state::PAUSED,
+            children: 0,
+        };
+        self.vms.insert(id, child);
+        Ok(id)
+    }
+
+    fn vm_list(&mut self) -> Vec<VmInfo> {
+        self.vms.values().map(|v| self.info(v)).collect()
+    }
+
+    fn num_cpus(&self) -> u32 {
+        1
+    }
+
+    fn features(&self) -> u64 {
+        HV_FEATURE_VMX | HV_FEATURE_EPT | HV_FEATURE_VPID | HV_FEATURE_UNRESTRICTED
+    }
+
+    fn tsc(&self) -> u64 {
+        0
+    }
+
+    fn stats(&mut self, s: &mut HvStats) {
+        s.hv_region_base = REGION.base;
+        s.hv_region_size = REGION.size;
+        s.image_intact = 1;
     }
 }

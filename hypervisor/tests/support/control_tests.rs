@@ -94,6 +94,10 @@ fn seeds_reach_their_paths() {
     let r = fuzz::run_script(&seeds::limits());
     assert_eq!((r.errors.get(&ENOSPC), r.errors.get(&EAGAIN)), (Some(&1), Some(&2)), "{r:?}");
 
+    let r = fuzz::run_script(&seeds::faults());
+    assert_eq!((r.errors.get(&EBUSY), r.errors.get(&EIO), r.errors.get(&ENOMEM)), (Some(&1), Some(&2), Some(&1)), "{r:?}");
+    assert_eq!((r.ok(hc::DONATE), r.ok(hc::VM_CREATE), r.ok(hc::RECLAIM)), (1, 1, 1), "{r:?}");
+
     let r = fuzz::run_script(&seeds::refusals());
     for e in [EINVAL, EFAULT, ENOENT, ENOSYS, EAGAIN, EBUSY] {
         assert!(r.errors.contains_key(&e), "the refusals seed never gets errno {e}: {r:?}");
@@ -272,6 +276,7 @@ mod prop {
             12 => call(),
             1 => (0..4096u64, proptest::collection::vec(any::<u8>(), 1..64)).prop_map(|(o, bytes)| Step::Poke { pa: seeds::DATA + o, bytes }),
             1 => Just(Step::Check),
+            1 => (0..8u8).prop_map(Step::Faults),
         ]
     }
 
@@ -600,5 +605,140 @@ mod units {
         assert_eq!(super::super::status(Ok(7)), (7, 0));
         assert_eq!(VmError::Mem(MemError::OutOfRange).errno(), -EFAULT);
         assert_eq!(HcError::NoVmx.errno(), -ENODEV);
+    }
+}
+
+mod dispatch {
+    //! The steps the dispatcher asks of the machine, in order, as the model
+    //! records them ([`Call`]): the orders that keep the host's pages from
+    //! a guest and a guest's memory from the host are checks only the
+    //! dispatcher makes.
+    use super::super::decode::{as_bytes, HostMem};
+    use super::super::model::{Call, Faults, Model};
+    use super::super::vmops::Limits;
+    use crate::addr::{Hpa, PhysRange};
+    use crate::mem::PhysMem;
+    use shared_abi::errno::*;
+    use shared_abi::*;
+
+    const BLOCK: u64 = 0x10_0000;
+    /// Two pages the host donates.
+    const PAGES: MemRange = MemRange { base: 0x100_0000, size: 0x2000 };
+
+    fn model() -> Model {
+        Model::new(Limits { vms: 4, children: 2 }, true)
+    }
+
+    fn call<T: super::super::Block>(m: &mut Model, nr: u64, v: &T) -> (i64, u64) {
+        m.host.mem.write(Hpa(BLOCK), as_bytes(v));
+        m.dispatch(nr, BLOCK, core::mem::size_of::<T>() as u64)
+    }
+
+    /// Host data in the pages to donate, which only a scrub may clear.
+    fn host_data(m: &Model) {
+        m.host.mem.write(Hpa(PAGES.base + 0x10), b"host secret");
+        m.host.mem.write(Hpa(PAGES.base + 0x1ff0), b"host secret");
+    }
+
+    fn phys() -> alloc::vec::Vec<PhysRange> {
+        alloc::vec![PhysRange::new(PAGES.base, PAGES.size)]
+    }
+
+    /// A failed donation: the pages are the host's as before, unscrubbed,
+    /// and the pool is as it was.
+    fn unchanged(m: &Model) {
+        assert!(m.host.owned(PAGES.base, PAGES.size), "the pages are the host's again");
+        assert!(m.pool.frames_total() == 0 && !m.pool.contains(Hpa(PAGES.base)), "nothing was pooled");
+        let mut b = [0u8; 11];
+        m.host.mem.read(Hpa(PAGES.base + 0x1ff0), &mut b);
+        assert_eq!(&b, b"host secret", "nothing was scrubbed");
+    }
+
+    #[test]
+    fn donate_unmaps_shoots_down_unmaps_dma_scrubs_then_pools() {
+        let mut m = model();
+        host_data(&m);
+        assert_eq!(call(&mut m, hc::DONATE, &PAGES), (2, 0));
+        assert_eq!(m.calls, [Call::HostUnmap(alloc::vec![PAGES]), Call::Shootdown, Call::IommuUnmap(phys()), Call::Scrub(PAGES), Call::Pool]);
+        assert!(m.host.mem.page_is_zero(Hpa(PAGES.base)) && m.host.mem.page_is_zero(Hpa(PAGES.base + 0x1000)));
+        assert_eq!(m.pool.frames_free(), 2);
+    }
+
+    /// A DONATE the machine fails as `faults` says: it answers `status`,
+    /// after exactly `steps`, and the pages stay the host's.
+    fn refused(faults: Faults, status: i64, steps: &[Call]) -> Model {
+        let mut m = model();
+        host_data(&m);
+        m.faults = faults;
+        assert_eq!(call(&mut m, hc::DONATE, &PAGES), (status, 0));
+        assert_eq!(m.calls, steps);
+        unchanged(&m);
+        m
+    }
+
+    #[test]
+    fn a_donation_without_a_shootdown_scrubs_and_pools_nothing() {
+        let steps = [Call::HostUnmap(alloc::vec![PAGES]), Call::Shootdown, Call::HostMap(phys())];
+        let mut m = refused(Faults { shootdown: true, ..Faults::default() }, -EBUSY, &steps);
+        // Once the CPUs answer again, the same pages can be given.
+        m.faults.shootdown = false;
+        assert_eq!(call(&mut m, hc::DONATE, &PAGES), (2, 0));
+    }
+
+    #[test]
+    fn a_donation_the_iommu_cannot_follow_stays_the_hosts() {
+        let steps = [Call::HostUnmap(alloc::vec![PAGES]), Call::Shootdown, Call::IommuUnmap(phys()), Call::IommuMap(phys()), Call::HostMap(phys())];
+        refused(Faults { iommu: true, ..Faults::default() }, -EIO, &steps);
+    }
+
+    #[test]
+    fn a_donation_the_host_ept_cannot_follow_stays_the_hosts() {
+        let steps = [Call::HostUnmap(alloc::vec![PAGES]), Call::Shootdown, Call::HostMap(phys())];
+        refused(Faults { heap: true, ..Faults::default() }, -ENOMEM, &steps);
+    }
+
+    #[test]
+    fn reclaim_gives_pages_to_devices_then_to_the_host() {
+        let mut m = model();
+        assert_eq!(call(&mut m, hc::DONATE, &PAGES), (2, 0));
+        // The block has room for two addresses.
+        assert_eq!(m.dispatch(hc::RECLAIM, BLOCK, 16), (2, 0));
+        assert_eq!(m.calls, [Call::Pool, Call::IommuMap(phys()), Call::HostMap(phys())]);
+        assert!(m.host.owned(PAGES.base, PAGES.size));
+    }
+
+    /// A VM with memory to load into, and a page the host loads from.
+    fn vm(m: &mut Model) -> u32 {
+        assert_eq!(call(m, hc::DONATE, &PAGES).0, 2);
+        assert_eq!(call(m, hc::DONATE, &MemRange { base: 0x110_0000, size: 0x10_0000 }).0, 256);
+        let id = call(m, hc::VM_CREATE, &VmCreate { mem_bytes: 4 << 20, vcpus: 1, ..Default::default() }).0;
+        assert!(id > 0);
+        m.host.mem.write(Hpa(0x18_0000), b"new");
+        id as u32
+    }
+
+    #[test]
+    fn vm_load_refuses_a_vm_whose_vcpu_runs() {
+        let mut m = model();
+        let id = vm(&mut m);
+        let load = VmLoad { vm: id, reserved0: 0, gpa: 0x1000, src: 0x18_0000, len: 3 };
+        m.running.insert(id);
+        let free = m.pool.frames_free();
+        assert_eq!(call(&mut m, hc::VM_LOAD, &load), (-EBUSY, 0));
+        assert!(!m.calls.contains(&Call::Pool), "guest memory was not touched");
+        assert_eq!(m.pool.frames_free(), free);
+        m.running.remove(&id);
+        assert_eq!(call(&mut m, hc::VM_LOAD, &load), (0, 0));
+    }
+
+    #[test]
+    fn vm_fork_refuses_a_vm_whose_vcpu_runs() {
+        let mut m = model();
+        let id = vm(&mut m);
+        m.running.insert(id);
+        assert_eq!(call(&mut m, hc::VM_FORK, &VmFork { vm: id, ..Default::default() }).0, -EBUSY);
+        assert_eq!(m.vms.len(), 1);
+        m.running.remove(&id);
+        assert!(call(&mut m, hc::VM_FORK, &VmFork { vm: id, ..Default::default() }).0 > 0);
     }
 }

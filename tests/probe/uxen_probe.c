@@ -108,7 +108,7 @@ struct vm_load {
 #define HC_VM_LOAD 0x12
 #define HC_VM_RUN 0x15
 #define HC_VM_LIST 0x17
-#define STATS_SIZE 84736 /* sizeof(shared_abi::HvStats) */
+#define STATS_SIZE 84760 /* sizeof(shared_abi::HvStats) */
 
 #define REPORT(name, expr) pr_info("uxen_probe: hc %s=%ld\n", name, (long)(expr))
 

@@ -3,7 +3,8 @@
 # memory, per page examined; the pages reclaimed against the ideal (7/8 of
 # their identical pages); and the host CPU share that background merging
 # takes at its default budget. Baseline: one full copy of the same guest
-# (FORK_COPY), per page, in the same run.
+# (FORK_COPY), per page, in the same run. Also the pages the second pass
+# skipped unread and the index's size after it.
 . /tests/lib.sh
 check insmod insmod /lib/modules/uxen.ko
 P=/sys/module/uxen/parameters
@@ -28,13 +29,15 @@ pages=$(uxenctl list --json | sed -n "s/.*{\"id\":$first,[^}]*\"frames_private\"
 uxenctl destroy "$c"; wait_gone "$c" 3000
 m1=$(uxenctl merge --json)
 m2=$(uxenctl merge --json)
-info "copy $cp ($pages frames); pass 1 $m1; pass 2 $m2"
+st=$(stats_json)
+info "copy $cp ($pages frames); pass 1 $m1; pass 2 $m2; $(printf '%s' "$st" | grep -o '"merge":{[^}]*}')"
 s1=$(jnum "$m1" scanned); t1=$(jnum "$m1" tsc); g1=$(jnum "$m1" merged)
 s2=$(jnum "$m2" scanned); t2=$(jnum "$m2" tsc)
 if [ -n "$s1" ] && [ "$s1" -gt 0 ] && [ -n "$t2" ] && [ -n "$copy" ] && [ -n "$pages" ] && [ "$pages" -gt 0 ]; then
     pass bench-passes-measured
     echo "UXEN-BENCH: merge pass=1 scanned=$s1 tsc=$t1 merged=$g1 ideal=$IDEAL copy_tsc=$copy copy_pages=$pages"
     echo "UXEN-BENCH: merge pass=2 scanned=$s2 tsc=$t2 merged=$(jnum "$m2" merged) ideal=0 copy_tsc=$copy copy_pages=$pages"
+    echo "UXEN-BENCH: merge index=1 skipped=$(jnum "$st" skipped) indexed=$(jnum "$st" indexed) stable=$(jnum "$st" stable) index_frames=$(jnum "$st" index_frames) index_heap_bytes=$(jnum "$st" index_heap_bytes)"
 else
     fail bench-passes-measured "copy '$cp' pages '$pages'; '$m1'; '$m2'"
 fi

@@ -62,9 +62,16 @@ pub struct Merge {
     /// Guest mappings beyond the first of each frame: pages that sharing
     /// saves right now.
     pub pages_shared_now: u64,
-    /// Frames the running pass's index holds, and its heap bytes.
+    /// Frames the merge index holds (a pass's, or its stable part between
+    /// passes), those of them that are merged (stable), the pool frames its
+    /// table takes and its heap bytes.
     pub indexed: u64,
+    pub stable: u64,
+    pub index_frames: u64,
     pub index_heap_bytes: u64,
+    /// Pages passes skipped, unread, as mapped onto a stable frame already
+    /// (counted in `scanned`).
+    pub skipped: u64,
     /// Shootdowns not acknowledged in time, and what waits for a later one.
     pub shootdowns_unacked: u64,
     pub shootdown_deferred: u64,
@@ -186,7 +193,10 @@ pub fn to_json(s: &abi::HvStats) -> StatsJson {
             aborted: s.merge_aborted,
             pages_shared_now: s.merge_pages_shared_now,
             indexed: s.merge_indexed,
+            stable: s.merge_stable,
+            index_frames: s.merge_index_frames,
             index_heap_bytes: s.merge_index_heap_bytes,
+            skipped: s.merge_skipped,
             shootdowns_unacked: s.shootdowns_unacked,
             shootdown_deferred: s.shootdown_deferred,
             tsc: s.merge_tsc,
@@ -216,8 +226,18 @@ pub fn print_text(s: &abi::HvStats) {
     }
     println!("frame pool         {} frames, {} free; {} shared, {} copy-on-write copies", j.pool.frames_total, j.pool.frames_free, j.frames_shared, j.cow_copies);
     println!(
-        "re-merging         {} passes, {} pages scanned, {} merged, {} zero; {} shared now; {} chunks aborted",
-        j.merge.passes, j.merge.scanned, j.merge.merged, j.merge.zero, j.merge.pages_shared_now, j.merge.aborted
+        "re-merging         {} passes, {} pages scanned ({} skipped as stable), {} merged, {} zero; {} shared now; {} chunks aborted; index {} frames ({} stable) in {} pool frames, {} heap bytes",
+        j.merge.passes,
+        j.merge.scanned,
+        j.merge.skipped,
+        j.merge.merged,
+        j.merge.zero,
+        j.merge.pages_shared_now,
+        j.merge.aborted,
+        j.merge.indexed,
+        j.merge.stable,
+        j.merge.index_frames,
+        j.merge.index_heap_bytes
     );
     println!("VMs                {}", j.vms);
     for c in &j.cpus {

@@ -110,10 +110,14 @@ fn merge_table(rows: &[Row]) -> Result<String> {
 ")?;
     writeln!(t, "| pass | pages examined | ticks | per page examined | per guest page | goal | copy per page | merged | ideal | of ideal |")?;
     writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
-    let mut auto = None;
+    let (mut auto, mut index) = (None, None);
     for r in rows {
         if r.contains_key("auto") {
             auto = Some(r);
+            continue;
+        }
+        if r.contains_key("index") {
+            index = Some(r);
             continue;
         }
         let (pass, scanned, tsc, merged, ideal) = (num(r, "pass")?, num(r, "scanned")?, num(r, "tsc")?, num(r, "merged")?, num(r, "ideal")?);
@@ -123,6 +127,10 @@ fn merge_table(rows: &[Row]) -> Result<String> {
         let goal = if pass == 1 { 3000 } else { 500 };
         // Eight guests of `pages` frames each.
         writeln!(t, "| {pass} | {scanned} | {tsc} | {} | {} | {goal} | {copy} | {merged} | {ideal} | {of} |", tsc / scanned.max(1), tsc / (8 * pages))?;
+    }
+    if let Some(r) = index {
+        let f = |k| num(r, k);
+        writeln!(t, "\nafter the second pass: {} pages skipped unread (mapped onto a stable frame); the index holds {} frames ({} stable) in {} pool frames, {} heap bytes", f("skipped")?, f("indexed")?, f("stable")?, f("index_frames")?, f("index_heap_bytes")?)?;
     }
     if let Some(r) = auto {
         let (cs, el, hv, khz) = (num(r, "thread_cs")?, num(r, "elapsed_cs")?, num(r, "hv_tsc")?, num(r, "tsc_khz")?);
@@ -414,12 +422,15 @@ mod tests {
     fn merge_table_has_ratios() {
         let text = "UXEN-BENCH: merge pass=1 scanned=4000 tsc=12000000 merged=3584 ideal=3584 copy_tsc=2000000 copy_pages=520\n\
                     UXEN-BENCH: merge pass=2 scanned=400 tsc=100000 merged=0 ideal=0 copy_tsc=2000000 copy_pages=520\n\
+                    UXEN-BENCH: merge index=1 skipped=3584 indexed=512 stable=512 index_frames=4 index_heap_bytes=32\n\
                     UXEN-BENCH: merge auto=1 thread_cs=20 elapsed_cs=2000 hv_tsc=10000000 tsc_khz=50000 interval_ms=100 batch=32 shared=3600\n";
         let t = merge_table(&rows(text, "merge")).unwrap();
         assert!(t.contains("| 1 | 4000 | 12000000 | 3000 | 2884 | 3000 | 3846 | 3584 | 3584 | 100.0% |"), "{t}");
         assert!(t.contains("| 2 | 400 | 100000 | 250 | 24 | 500 |"), "{t}");
         assert!(t.contains("1.00% of one CPU"), "{t}");
         assert!(t.contains("1.00% (10000000 ticks)"), "{t}");
+        assert!(t.contains("3584 pages skipped unread"), "{t}");
+        assert!(t.contains("512 frames (512 stable) in 4 pool frames, 32 heap bytes"), "{t}");
     }
 
     #[test]

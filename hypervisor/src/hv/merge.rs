@@ -10,12 +10,16 @@
 //! chunk gives every page its write access back and the pass stays where
 //! it was; the second one (before frames whose mapping went away are
 //! freed) keeps those frames until a later shootdown succeeds.
+//!
+//! The index outlives the pass: its stable part (merged frames) waits here
+//! for the next one, and goes when the last VM does.
 
 use super::memory::DirectMap;
 use super::tlb;
 use super::vm::{self, POOL};
 use crate::addr::Gpa;
-use crate::merge::{protect, unprotect, MergeStats, Merger};
+use crate::guestmem::writable;
+use crate::merge::{protect, unprotect, Index, MergeStats, Merger};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 use shared_abi::MERGE_CHUNK;
@@ -33,7 +37,13 @@ struct Pass {
     counted: bool,
 }
 
-static PASS: spin::Mutex<Option<Pass>> = spin::Mutex::new(None);
+/// The pass in progress, if any, and the index between passes.
+struct State {
+    pass: Option<Pass>,
+    index: Index,
+}
+
+static PASS: spin::Mutex<State> = spin::Mutex::new(State { pass: None, index: Index::new() });
 
 /// Totals over every pass, for `stats`.
 pub static SCANNED: AtomicU64 = AtomicU64::new(0);
@@ -42,12 +52,32 @@ pub static ZERO: AtomicU64 = AtomicU64::new(0);
 pub static PASSES: AtomicU64 = AtomicU64::new(0);
 pub static ABORTED: AtomicU64 = AtomicU64::new(0);
 pub static TSC: AtomicU64 = AtomicU64::new(0);
-/// Frames the running pass's index holds.
+/// Pages skipped, unread, as mapped onto a stable frame already.
+pub static SKIPPED: AtomicU64 = AtomicU64::new(0);
+/// Frames the index holds (one reference each), those of them that are
+/// stable, the pool frames of its table and its heap bytes.
 pub static INDEXED: AtomicU64 = AtomicU64::new(0);
+pub static STABLE: AtomicU64 = AtomicU64::new(0);
+pub static INDEX_FRAMES: AtomicU64 = AtomicU64::new(0);
+pub static INDEX_HEAP: AtomicU64 = AtomicU64::new(0);
 
-/// Heap bytes per index entry, for `stats`: a B-tree entry of 16 bytes in
-/// nodes of at most 11, with their headers and edges.
-pub const INDEX_ENTRY_BYTES: u64 = 32;
+/// Publishes the index's figures for `stats`.
+fn publish(index: &Index) {
+    INDEXED.store(index.len() as u64, Ordering::Relaxed);
+    STABLE.store(index.stable() as u64, Ordering::Relaxed);
+    INDEX_FRAMES.store(index.table_frames() as u64, Ordering::Relaxed);
+    INDEX_HEAP.store(index.heap_bytes(), Ordering::Relaxed);
+}
+
+/// Ends the pass in `st`, if any: its index keeps the stable entries for
+/// the next. Returns the pass and the frames that freed.
+fn finish(st: &mut State) -> Option<(Pass, u64)> {
+    let mut p = st.pass.take()?;
+    let (freed, index) = p.merger.finish(&DirectMap, &mut POOL.lock());
+    st.index = index;
+    publish(&st.index);
+    Some((p, freed))
+}
 
 /// Where a pass stands after a chunk.
 pub struct Progress {
@@ -81,22 +111,40 @@ pub fn start(vm: u32) -> Result<(), vm::VmError> {
         alloc::vec![vm]
     };
     let counted = !vms.is_empty();
-    let old = PASS.lock().replace(Pass { merger: Merger::new(), vms, from: Gpa(0), freed: 0, tsc: 0, aborted: 0, counted });
-    INDEXED.store(0, Ordering::Relaxed);
-    if let Some(p) = old {
-        p.merger.finish(&DirectMap, &mut POOL.lock());
-    }
+    let mut st = PASS.lock();
+    finish(&mut st);
+    let merger = Merger::with_index(core::mem::take(&mut st.index));
+    st.pass = Some(Pass { merger, vms, from: Gpa(0), freed: 0, tsc: 0, aborted: 0, counted });
     Ok(())
 }
 
 /// Ends the running pass, if any, without another chunk: the index lets go
-/// of its frames.
+/// of every frame but the stable ones.
 pub fn end() {
-    let old = PASS.lock().take();
-    INDEXED.store(0, Ordering::Relaxed);
-    if let Some(p) = old {
-        p.merger.finish(&DirectMap, &mut POOL.lock());
-    }
+    finish(&mut PASS.lock());
+}
+
+/// A VM is gone: the index (the running pass's, or the one between
+/// passes) lets go of the frames only it still holds, so that they go back
+/// to the pool now rather than at the end of a later pass.
+pub fn vm_gone() {
+    let mut st = PASS.lock();
+    let st = &mut *st;
+    let index = match st.pass.as_mut() {
+        Some(p) => &mut p.merger.index,
+        None => &mut st.index,
+    };
+    index.drop_unmapped(&DirectMap, &mut POOL.lock());
+    publish(index);
+}
+
+/// Ends the running pass and drops the whole index, stable part and table
+/// (when no VM is left: every frame goes back to the pool).
+pub fn forget() {
+    let mut st = PASS.lock();
+    finish(&mut st);
+    st.index.clear(&DirectMap, &mut POOL.lock());
+    publish(&st.index);
 }
 
 /// Does one chunk of at most `max` pages of the pass. Err if no pass is
@@ -106,7 +154,7 @@ pub fn end() {
 /// never held across a shootdown; the VM's memory is, across the first).
 pub fn step(max: usize) -> Result<Step, vm::VmError> {
     let mut guard = PASS.lock();
-    let pass = guard.as_mut().ok_or(vm::VmError::Invalid)?;
+    let pass = guard.pass.as_mut().ok_or(vm::VmError::Invalid)?;
     let t0 = crate::arch::x86::instr::rdtsc();
     let mem = DirectMap;
     let mut aborted = false;
@@ -118,7 +166,10 @@ pub fn step(max: usize) -> Result<Step, vm::VmError> {
                     Some(g) => {
                         let (cands, next) = protect(g, &mem, &POOL.lock(), pass.from, max.clamp(1, MERGE_CHUNK as usize));
                         // No CPU may write the pages while they are compared.
-                        if tlb::shootdown().is_err() {
+                        // Pages that were read-only already were flushed
+                        // when they lost write access: a chunk of only those
+                        // needs no shootdown.
+                        if cands.iter().any(|c| writable(c.2)) && tlb::shootdown().is_err() {
                             // One may: nothing is compared, and every page
                             // gets its write access back.
                             unprotect(&mem, &cands);
@@ -171,19 +222,19 @@ pub fn step(max: usize) -> Result<Step, vm::VmError> {
     let dt = crate::arch::x86::instr::rdtsc() - t0;
     pass.tsc += dt;
     TSC.fetch_add(dt, Ordering::Relaxed);
-    INDEXED.store(pass.merger.indexed() as u64, Ordering::Relaxed);
+    publish(&pass.merger.index);
     if aborted {
         return Ok(Step::Aborted(progress(pass)));
     }
     if !pass.vms.is_empty() {
         return Ok(Step::More(progress(pass)));
     }
-    let p = guard.take().unwrap();
+    let (p, freed) = finish(&mut guard).unwrap();
     drop(guard);
-    INDEXED.store(0, Ordering::Relaxed);
     let mut out = progress(&p);
     let stats = p.merger.stats;
-    out.freed += p.merger.finish(&mem, &mut POOL.lock());
+    out.freed += freed;
+    SKIPPED.fetch_add(stats.skipped, Ordering::Relaxed);
     SCANNED.fetch_add(stats.scanned, Ordering::Relaxed);
     MERGED.fetch_add(stats.merged, Ordering::Relaxed);
     ZERO.fetch_add(stats.zero, Ordering::Relaxed);
@@ -191,7 +242,7 @@ pub fn step(max: usize) -> Result<Step, vm::VmError> {
         PASSES.fetch_add(1, Ordering::Relaxed);
     }
     if stats.merged + stats.zero != 0 {
-        log::info!("merge: {} pages scanned, {} merged, {} zero, {} frames freed", stats.scanned, stats.merged, stats.zero, out.freed);
+        log::info!("merge: {} pages scanned ({} skipped as stable), {} merged, {} zero, {} frames freed", stats.scanned, stats.skipped, stats.merged, stats.zero, out.freed);
     }
     Ok(Step::Done(out))
 }

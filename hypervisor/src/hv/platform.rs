@@ -221,7 +221,10 @@ impl Platform for Machine {
             s.merge_indexed = merge::INDEXED.load(Ordering::Relaxed);
             s.merge_pages_shared_now = pool.refs_beyond_one().saturating_sub(s.merge_indexed);
         }
-        s.merge_index_heap_bytes = s.merge_indexed * merge::INDEX_ENTRY_BYTES;
+        s.merge_index_heap_bytes = merge::INDEX_HEAP.load(Ordering::Relaxed);
+        s.merge_stable = merge::STABLE.load(Ordering::Relaxed);
+        s.merge_index_frames = merge::INDEX_FRAMES.load(Ordering::Relaxed);
+        s.merge_skipped = merge::SKIPPED.load(Ordering::Relaxed);
         s.merge_passes = merge::PASSES.load(Ordering::Relaxed);
         s.merge_aborted = merge::ABORTED.load(Ordering::Relaxed);
         s.merge_tsc = merge::TSC.load(Ordering::Relaxed);

@@ -318,10 +318,13 @@ pub fn destroy(id: u32) -> Result<(), VmError> {
     vmops::release(&DirectMap, &mut POOL.lock(), g, &vmcs);
     free_vpid(vm.vpid);
     if count() == 0 {
-        // A merge pass's index may still hold frames of the VMs that are
-        // gone: with no VM left, the pass has nothing to do, and every
-        // frame must go back to the pool.
-        super::merge::end();
+        // The merge index (a pass's, or the stable one between passes) may
+        // still hold frames of the VMs that are gone: with no VM left, the
+        // pass has nothing to do, and every frame must go back to the pool.
+        super::merge::forget();
+    } else {
+        // Frames of this VM that only the index still holds go back now.
+        super::merge::vm_gone();
     }
     Ok(())
 }

@@ -84,8 +84,9 @@ pub struct HvStats {
     /// sharing (merges and forks) saves right now. References the merge
     /// index itself holds are not counted.
     pub merge_pages_shared_now: u64,
-    /// Frames the running pass's index holds, and the hypervisor heap bytes
-    /// that index takes (bounded: `docs/design.md`).
+    /// Frames the merge index holds (during a pass, and its stable part
+    /// between passes), and the hypervisor heap bytes that index takes
+    /// (bounded: `docs/design.md`).
     pub merge_indexed: u64,
     pub merge_index_heap_bytes: u64,
     /// TLB shootdowns that were not acknowledged in time (every one of them
@@ -95,9 +96,15 @@ pub struct HvStats {
     pub shootdown_deferred: u64,
     /// TSC ticks the hypervisor spent in merge chunks, over every pass.
     pub merge_tsc: u64,
+    /// Index entries whose frames are merged (kept between passes), the
+    /// pool frames the index's table takes, and pages passes skipped,
+    /// unread, as mapped onto such a frame already.
+    pub merge_stable: u64,
+    pub merge_index_frames: u64,
+    pub merge_skipped: u64,
     pub cpus: [CpuStats; MAX_CPUS],
 }
 const _: () = assert_size(
     core::mem::size_of::<HvStats>(),
-    168 + 24 + 64 + MAX_CPUS * core::mem::size_of::<CpuStats>(),
+    168 + 24 + 64 + 24 + MAX_CPUS * core::mem::size_of::<CpuStats>(),
 );

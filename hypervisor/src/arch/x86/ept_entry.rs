@@ -23,6 +23,9 @@ bitflags! {
         const SW_COW = 1 << 52;
         /// Software bit: the leaf maps a frame of the frame pool.
         const SW_POOL = 1 << 53;
+        /// Software bit: a merge mapped the leaf (read-only) onto a frame
+        /// its index holds as merged, so that later passes may skip it.
+        const SW_MERGED = 1 << 54;
     }
 }
 

@@ -892,7 +892,7 @@ mod tests {
     #[test]
     #[cfg_attr(
         debug_assertions,
-        ignore = "a million pages: `cargo xtask merge-scale` runs it optimised"
+        ignore = "a million pages: `cargo xtask merge-scale` and `cargo xtask test` run it optimised"
     )]
     fn a_million_pages_in_one_pass_with_a_bounded_heap() {
         scale(8, 1 << 17);

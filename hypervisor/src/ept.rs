@@ -5,30 +5,16 @@
 use crate::addr::{Gpa, Hpa, PhysRange, HUGE_PAGE_SIZE, LARGE_PAGE_SIZE, PAGE_SIZE};
 use crate::arch::x86::ept_entry::{EptEntry, EptFlags, ADDR_MASK, MT_UC, MT_WB};
 use crate::mem::{FrameAlloc, PhysMem};
-use crate::radix::{subtree, Entry, Plan, Radix};
+use crate::radix::{entry_format, subtree, Plan, Radix, PDPT_AND_PD};
 use shared_abi::MemRange;
 
 pub use crate::radix::{level_size, LeafCounts};
 
-/// EPT entries for the radix engine. See: SDM Vol. 3C, 29.3.2: an entry is
-/// present when any of bits 2:0 is set; bit 7 makes a PDPTE (1 GiB) or a
-/// PDE (2 MiB) a leaf, and is reserved in a PML4E.
-impl Entry for EptEntry {
-    const ADDR_MASK: u64 = ADDR_MASK;
-    const LARGE: u64 = EptFlags::LARGE.bits();
-    const TABLE_BITS: u64 = EptFlags::RWX.bits();
-    const LARGE_LEVELS: u32 = (1 << 2) | (1 << 3);
-
-    fn from_raw(v: u64) -> Self {
-        EptEntry(v)
-    }
-    fn raw(self) -> u64 {
-        self.0
-    }
-    fn is_present(self) -> bool {
-        self.present()
-    }
-}
+// EPT entries for the radix engine. See: SDM Vol. 3C, 29.3.2: an entry is
+// present when any of bits 2:0 (R, W, X) is set; bit 7 makes a PDPTE or a
+// PDE a leaf; a table entry grants everything so the leaves decide.
+entry_format!(EptEntry: present EptFlags::RWX.bits(), address ADDR_MASK,
+    large EptFlags::LARGE.bits(), levels PDPT_AND_PD, table EptFlags::RWX.bits());
 
 /// A 4-level EPT hierarchy rooted at `root`.
 #[derive(Debug)]

@@ -39,12 +39,40 @@ pub trait Entry: Copy {
     /// The levels at which [`Entry::LARGE`] makes a leaf, as a mask with bit
     /// `level` set; elsewhere above level 1 an entry always points to a table.
     const LARGE_LEVELS: u32;
+    /// The bits of which any one makes the entry present (the hardware walks
+    /// through or translates with it).
+    const PRESENT: u64;
 
     fn from_raw(v: u64) -> Self;
     fn raw(self) -> u64;
-    /// Whether the hardware walks through or translates with this entry.
-    fn is_present(self) -> bool;
+    fn is_present(self) -> bool {
+        self.raw() & Self::PRESENT != 0
+    }
 }
+
+/// Implements [`Entry`] for a newtype over `u64`: the format's bits by name.
+macro_rules! entry_format {
+    ($t:ty: present $present:expr, address $addr:expr, large $large:expr, levels $levels:expr, table $table:expr) => {
+        impl $crate::radix::Entry for $t {
+            const ADDR_MASK: u64 = $addr;
+            const LARGE: u64 = $large;
+            const TABLE_BITS: u64 = $table;
+            const LARGE_LEVELS: u32 = $levels;
+            const PRESENT: u64 = $present;
+            fn from_raw(v: u64) -> Self {
+                Self(v)
+            }
+            fn raw(self) -> u64 {
+                self.0
+            }
+        }
+    };
+}
+pub(crate) use entry_format;
+
+/// The levels that may hold large leaves in every format here: PDPT (1 GiB)
+/// and PD (2 MiB); bit 7 of a PML4 entry is reserved.
+pub const PDPT_AND_PD: u32 = (1 << 2) | (1 << 3);
 
 /// The address an entry holds.
 pub fn addr_of<E: Entry>(e: E) -> u64 {

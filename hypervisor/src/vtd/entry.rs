@@ -181,25 +181,11 @@ impl SlEntry {
     }
 }
 
-/// Second-level entries for the radix engine. See: VT-d spec, 9.8: an entry
-/// with R and W clear is not present (3.7); PS (bit 7) makes a PDPE (1 GiB)
-/// or a PDE (2 MiB) a leaf, and is reserved in a PML4E.
-impl crate::radix::Entry for SlEntry {
-    const ADDR_MASK: u64 = ADDR_MASK;
-    const LARGE: u64 = SlFlags::PAGE_SIZE.bits();
-    const TABLE_BITS: u64 = SlFlags::RW.bits();
-    const LARGE_LEVELS: u32 = (1 << 2) | (1 << 3);
-
-    fn from_raw(v: u64) -> Self {
-        SlEntry(v)
-    }
-    fn raw(self) -> u64 {
-        self.0
-    }
-    fn is_present(self) -> bool {
-        self.present()
-    }
-}
+// Second-level entries for the radix engine. See: VT-d spec, 9.8: an
+// entry with R and W clear is not present (3.7); PS (bit 7) makes a PDPE or
+// a PDE a leaf; a table entry grants R and W so the leaves decide.
+crate::radix::entry_format!(SlEntry: present SlFlags::RW.bits(), address ADDR_MASK,
+    large SlFlags::PAGE_SIZE.bits(), levels crate::radix::PDPT_AND_PD, table SlFlags::RW.bits());
 
 impl fmt::Debug for SlEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

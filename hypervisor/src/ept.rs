@@ -184,16 +184,7 @@ const _: () = assert!(LARGE_PAGE_SIZE == level_size(2) && HUGE_PAGE_SIZE == leve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mem::mock::{MockFrames, MockMem};
-
-    fn ram() -> Vec<MemRange> {
-        // 0-640 KiB, 1 MiB - 3 GiB, 4 GiB - 6 GiB, like a PC.
-        vec![
-            MemRange { base: 0, size: 0xa_0000 },
-            MemRange { base: 0x10_0000, size: (3 << 30) - 0x10_0000 },
-            MemRange { base: 4 << 30, size: 2 << 30 },
-        ]
-    }
+    use crate::mem::mock::{pc_ram as ram, MockFrames, MockMem};
 
     fn hv_region() -> PhysRange {
         PhysRange::new(0x1_0040_0000, 4 << 20)

@@ -1,19 +1,20 @@
-//! EPT tables: the generic walker and splitter, and the host VM's identity
-//! map (all memory 1:1 in the largest pages that fit, less the holes).
+//! EPT tables: the EPT entry format for the radix engine ([`crate::radix`]),
+//! [`Ept`] over it, and the host VM's identity map (all memory 1:1 in the
+//! largest pages that fit, less the holes).
 
 use crate::addr::{Gpa, Hpa, PhysRange, HUGE_PAGE_SIZE, LARGE_PAGE_SIZE, PAGE_SIZE};
-use crate::arch::x86::ept_entry::{EptEntry, EptFlags, MT_UC, MT_WB};
+use crate::arch::x86::ept_entry::{EptEntry, EptFlags, ADDR_MASK, MT_UC, MT_WB};
 use crate::mem::{FrameAlloc, PhysMem};
+use crate::radix::{entry_format, subtree, Plan, Radix, PDPT_AND_PD};
 use shared_abi::MemRange;
 
-/// Bytes mapped by one entry at `level` (1 = PT, 2 = PD, 3 = PDPT, 4 = PML4).
-pub const fn level_size(level: u32) -> u64 {
-    1u64 << (12 + 9 * (level - 1))
-}
+pub use crate::radix::{level_size, LeafCounts};
 
-const fn index(gpa: u64, level: u32) -> u64 {
-    (gpa >> (12 + 9 * (level - 1))) & 0x1ff
-}
+// EPT entries for the radix engine. See: SDM Vol. 3C, 29.3.2: an entry is
+// present when any of bits 2:0 (R, W, X) is set; bit 7 makes a PDPTE or a
+// PDE a leaf; a table entry grants everything so the leaves decide.
+entry_format!(EptEntry: present EptFlags::RWX.bits(), address ADDR_MASK,
+    large EptFlags::LARGE.bits(), levels PDPT_AND_PD, table EptFlags::RWX.bits());
 
 /// A 4-level EPT hierarchy rooted at `root`.
 #[derive(Debug)]
@@ -21,95 +22,43 @@ pub struct Ept {
     pub root: Hpa,
 }
 
-/// Leaf counts by page size.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LeafCounts {
-    pub huge: u64,
-    pub large: u64,
-    pub small: u64,
-    pub tables: u64,
-}
-
 impl Ept {
+    /// The hierarchy as the radix engine walks it.
+    fn radix(&self) -> Radix<EptEntry> {
+        Radix::at(self.root, 4)
+    }
+
     pub fn new(mem: &impl PhysMem, alloc: &mut impl FrameAlloc) -> Option<Ept> {
-        let root = alloc.alloc_frame()?;
-        mem.zero_page(root);
-        Some(Ept { root })
+        Some(Ept { root: Radix::<EptEntry>::new(mem, alloc, 4)?.root })
     }
 
     /// The leaf covering `gpa`: where the entry lives, the entry, its level.
     pub fn lookup(&self, mem: &impl PhysMem, gpa: Gpa) -> Option<(Hpa, EptEntry, u32)> {
-        let mut table = self.root;
-        for level in (1..=4).rev() {
-            let at = Hpa(table.0 + index(gpa.0, level) * 8);
-            let e = EptEntry(mem.read_u64(at));
-            if !e.present() {
-                return None;
-            }
-            if level == 1 || e.is_large() {
-                return Some((at, e, level));
-            }
-            table = Hpa(e.addr());
-        }
-        None
+        self.radix().lookup(mem, gpa.0)
     }
 
     /// Where `gpa` maps: the host-physical address and the leaf's flags.
     pub fn translate(&self, mem: &impl PhysMem, gpa: Gpa) -> Option<(Hpa, EptFlags)> {
-        let (_, e, level) = self.lookup(mem, gpa)?;
-        let off = gpa.0 & (level_size(level) - 1);
-        Some((Hpa(e.addr() + off), e.flags()))
+        self.radix().translate(mem, gpa.0).map(|(pa, e)| (pa, e.flags()))
     }
 
     /// The address of the entry for `gpa` at `level`, creating tables and
     /// splitting larger leaves on the way. Returns `None` when out of frames.
     pub fn entry_at(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, gpa: Gpa, level: u32) -> Option<Hpa> {
-        let mut table = self.root;
-        for l in ((level + 1)..=4).rev() {
-            let at = Hpa(table.0 + index(gpa.0, l) * 8);
-            let e = EptEntry(mem.read_u64(at));
-            let next = if !e.present() {
-                let t = alloc.alloc_frame()?;
-                mem.zero_page(t);
-                mem.write_u64(at, EptEntry::table(t.0).0);
-                t
-            } else if e.is_large() {
-                // Split the leaf into a table of smaller leaves, built fully
-                // before it replaces the leaf in one 8-byte store.
-                let t = alloc.alloc_frame()?;
-                let small = level_size(l - 1);
-                for i in 0..512u64 {
-                    let mut child = e.0 + i * small;
-                    if l - 1 == 1 {
-                        child &= !EptFlags::LARGE.bits();
-                    }
-                    mem.write_u64(Hpa(t.0 + i * 8), child);
-                }
-                mem.write_u64(at, EptEntry::table(t.0).0);
-                t
-            } else {
-                Hpa(e.addr())
-            };
-            table = next;
-        }
-        Some(Hpa(table.0 + index(gpa.0, level) * 8))
+        self.radix().entry_at(mem, alloc, gpa.0, level).map(|(at, _)| at)
     }
 
     /// Writes `entry` as the leaf for `gpa` at `level`.
     pub fn set(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, gpa: Gpa, level: u32, entry: EptEntry) -> Option<()> {
-        let at = self.entry_at(mem, alloc, gpa, level)?;
-        mem.write_u64(at, entry.0);
-        Some(())
+        self.radix().set(mem, alloc, gpa.0, level, entry).map(|_| ())
     }
 
     /// Clears the entry for `gpa` at `level`. If it pointed to a table,
     /// returns that table: the caller frees it with [`Ept::free_subtree`]
     /// once no CPU can still walk it (after an INVEPT everywhere).
     pub fn unmap(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, gpa: Gpa, level: u32) -> Option<Option<Hpa>> {
-        let at = self.entry_at(mem, alloc, gpa, level)?;
-        let old = EptEntry(mem.read_u64(at));
-        mem.write_u64(at, EptEntry::empty().0);
-        Some((level > 1 && old.present() && !old.is_large()).then(|| Hpa(old.addr())))
+        let (old, _) = self.radix().unmap(mem, alloc, gpa.0, level)?;
+        Some(subtree(old, level))
     }
 
     /// If the 2 MiB at `base` maps through a table of 512 identity 4 KiB
@@ -117,97 +66,33 @@ impl Ept {
     /// with one 2 MiB leaf. Returns the table: the caller frees it once no
     /// CPU can still walk it (after an INVEPT everywhere).
     pub fn coalesce_identity(&mut self, mem: &impl PhysMem, base: Gpa) -> Option<Hpa> {
-        let (at, e, level) = self.lookup_entry(mem, base, 2)?;
-        if level != 2 || !e.present() || e.is_large() || base.0 % LARGE_PAGE_SIZE != 0 {
+        // The engine checks the block is whole and aligned; identity is
+        // the host map's own rule.
+        let (_, first, _) = self.radix().walk(mem, base.0, 1);
+        if first.addr() != base.0 {
             return None;
         }
-        let t = Hpa(e.addr());
-        let first = EptEntry(mem.read_u64(t));
-        if !first.present() || first.addr() != base.0 {
-            return None;
-        }
-        // Every leaf: the first one's bits, 4 KiB further on each time.
-        if (1..512u64).any(|i| mem.read_u64(Hpa(t.0 + i * 8)) != first.0 + i * PAGE_SIZE) {
-            return None;
-        }
-        mem.write_u64(at, first.with_flags(EptFlags::LARGE, EptFlags::empty()).0);
-        Some(t)
-    }
-
-    /// The entry for `gpa` at `level` if the walk gets there: where it
-    /// lives, the entry, and the level it was found at (higher if a large
-    /// leaf or a hole ends the walk early).
-    fn lookup_entry(&self, mem: &impl PhysMem, gpa: Gpa, level: u32) -> Option<(Hpa, EptEntry, u32)> {
-        let mut table = self.root;
-        for l in (level..=4).rev() {
-            let at = Hpa(table.0 + index(gpa.0, l) * 8);
-            let e = EptEntry(mem.read_u64(at));
-            if l == level || !e.present() || e.is_large() {
-                return Some((at, e, l));
-            }
-            table = Hpa(e.addr());
-        }
-        None
+        self.radix().coalesce(mem, base.0, 2)
     }
 
     /// Frees `table`, an entry's table at `level`, and the tables under it.
     pub fn free_subtree(mem: &impl PhysMem, alloc: &mut impl FrameAlloc, table: Hpa, level: u32) {
-        if level > 1 {
-            for i in 0..512u64 {
-                let e = EptEntry(mem.read_u64(Hpa(table.0 + i * 8)));
-                if e.present() && !e.is_large() {
-                    Self::free_subtree(mem, alloc, Hpa(e.addr()), level - 1);
-                }
-            }
-        }
-        alloc.free_frame(table);
+        Radix::<EptEntry>::free_subtree(mem, alloc, table, level);
     }
 
     /// Visits every present leaf: `(gpa, entry address, entry, level)`.
     pub fn for_each_leaf(&self, mem: &impl PhysMem, mut f: impl FnMut(Gpa, Hpa, EptEntry, u32)) {
-        fn walk(mem: &impl PhysMem, table: Hpa, level: u32, base: u64, f: &mut dyn FnMut(Gpa, Hpa, EptEntry, u32)) {
-            for i in 0..512u64 {
-                let at = Hpa(table.0 + i * 8);
-                let e = EptEntry(mem.read_u64(at));
-                if !e.present() {
-                    continue;
-                }
-                let gpa = base + i * level_size(level);
-                if level == 1 || e.is_large() {
-                    f(Gpa(gpa), at, e, level);
-                } else {
-                    walk(mem, Hpa(e.addr()), level - 1, gpa, f);
-                }
-            }
-        }
-        walk(mem, self.root, 4, 0, &mut f);
+        self.radix().for_each_leaf(mem, |a, at, e, level| f(Gpa(a), at, e, level));
     }
 
     /// Counts leaves by size, and table frames.
     pub fn counts(&self, mem: &impl PhysMem) -> LeafCounts {
-        fn walk(mem: &impl PhysMem, table: Hpa, level: u32, c: &mut LeafCounts) {
-            c.tables += 1;
-            for i in 0..512u64 {
-                let e = EptEntry(mem.read_u64(Hpa(table.0 + i * 8)));
-                if !e.present() {
-                    continue;
-                }
-                match (level, e.is_large()) {
-                    (1, _) => c.small += 1,
-                    (2, true) => c.large += 1,
-                    (3, true) => c.huge += 1,
-                    _ => walk(mem, Hpa(e.addr()), level - 1, c),
-                }
-            }
-        }
-        let mut c = LeafCounts::default();
-        walk(mem, self.root, 4, &mut c);
-        c
+        self.radix().counts(mem)
     }
 
     /// Frees every table frame (not the frames the leaves map).
     pub fn free_tables(self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc) {
-        Self::free_subtree(mem, alloc, self.root, 4);
+        self.radix().free(mem, alloc);
     }
 }
 
@@ -255,34 +140,25 @@ impl HostMap<'_> {
     }
 }
 
-/// Builds the host VM's identity map.
+/// Builds the host VM's identity map: the largest leaves that fit, down
+/// to 4 KiB around the holes.
 pub fn build_host_ept(mem: &impl PhysMem, alloc: &mut impl FrameAlloc, map: &HostMap) -> Option<Ept> {
-    let mut ept = Ept::new(mem, alloc)?;
-    let mut gb = 0;
-    while gb < map.top {
-        map_chunk(&mut ept, mem, alloc, map, gb, 3)?;
-        gb += HUGE_PAGE_SIZE;
-    }
-    Some(ept)
-}
-
-fn map_chunk(ept: &mut Ept, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, map: &HostMap, base: u64, level: u32) -> Option<()> {
-    let size = level_size(level);
-    let can_leaf = level == 1 || level == 2 || (level == 3 && map.huge_pages);
-    if can_leaf && !map.has_hole(base, size) {
-        if let Some(mt) = if level == 1 { Some(map.type_of_page(base)) } else { map.uniform_type(base, size) } {
-            return ept.set(mem, alloc, Gpa(base), level, EptEntry::leaf(base, EptFlags::RWX, mt, level > 1));
+    let ept = Ept::new(mem, alloc)?;
+    ept.radix().fill(mem, alloc, &mut |base, level| {
+        let size = level_size(level);
+        let can_leaf = level == 1 || level == 2 || (level == 3 && map.huge_pages);
+        if base >= map.top {
+            return Plan::Skip;
         }
-    }
-    if level == 1 {
-        // A hole: leave it unmapped.
-        return Some(());
-    }
-    let step = level_size(level - 1);
-    for i in 0..512 {
-        map_chunk(ept, mem, alloc, map, base + i * step, level - 1)?;
-    }
-    Some(())
+        if can_leaf && !map.has_hole(base, size) {
+            if let Some(mt) = if level == 1 { Some(map.type_of_page(base)) } else { map.uniform_type(base, size) } {
+                return Plan::Leaf(EptEntry::leaf(base, EptFlags::RWX, mt, level > 1));
+            }
+        }
+        // A 4 KiB hole stays unmapped.
+        Plan::Split
+    })?;
+    Some(ept)
 }
 
 /// Removes one 4 KiB page from the host map (splitting large pages).
@@ -308,16 +184,7 @@ const _: () = assert!(LARGE_PAGE_SIZE == level_size(2) && HUGE_PAGE_SIZE == leve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mem::mock::{MockFrames, MockMem};
-
-    fn ram() -> Vec<MemRange> {
-        // 0-640 KiB, 1 MiB - 3 GiB, 4 GiB - 6 GiB, like a PC.
-        vec![
-            MemRange { base: 0, size: 0xa_0000 },
-            MemRange { base: 0x10_0000, size: (3 << 30) - 0x10_0000 },
-            MemRange { base: 4 << 30, size: 2 << 30 },
-        ]
-    }
+    use crate::mem::mock::{pc_ram as ram, MockFrames, MockMem};
 
     fn hv_region() -> PhysRange {
         PhysRange::new(0x1_0040_0000, 4 << 20)

@@ -20,6 +20,7 @@ use crate::arch::x86::ept_entry::{EptEntry, EptFlags, MT_WB};
 use crate::ept::Ept;
 use crate::mem::PhysMem;
 use crate::pool::{FramePool, PoolError};
+use crate::radix::index;
 
 /// Why a guest-memory operation could not complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,10 +83,6 @@ fn need(pool: &FramePool, n: u64) -> Result<(), MemError> {
         return Err(MemError::NeedPages(n - free));
     }
     Ok(())
-}
-
-const fn index(gpa: u64, level: u32) -> u64 {
-    (gpa >> (12 + 9 * (level - 1))) & 0x1ff
 }
 
 pub fn writable(e: EptEntry) -> bool {

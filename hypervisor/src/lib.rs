@@ -23,6 +23,7 @@ pub mod merge;
 pub mod paging;
 pub mod policy;
 pub mod pool;
+pub mod radix;
 pub mod vtd;
 
 #[cfg(target_os = "none")]

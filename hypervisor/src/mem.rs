@@ -164,6 +164,16 @@ pub mod mock {
         }
     }
 
+    /// A PC's RAM: 0-640 KiB, 1 MiB - 3 GiB, 4 GiB - 6 GiB.
+    pub fn pc_ram() -> Vec<shared_abi::MemRange> {
+        use shared_abi::MemRange;
+        vec![
+            MemRange { base: 0, size: 0xa_0000 },
+            MemRange { base: 0x10_0000, size: (3 << 30) - 0x10_0000 },
+            MemRange { base: 4 << 30, size: 2 << 30 },
+        ]
+    }
+
     /// Mock memory and a pool of `frames` frames donated at 4 GiB.
     pub fn with_pool(frames: usize) -> (MockMem, crate::pool::FramePool) {
         let mut pool = crate::pool::FramePool::new();

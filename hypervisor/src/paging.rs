@@ -1,9 +1,11 @@
-//! Walks a guest's own page tables (IA-32e 4-level paging) to translate a
-//! linear address, the way the CPU would, for instruction emulation.
-//! See: SDM Vol. 3A, 4.5.
+//! IA-32e 4-level paging: a walk of a guest's own page tables that
+//! translates a linear address the way the CPU would (with its permission
+//! checks), for instruction emulation; and the entry format the radix
+//! engine builds the hypervisor's own page tables in. See: SDM Vol. 3A, 4.5.
 
-use crate::addr::{Gpa, Hpa};
-use crate::mem::PhysMem;
+use crate::addr::{Gpa, Hpa, HUGE_PAGE_SIZE, LARGE_PAGE_SIZE};
+use crate::mem::{FrameAlloc, PhysMem};
+use crate::radix::{entry_format, Radix, PDPT_AND_PD};
 
 const P: u64 = 1 << 0;
 const RW: u64 = 1 << 1;
@@ -11,6 +13,48 @@ const US: u64 = 1 << 2;
 const PS: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// An IA-32e paging-structure entry. See: SDM Vol. 3A, 4.5: P (bit 0)
+/// makes it present; PS (bit 7) makes a PDPTE (1 GiB) or a PDE (2 MiB) a
+/// leaf, and is reserved in a PML4E.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageEntry(pub u64);
+
+impl PageEntry {
+    /// A supervisor leaf for `pa`, writable or not; `large` for 2 MiB and
+    /// 1 GiB leaves.
+    pub const fn leaf(pa: u64, writable: bool, large: bool) -> Self {
+        PageEntry((pa & ADDR) | P | if writable { RW } else { 0 } | if large { PS } else { 0 })
+    }
+}
+
+// The hypervisor's tables map nothing for CPL 3: a table entry is present
+// and writable, supervisor only, and the leaves decide.
+entry_format!(PageEntry: present P, address ADDR, large PS, levels PDPT_AND_PD, table P | RW);
+
+/// Builds the hypervisor's page tables: physical memory `[0, top)` at
+/// `dm_base` (the direct map) in 1 GiB leaves with `huge` or else 2 MiB
+/// ones, both bases aligned to them, and the read-only page `tramp_phys` at
+/// `tramp_virt`. Returns the PML4, or `None` when out of frames.
+pub fn build_hypervisor_tables(
+    mem: &impl PhysMem,
+    alloc: &mut impl FrameAlloc,
+    dm_base: u64,
+    top: u64,
+    tramp_virt: u64,
+    tramp_phys: u64,
+    huge: bool,
+) -> Option<Hpa> {
+    let t = Radix::<PageEntry>::new(mem, alloc, 4)?;
+    let (level, step) = if huge { (3, HUGE_PAGE_SIZE) } else { (2, LARGE_PAGE_SIZE) };
+    let mut pa = 0;
+    while pa < top {
+        t.set(mem, alloc, dm_base + pa, level, PageEntry::leaf(pa, true, true))?;
+        pa += step;
+    }
+    t.set(mem, alloc, tramp_virt, 1, PageEntry::leaf(tramp_phys, false, false))?;
+    Some(t.root)
+}
 
 /// Paging-relevant guest control state.
 #[derive(Clone, Copy, Debug, Default)]
@@ -181,5 +225,27 @@ mod tests {
         let mem = MockMem::new();
         assert_eq!(translate(&mem, &mode(0x1000), 0x0000_8000_0000_0000, KREAD, |g| Some(Hpa(g.0))), Err(None));
         assert_eq!(translate(&mem, &mode(0x1000), 0x1000, KREAD, |_| None), Err(None));
+    }
+
+    #[test]
+    fn hypervisor_tables_translate_as_the_cpu_would() {
+        // What the walk above (the CPU's rules) makes of the engine's tables.
+        use crate::mem::mock::MockFrames;
+        const DM: u64 = 0xffff_8880_0000_0000;
+        const TRAMP: u64 = 0xffff_ffff_8000_5000;
+        for huge in [true, false] {
+            let mem = MockMem::new();
+            let mut frames = MockFrames::new(0x7_0000_0000, 64);
+            let pml4 = build_hypervisor_tables(&mem, &mut frames, DM, 6 << 30, TRAMP, 0x9_f000, huge).unwrap();
+            let walk = |va, access| translate(&mem, &mode(pml4.0), va, access, |g| Some(Hpa(g.0)));
+            for pa in [0, 0x1234_5678, (6 << 30) - 8] {
+                assert_eq!(walk(DM + pa, KWRITE), Ok(Translation { gpa: Gpa(pa), writable: true, user: false }));
+            }
+            assert_eq!(walk(DM + (6 << 30), KREAD), Err(Some(PageFault { addr: DM + (6 << 30), error_code: 0 })));
+            assert_eq!(walk(TRAMP + 0x10, KREAD).map(|t| (t.gpa, t.writable)), Ok((Gpa(0x9_f010), false)));
+            assert!(walk(TRAMP, UWRITE).is_err());
+            let leaves = crate::radix::Radix::<PageEntry>::at(pml4, 4).counts(&mem);
+            assert_eq!((leaves.huge, leaves.large, leaves.small), if huge { (6, 0, 1) } else { (0, 3072, 1) });
+        }
     }
 }

@@ -51,47 +51,13 @@ pub fn alloc_page() -> Option<(u64, *mut u8)> {
     Some((pa.0, region_ptr(pa.0)))
 }
 
-const PT_P: u64 = 1;
-const PT_RW: u64 = 2;
-const PT_PS: u64 = 1 << 7;
-
-/// Builds the hypervisor's page tables: all physical memory below `top` at
-/// `dm_base` (1 GiB or 2 MiB pages; the region itself is in there, at the
-/// address the image was relocated for), and the driver's trampoline page at
-/// `tramp_virt`. Returns the PML4's physical address.
+/// Builds the hypervisor's page tables in heap frames
+/// ([`crate::paging::build_hypervisor_tables`]): all physical memory below
+/// `top` at `dm_base` (1 GiB or 2 MiB pages; the region itself is in there,
+/// at the address the image was relocated for), and the driver's trampoline
+/// page at `tramp_virt`. Returns the PML4's physical address.
 pub fn build_page_tables(dm_base: u64, top: u64, tramp_virt: u64, tramp_phys: u64, huge: bool) -> Option<u64> {
-    let mem = RegionMem;
-    let mut frames = HeapFrames;
-    let pml4 = frames.alloc_frame()?;
-    let entry = |mem: &RegionMem, frames: &mut HeapFrames, table: u64, idx: u64| -> Option<u64> {
-        let at = Hpa(table + idx * 8);
-        let e = mem.read_u64(at);
-        if e & PT_P != 0 {
-            return Some(e & 0x000f_ffff_ffff_f000);
-        }
-        let t = frames.alloc_frame()?;
-        mem.write_u64(at, t.0 | PT_P | PT_RW);
-        Some(t.0)
-    };
-    let step = if huge { 1u64 << 30 } else { 2 << 20 };
-    let mut pa = 0;
-    while pa < top {
-        let va = dm_base + pa;
-        let pdpt = entry(&mem, &mut frames, pml4.0, (va >> 39) & 511)?;
-        if huge {
-            mem.write_u64(Hpa(pdpt + ((va >> 30) & 511) * 8), pa | PT_P | PT_RW | PT_PS);
-        } else {
-            let pd = entry(&mem, &mut frames, pdpt, (va >> 30) & 511)?;
-            mem.write_u64(Hpa(pd + ((va >> 21) & 511) * 8), pa | PT_P | PT_RW | PT_PS);
-        }
-        pa += step;
-    }
-    let va = tramp_virt;
-    let pdpt = entry(&mem, &mut frames, pml4.0, (va >> 39) & 511)?;
-    let pd = entry(&mem, &mut frames, pdpt, (va >> 30) & 511)?;
-    let pt = entry(&mem, &mut frames, pd, (va >> 21) & 511)?;
-    mem.write_u64(Hpa(pt + ((va >> 12) & 511) * 8), tramp_phys | PT_P);
-    Some(pml4.0)
+    crate::paging::build_hypervisor_tables(&RegionMem, &mut HeapFrames, dm_base, top, tramp_virt, tramp_phys, huge).map(|t| t.0)
 }
 
 /// Heap frames through the region's own mapping, which the boot page

@@ -181,6 +181,12 @@ impl SlEntry {
     }
 }
 
+// Second-level entries for the radix engine. See: VT-d spec, 9.8: an
+// entry with R and W clear is not present (3.7); PS (bit 7) makes a PDPE or
+// a PDE a leaf; a table entry grants R and W so the leaves decide.
+crate::radix::entry_format!(SlEntry: present SlFlags::RW.bits(), address ADDR_MASK,
+    large SlFlags::PAGE_SIZE.bits(), levels crate::radix::PDPT_AND_PD, table SlFlags::RW.bits());
+
 impl fmt::Debug for SlEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SlEntry({:#x} {:?})", self.addr(), self.flags())

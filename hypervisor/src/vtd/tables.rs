@@ -17,14 +17,12 @@ use super::entry::{ContextEntry, Levels, RootEntry, SlEntry, SlFlags, Translatio
 use super::regs::Cap;
 use super::{Error, Iova, Result, HOST_DOMAIN};
 use crate::addr::{Hpa, PhysRange, PAGE_SIZE};
-use crate::ept::{host_map_top, level_size, LeafCounts};
+use crate::ept::host_map_top;
 use crate::mem::{FrameAlloc, PhysMem};
+use crate::radix::{level_size, LeafCounts, Plan, Radix};
 use alloc::vec::Vec;
+use core::cell::RefCell;
 use shared_abi::MemRange;
-
-const fn index(addr: u64, level: u32) -> u64 {
-    (addr >> (12 + 9 * (level - 1))) & 0x1ff
-}
 
 /// What the second-level tables may use: the intersection of what every
 /// unit supports, since all units share them.
@@ -167,24 +165,28 @@ impl DmaTables {
     }
 
     fn build_inner(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, map: &DmaMap) -> Result<()> {
-        self.slpt = self.new_table(mem, alloc)?;
-        let top_level = self.config.levels.count();
-        let step = level_size(top_level);
-        let span = 1u64 << self.config.levels.address_bits();
-        let mut base = 0;
-        while base < span {
-            if map.partly_covered(base, step, self.top) {
-                self.map_chunk(mem, alloc, map, base, top_level)?;
+        let (config, top) = (self.config, self.top);
+        let mem = &Noting::new(mem, &mut self.dirty);
+        self.slpt = Radix::<SlEntry>::new(mem, alloc, config.levels.count()).ok_or(Error::NoFrames)?.root;
+        let plan = &mut |base: u64, level: u32| {
+            let size = level_size(level);
+            if !map.partly_covered(base, size, top) {
+                Plan::Skip
+            } else if config.leaf_ok(level) && !map.has_hole(base, size) && map.fully_covered(base, size, top) {
+                Plan::Leaf(SlEntry::leaf(base, SlFlags::RW, level > 1))
+            } else {
+                // Down to 4 KiB; a hole page stays out.
+                Plan::Split
             }
-            base += step;
-        }
-        self.context = self.new_table(mem, alloc)?;
+        };
+        Radix::at(self.slpt, config.levels.count()).fill(mem, alloc, plan).ok_or(Error::NoFrames)?;
+        self.context = alloc.alloc_frame().ok_or(Error::NoFrames)?;
         let ce = ContextEntry::new(self.slpt.0, self.config.levels, HOST_DOMAIN, TranslationType::Untranslated);
         for devfn in 0..256u64 {
             mem.write_u64(Hpa(self.context.0 + devfn * 16), ce.lo);
             mem.write_u64(Hpa(self.context.0 + devfn * 16 + 8), ce.hi);
         }
-        self.root = self.new_table(mem, alloc)?;
+        self.root = alloc.alloc_frame().ok_or(Error::NoFrames)?;
         let re = RootEntry::new(self.context.0);
         for bus in 0..256u64 {
             mem.write_u64(Hpa(self.root.0 + bus * 16), re.lo);
@@ -193,107 +195,35 @@ impl DmaTables {
         Ok(())
     }
 
-    fn new_table(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc) -> Result<Hpa> {
-        let t = alloc.alloc_frame().ok_or(Error::NoFrames)?;
-        mem.zero_page(t);
-        self.dirty.push(t);
-        Ok(t)
+    /// The second-level hierarchy as the radix engine walks it.
+    fn radix(&self) -> Radix<SlEntry> {
+        Radix::at(self.slpt, self.config.levels.count())
     }
 
-    /// Maps the chunk `[base, base + level_size(level))` in the largest
-    /// leaves that fit.
-    fn map_chunk(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, map: &DmaMap, base: u64, level: u32) -> Result<()> {
-        let size = level_size(level);
-        if !map.partly_covered(base, size, self.top) {
-            return Ok(());
-        }
-        if self.config.leaf_ok(level) && !map.has_hole(base, size) && map.fully_covered(base, size, self.top) {
-            let at = self.entry_at(mem, alloc, base, level, true)?.ok_or(Error::NoFrames)?.0;
-            mem.write_u64(at, SlEntry::leaf(base, SlFlags::RW, level > 1).0);
-            return Ok(());
-        }
-        if level == 1 {
-            // A hole: left out.
-            return Ok(());
-        }
-        let step = level_size(level - 1);
-        for i in 0..512 {
-            self.map_chunk(mem, alloc, map, base + i * step, level - 1)?;
-        }
-        Ok(())
-    }
-
-    /// The address of the entry for `addr` at `level`. With `create`, makes
-    /// missing tables and splits larger leaves on the way (and says whether
-    /// it split); without, returns `None` where the walk ends early.
-    fn entry_at(
-        &mut self,
-        mem: &impl PhysMem,
-        alloc: &mut impl FrameAlloc,
-        addr: u64,
-        level: u32,
-        create: bool,
-    ) -> Result<Option<(Hpa, bool)>> {
-        let mut table = self.slpt;
-        let mut split = false;
-        for l in ((level + 1)..=self.config.levels.count()).rev() {
-            let at = Hpa(table.0 + index(addr, l) * 8);
-            let e = SlEntry(mem.read_u64(at));
-            table = if !e.present() {
-                if !create {
-                    return Ok(None);
-                }
-                let t = self.new_table(mem, alloc)?;
-                mem.write_u64(at, SlEntry::table(t.0).0);
-                self.dirty.push(table);
-                t
-            } else if e.is_large() {
-                // Split the leaf into a table of smaller leaves, built fully
-                // before it replaces the leaf in one 8-byte store, so a
-                // concurrent DMA sees either the old or the new mapping.
-                let t = self.new_table(mem, alloc)?;
-                let small = level_size(l - 1);
-                for i in 0..512u64 {
-                    let child = SlEntry::leaf(e.addr() + i * small, e.flags() - SlFlags::PAGE_SIZE, l - 1 > 1);
-                    mem.write_u64(Hpa(t.0 + i * 8), child.0);
-                }
-                mem.write_u64(at, SlEntry::table(t.0).0);
-                self.dirty.push(table);
-                split = true;
-                t
-            } else {
-                Hpa(e.addr())
-            };
-        }
-        Ok(Some((Hpa(table.0 + index(addr, level) * 8), split)))
+    /// Writes `entry` as `addr`'s entry at `level`, making missing tables
+    /// and splitting larger leaves on the way; says whether it split. Every
+    /// table page it writes is noted for [`DmaTables::take_dirty`].
+    fn set(&mut self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc, addr: u64, level: u32, entry: SlEntry) -> Result<bool> {
+        let radix = self.radix();
+        radix.set(&Noting::new(mem, &mut self.dirty), alloc, addr, level, entry).ok_or(Error::NoFrames)
     }
 
     /// The leaf covering `iova`: where the entry lives, the entry, its level.
     pub fn lookup(&self, mem: &impl PhysMem, iova: Iova) -> Option<(Hpa, SlEntry, u32)> {
-        if iova.0 >> self.config.levels.address_bits() != 0 {
-            return None;
-        }
-        let mut table = self.slpt;
-        for level in (1..=self.config.levels.count()).rev() {
-            let at = Hpa(table.0 + index(iova.0, level) * 8);
-            let e = SlEntry(mem.read_u64(at));
-            if !e.present() {
-                return None;
-            }
-            if level == 1 || e.is_large() {
-                return Some((at, e, level));
-            }
-            table = Hpa(e.addr());
-        }
-        None
+        self.reaches(iova).then(|| self.radix().lookup(mem, iova.0))?
+    }
+
+    /// Whether `iova` lies within the tables' span (the walk indexes only
+    /// the bits below it).
+    fn reaches(&self, iova: Iova) -> bool {
+        iova.0 >> self.config.levels.address_bits() == 0
     }
 
     /// Where a device's DMA to `iova` lands, and whether it may write.
     /// Walks the tables as the unit would, from the root entry of bus 0.
     pub fn translate(&self, mem: &impl PhysMem, iova: Iova) -> Option<(Hpa, bool)> {
-        let (_, e, level) = self.lookup(mem, iova)?;
-        let off = iova.0 & (level_size(level) - 1);
-        Some((Hpa(e.addr() + off), e.writable()))
+        let (pa, e) = self.reaches(iova).then(|| self.radix().translate(mem, iova.0))??;
+        Some((pa, e.writable()))
     }
 
     /// The context entry a device gets (what the unit reads for it).
@@ -316,9 +246,7 @@ impl DmaTables {
         if self.lookup(mem, Iova(pa.0)).is_none() {
             return Ok(not_mapped);
         }
-        let (at, split) = self.entry_at(mem, alloc, pa.0, 1, true)?.ok_or(Error::NoFrames)?;
-        mem.write_u64(at, SlEntry::empty().0);
-        self.dirty.push(at.page_base());
+        let split = self.set(mem, alloc, pa.0, 1, SlEntry::empty())?;
         Ok(Unmapped { was_mapped: true, split })
     }
 
@@ -329,9 +257,7 @@ impl DmaTables {
         if pa.0 >= self.top && !self.rmrrs.iter().any(|r| r.contains(pa)) {
             return Err(Error::OutOfRange { addr: pa.0 });
         }
-        let (at, _) = self.entry_at(mem, alloc, pa.0, 1, true)?.ok_or(Error::NoFrames)?;
-        mem.write_u64(at, SlEntry::leaf(pa.0, SlFlags::RW, false).0);
-        self.dirty.push(at.page_base());
+        self.set(mem, alloc, pa.0, 1, SlEntry::leaf(pa.0, SlFlags::RW, false))?;
         Ok(())
     }
 
@@ -366,18 +292,8 @@ impl DmaTables {
     /// a large leaf or at `level`, and gives `None` at a missing entry.
     /// Returns the entry and the level it sits at.
     fn probe(&self, mem: &impl PhysMem, addr: u64, level: u32) -> Option<(SlEntry, u32)> {
-        let mut table = self.slpt;
-        for l in (level..=self.config.levels.count()).rev() {
-            let e = SlEntry(mem.read_u64(Hpa(table.0 + index(addr, l) * 8)));
-            if !e.present() {
-                return None;
-            }
-            if l == level || e.is_large() {
-                return Some((e, l));
-            }
-            table = Hpa(e.addr());
-        }
-        None
+        let (_, e, l) = self.radix().walk(mem, addr, level);
+        e.present().then_some((e, l))
     }
 
     /// Takes a range out of the device-visible map, as donation does. A
@@ -396,11 +312,8 @@ impl DmaTables {
                 match self.probe(mem, a, 2) {
                     None => {}
                     Some((e, l)) if l > 2 || e.is_large() => {
-                        let (at, split) = self.entry_at(mem, alloc, a, 2, true)?.ok_or(Error::NoFrames)?;
-                        mem.write_u64(at, SlEntry::empty().0);
-                        self.dirty.push(at.page_base());
+                        out.split |= self.set(mem, alloc, a, 2, SlEntry::empty())?;
                         out.was_mapped = true;
-                        out.split |= split;
                     }
                     Some(_) => {
                         // Already split into 4 KiB leaves: clear them; the
@@ -444,9 +357,7 @@ impl DmaTables {
                         }
                     }
                     None => {
-                        let (at, _) = self.entry_at(mem, alloc, a, 2, true)?.ok_or(Error::NoFrames)?;
-                        mem.write_u64(at, SlEntry::leaf(a, SlFlags::RW, true).0);
-                        self.dirty.push(at.page_base());
+                        self.set(mem, alloc, a, 2, SlEntry::leaf(a, SlFlags::RW, true))?;
                     }
                 }
                 a += block;
@@ -469,61 +380,72 @@ impl DmaTables {
 
     /// Visits every present leaf: `(iova, entry, level)`.
     pub fn for_each_leaf(&self, mem: &impl PhysMem, mut f: impl FnMut(Iova, SlEntry, u32)) {
-        fn walk(mem: &impl PhysMem, table: Hpa, level: u32, base: u64, f: &mut dyn FnMut(Iova, SlEntry, u32)) {
-            for i in 0..512u64 {
-                let e = SlEntry(mem.read_u64(Hpa(table.0 + i * 8)));
-                if !e.present() {
-                    continue;
-                }
-                let a = base + i * level_size(level);
-                if level == 1 || e.is_large() {
-                    f(Iova(a), e, level);
-                } else {
-                    walk(mem, Hpa(e.addr()), level - 1, a, f);
-                }
-            }
-        }
-        walk(mem, self.slpt, self.config.levels.count(), 0, &mut f);
+        self.radix().for_each_leaf(mem, |a, _, e, level| f(Iova(a), e, level));
     }
 
     /// Leaves by size, and second-level table frames.
     pub fn counts(&self, mem: &impl PhysMem) -> LeafCounts {
-        let mut c = LeafCounts::default();
-        self.walk_tables(mem, &mut |_| c.tables += 1);
-        self.for_each_leaf(mem, |_, _, level| match level {
-            1 => c.small += 1,
-            2 => c.large += 1,
-            _ => c.huge += 1,
-        });
-        c
-    }
-
-    fn walk_tables(&self, mem: &impl PhysMem, f: &mut dyn FnMut(Hpa)) {
-        fn walk(mem: &impl PhysMem, table: Hpa, level: u32, f: &mut dyn FnMut(Hpa)) {
-            if level > 1 {
-                for i in 0..512u64 {
-                    let e = SlEntry(mem.read_u64(Hpa(table.0 + i * 8)));
-                    if e.present() && !e.is_large() {
-                        walk(mem, Hpa(e.addr()), level - 1, f);
-                    }
-                }
-            }
-            f(table);
-        }
-        if self.slpt.0 != 0 {
-            walk(mem, self.slpt, self.config.levels.count(), f);
-        }
+        self.radix().counts(mem)
     }
 
     /// Frees every table frame: the second-level tables, the context table
     /// and the root table. Only once no unit uses them.
     pub fn free(self, mem: &impl PhysMem, alloc: &mut impl FrameAlloc) {
-        let mut frames = Vec::new();
-        self.walk_tables(mem, &mut |t| frames.push(t));
-        frames.extend([self.context, self.root].into_iter().filter(|t| t.0 != 0));
-        for f in frames {
-            alloc.free_frame(f);
+        if self.slpt.0 != 0 {
+            self.radix().free(mem, alloc);
         }
+        for t in [self.context, self.root].into_iter().filter(|t| t.0 != 0) {
+            alloc.free_frame(t);
+        }
+    }
+}
+
+/// Memory that notes every page written through it: the table pages a unit
+/// without coherent page walks (ECAP.C = 0) must have flushed from the CPU
+/// caches before it reads them. See: VT-d spec, 6.1 (caching and
+/// coherency). A write is noted by the page it starts in; tables are
+/// written an entry or a page at a time.
+struct Noting<'a, M> {
+    mem: &'a M,
+    dirty: RefCell<&'a mut Vec<Hpa>>,
+}
+
+impl<'a, M: PhysMem> Noting<'a, M> {
+    fn new(mem: &'a M, dirty: &'a mut Vec<Hpa>) -> Self {
+        Noting { mem, dirty: RefCell::new(dirty) }
+    }
+
+    fn note(&self, pa: Hpa) {
+        let page = pa.page_base();
+        let mut d = self.dirty.borrow_mut();
+        // Runs of writes to one table (a split, a fill) are noted once;
+        // take_dirty removes the other repeats.
+        if d.last() != Some(&page) {
+            d.push(page);
+        }
+    }
+}
+
+impl<M: PhysMem> PhysMem for Noting<'_, M> {
+    fn read(&self, pa: Hpa, buf: &mut [u8]) {
+        self.mem.read(pa, buf)
+    }
+    fn write(&self, pa: Hpa, buf: &[u8]) {
+        self.note(pa);
+        self.mem.write(pa, buf)
+    }
+    fn read_u64(&self, pa: Hpa) -> u64 {
+        self.mem.read_u64(pa)
+    }
+    fn write_u64(&self, pa: Hpa, v: u64) {
+        // The inner memory's own 8-byte store: an entry changes in one
+        // write, as a concurrent walk by a unit requires.
+        self.note(pa);
+        self.mem.write_u64(pa, v)
+    }
+    fn zero_page(&self, pa: Hpa) {
+        self.note(pa);
+        self.mem.zero_page(pa)
     }
 }
 
@@ -533,16 +455,7 @@ const _: () = assert!(PAGE_SIZE == level_size(1));
 mod tests {
     use super::*;
     use crate::addr::{HUGE_PAGE_SIZE, LARGE_PAGE_SIZE};
-    use crate::mem::mock::{MockFrames, MockMem};
-
-    fn ram() -> Vec<MemRange> {
-        // 0-640 KiB, 1 MiB - 3 GiB, 4 GiB - 6 GiB, like a PC.
-        vec![
-            MemRange { base: 0, size: 0xa_0000 },
-            MemRange { base: 0x10_0000, size: (3 << 30) - 0x10_0000 },
-            MemRange { base: 4 << 30, size: 2 << 30 },
-        ]
-    }
+    use crate::mem::mock::{pc_ram as ram, MockFrames, MockMem};
 
     const HV: PhysRange = PhysRange::new(0x1_0040_0000, 4 << 20);
 

@@ -112,9 +112,5 @@ expect_eq create-destroy-100 "$ok" 100
 expect_eq pool-free-after-100 "$(pool_free)" "$free0"
 expect_eq pool-total-after-100 "$(pool_total)" "$total0"
 info "pool: $total0 frames, $free0 free, with one idle VM alive"
-check destroy-keeper uxenctl destroy "$keep"
-wait_gone "$keep"
-expect_eq no-vms-left "$(uxenctl list --json)" "[]"
-expect_eq pool-returned "$(pool_total)" 0
-check rmmod rmmod uxen
+last_vm_gone "$keep"
 finish

@@ -253,6 +253,33 @@ faults() {
     jnum "$(stats_json)" faults
 }
 
+# last_vm_gone VM: destroys VM, the last one; then no VM is left, the pool
+# has given every frame back to the host, and the module unloads.
+last_vm_gone() {
+    check destroy-keeper uxenctl destroy "$1"
+    wait_gone "$1"
+    expect_eq no-vms-left "$(uxenctl list --json)" "[]"
+    expect_eq pool-returned "$(pool_total)" 0
+    check rmmod rmmod uxen
+}
+
+# edu_check: checks that the edu device is there and that its DMA works,
+# and sets EDU_SID, the source id its faults name (segment, bus, device,
+# function), and EDU_BDF, the same as the hypervisor's log writes it.
+edu_check() {
+    _e=$(uxtest edu info)
+    info "edu: $_e"
+    expect_match edu-present "$_e" "id=0x010000ed"
+    _bdf=$(printf '%s' "$_e" | sed -n 's/^bdf=\([^ ]*\) .*/\1/p')
+    _seg=$((0x$(echo "$_bdf" | cut -d: -f1)))
+    _bus=$((0x$(echo "$_bdf" | cut -d: -f2)))
+    _dev=$((0x$(echo "$_bdf" | cut -d: -f3 | cut -d. -f1)))
+    _fn=$(echo "$_bdf" | cut -d. -f2)
+    EDU_SID=$(( (_seg << 16) | (_bus << 8) | (_dev << 3) | _fn ))
+    EDU_BDF=$(printf '%04x:%02x:%02x.%d' $_seg $_bus $_dev $_fn)
+    expect_eq dma-before-load "$(uxtest edu roundtrip)" ok
+}
+
 # dma_blocked NAME PHYS SID [keep]: edu's DMA of a page's worth to PHYS
 # completes, is blocked and counted as a fault with edu's source id SID and
 # the address PHYS; with `keep` the page also reads the same after.

@@ -25,16 +25,8 @@ expect_eq check-dmar-ok "$(verdict "$j" dmar)" ok
 expect_match check-dmar-says-uefi "$j" '"name":"dmar","verdict":"ok","detail":"[^"]*UEFI: the driver takes the table from the kernel, no rsdp= needed'
 
 # --- edu is there and its DMA works.
-e=$(uxtest edu info)
-info "edu: $e"
-expect_match edu-present "$e" "id=0x010000ed"
-bdf=$(printf '%s' "$e" | sed -n 's/^bdf=\([^ ]*\) .*/\1/p')
-seg=$((0x$(echo "$bdf" | cut -d: -f1)))
-bus=$((0x$(echo "$bdf" | cut -d: -f2)))
-dev=$((0x$(echo "$bdf" | cut -d: -f3 | cut -d. -f1)))
-fn=$(echo "$bdf" | cut -d. -f2)
-sid=$(( (seg << 16) | (bus << 8) | (dev << 3) | fn ))
-expect_eq dma-before-load "$(uxtest edu roundtrip)" ok
+edu_check
+sid=$EDU_SID
 
 # --- Load with no rsdp=: the DMAR comes from the kernel's ACPI.
 dmesg -c >/dev/null
@@ -64,7 +56,7 @@ for off in 0 4096 $((size - 4096)); do
     [ "$off" -le 4096 ] && keep=keep
     dma_blocked "region-$off" $((base + off)) "$sid" $keep
 done
-expect_match region-fault-logged "$(dmesg)" "uxen: hv: warning: VT-d: blocked DMA Write by $(printf '%04x:%02x:%02x.%d' $seg $bus $dev $fn) at $(printf '%#x' "$base")"
+expect_match region-fault-logged "$(dmesg)" "uxen: hv: warning: VT-d: blocked DMA Write by $EDU_BDF at $(printf '%#x' "$base")"
 expect_match region-header-not-zero "$(uxtest devmem read $base 4096)" "nonzero=[1-9]"
 expect_match dma-from-region-reads-nothing "$(uxtest edu dma-from $base 4095)" "bytes=4095 nonzero=0 "
 expect_match image-intact "$(stats_json)" '"image_intact":true'

@@ -16,17 +16,8 @@ expect_eq check-dmar-ok "$(verdict "$j" dmar)" ok
 expect_match check-intremap-ok "$j" '"name":"intremap","verdict":"ok","detail":"[^"]*\(booted with intel_iommu=off intremap=off\)"'
 
 # --- The bare machine: edu is there and its DMA works.
-e=$(uxtest edu info)
-info "edu: $e"
-expect_match edu-present "$e" "id=0x010000ed"
-bdf=$(printf '%s' "$e" | sed -n 's/^bdf=\([^ ]*\) .*/\1/p')
-seg=$((0x$(echo "$bdf" | cut -d: -f1)))
-bus=$((0x$(echo "$bdf" | cut -d: -f2)))
-dev=$((0x$(echo "$bdf" | cut -d: -f3 | cut -d. -f1)))
-fn=$(echo "$bdf" | cut -d. -f2)
-# The source id a fault names: segment, bus, device, function.
-sid=$(( (seg << 16) | (bus << 8) | (dev << 3) | fn ))
-expect_eq dma-before-load "$(uxtest edu roundtrip)" ok
+edu_check
+sid=$EDU_SID
 
 # --- A failed load turns remapping off again: DMA still works after it.
 out=$(uxtest modload $MOD iommu_only=1 fail_cpu=1 2>&1)
@@ -100,7 +91,7 @@ for off in 0 4096 65536 $((size / 2)) $((size - 4096)); do
     dma_blocked "region-$off" $((base + off)) "$sid" $keep
 done
 info "$(dmesg | grep -m1 'blocked DMA')"
-expect_match region-fault-logged "$(dmesg)" "uxen: hv: warning: VT-d: blocked DMA Write by $(printf '%04x:%02x:%02x.%d' $seg $bus $dev $fn) at $(printf '%#x' "$base")"
+expect_match region-fault-logged "$(dmesg)" "uxen: hv: warning: VT-d: blocked DMA Write by $EDU_BDF at $(printf '%#x' "$base")"
 # Reads see nothing of it: the image header is not zero, what arrives is.
 expect_match region-header-not-zero "$(uxtest devmem read $base 4096)" "nonzero=[1-9]"
 f0=$(faults)

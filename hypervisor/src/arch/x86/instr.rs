@@ -31,6 +31,30 @@ pub unsafe fn wrmsr(msr: u32, v: u64) {
     unsafe { asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nostack, preserves_flags)) };
 }
 
+/// Runs the one instruction `$insn` with the exception fix-up armed:
+/// `$failed` becomes 1 if it faulted (the exception handler resumes at
+/// label 2 because the per-CPU fix-up address is set), else 0; the fix-up
+/// is disarmed after. The operands are the instruction's.
+macro_rules! with_fixup {
+    ($insn:literal, $failed:ident, $($operands:tt)*) => {
+        asm!(
+            "lea {t}, [rip + 2f]",
+            "mov gs:[{fix}], {t}",
+            $insn,
+            "xor {t:e}, {t:e}",
+            "jmp 3f",
+            "2:",
+            "mov {t:e}, 1",
+            "3:",
+            "mov qword ptr gs:[{fix}], 0",
+            t = out(reg) $failed,
+            fix = const FIXUP_OFFSET,
+            $($operands)*,
+            options(nostack),
+        )
+    };
+}
+
 /// RDMSR that returns `None` instead of faulting.
 ///
 /// # Safety
@@ -41,23 +65,7 @@ pub unsafe fn rdmsr_safe(msr: u32) -> Option<u64> {
     // SAFETY: a #GP lands in the exception handler, which resumes at label 2
     // because the fix-up address is set; nothing else is touched.
     unsafe {
-        asm!(
-            "lea {t}, [rip + 2f]",
-            "mov gs:[{fix}], {t}",
-            "rdmsr",
-            "xor {t:e}, {t:e}",
-            "jmp 3f",
-            "2:",
-            "mov {t:e}, 1",
-            "3:",
-            "mov qword ptr gs:[{fix}], 0",
-            t = out(reg) failed,
-            fix = const FIXUP_OFFSET,
-            in("ecx") msr,
-            out("eax") lo,
-            out("edx") hi,
-            options(nostack),
-        )
+        with_fixup!("rdmsr", failed, in("ecx") msr, out("eax") lo, out("edx") hi)
     };
     if failed != 0 {
         None
@@ -74,23 +82,7 @@ pub unsafe fn wrmsr_safe(msr: u32, v: u64) -> bool {
     let failed: u64;
     // SAFETY: as in `rdmsr_safe`.
     unsafe {
-        asm!(
-            "lea {t}, [rip + 2f]",
-            "mov gs:[{fix}], {t}",
-            "wrmsr",
-            "xor {t:e}, {t:e}",
-            "jmp 3f",
-            "2:",
-            "mov {t:e}, 1",
-            "3:",
-            "mov qword ptr gs:[{fix}], 0",
-            t = out(reg) failed,
-            fix = const FIXUP_OFFSET,
-            in("ecx") msr,
-            in("eax") v as u32,
-            in("edx") (v >> 32) as u32,
-            options(nostack),
-        )
+        with_fixup!("wrmsr", failed, in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32)
     };
     failed == 0
 }
@@ -103,23 +95,7 @@ pub unsafe fn xsetbv_safe(index: u32, v: u64) -> bool {
     let failed: u64;
     // SAFETY: as in `rdmsr_safe`.
     unsafe {
-        asm!(
-            "lea {t}, [rip + 2f]",
-            "mov gs:[{fix}], {t}",
-            "xsetbv",
-            "xor {t:e}, {t:e}",
-            "jmp 3f",
-            "2:",
-            "mov {t:e}, 1",
-            "3:",
-            "mov qword ptr gs:[{fix}], 0",
-            t = out(reg) failed,
-            fix = const FIXUP_OFFSET,
-            in("ecx") index,
-            in("eax") v as u32,
-            in("edx") (v >> 32) as u32,
-            options(nostack),
-        )
+        with_fixup!("xsetbv", failed, in("ecx") index, in("eax") v as u32, in("edx") (v >> 32) as u32)
     };
     failed == 0
 }

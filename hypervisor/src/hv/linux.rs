@@ -134,15 +134,10 @@ fn new_generation(vm: &Vm) -> Result<(), super::vm::VmError> {
     super::vm::load(vm, linux::VMGENID_GPA, &id)?;
     let d = p.ioapic.lock().pulse(linux::VMGENID_GSI);
     if let Some(d) = d {
-        for v in &vm.vcpus {
-            let mut l = v.lapic.lock();
-            if matches!(d.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority) && l.matches(d.apic_dest(), d.logical) {
-                l.accept(d.vector, d.level);
-                if d.mode == DeliveryMode::LowestPriority {
-                    break;
-                }
-            }
-        }
+        // No vCPU of the VM is in the guest, so nothing is kicked, and the
+        // one that asks to be woken is entering now or takes the interrupt
+        // when it next wakes.
+        let _ = deliver(vm, &d);
     }
     Ok(())
 }
